@@ -1,0 +1,130 @@
+"""A tiny, fast training job on the spotwise runtime, for tests.
+
+A two-block MLP regresses a fixed random linear map on a synthetic dataset. Runs under
+torchrun or a spotwise agent. Faults for tests: --die-at STEP (SIGKILL itself after that step,
+as a lost machine would), --save-full PATH (rank 0 writes the full, unsharded model and optimizer
+state after restore or at the end, for bit-exact comparisons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+from spotwise.worker.runtime import Runtime, run_main
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        # A reduction, not a squeeze: FSDP2 warns about views returned by a wrapped module.
+        return self.head(x).sum(-1)
+
+
+def dataset(size: int, dim: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, dim, generator=g)
+    w = torch.randn(dim, generator=g)
+    y = x @ w + 0.1 * torch.randn(size, generator=g)
+    return x, y
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--global-batch-size", type=int, default=24)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--dataset-size", type=int, default=100)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--ledger", default=None)
+    p.add_argument("--die-at", type=int, default=None, help="SIGKILL this process after this step")
+    p.add_argument("--die-rank", type=int, default=None, help="only this rank dies (default: all)")
+    p.add_argument("--save-full", default=None, help="rank 0 writes the full state here after restore")
+    p.add_argument("--save-full-end", default=None, help="rank 0 writes the full state here at the end")
+    p.add_argument("--loss-log", default=None, help="rank 0 appends 'step loss' lines here")
+    args = p.parse_args()
+    logging.basicConfig(level=os.environ.get("SPOTWISE_LOG_LEVEL", "WARNING"))
+    if args.ledger:
+        os.environ["SPOTWISE_LEDGER"] = args.ledger
+
+    torch.manual_seed(args.seed)
+    rt = Runtime.from_env(global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size, seed=args.seed)
+    model = TinyModel(args.dim)
+    model = rt.shard(model, blocks=model.blocks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.01 * s))
+    rt.restore(model, optimizer, scheduler)
+    if args.save_full:
+        save_full(rt, model, optimizer, args.save_full)
+    x, y = dataset(args.dataset_size, args.dim)
+    sampler = rt.sampler(args.dataset_size)
+    while rt.step < args.steps:
+        total = torch.zeros(())
+        micro = rt.micro_batches(sampler)
+        for i, ids in enumerate(micro):
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+            idx = torch.as_tensor(ids)
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx]) / len(micro)
+            loss.backward()
+            total += loss.detach()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        # The mean loss over the global batch, the same at every world size.
+        dist.all_reduce(total)
+        mean = float(total) / rt.world_size
+        if args.loss_log and rt.rank == 0:
+            with open(args.loss_log, "a") as f:
+                f.write(f"{rt.step + 1} {mean!r} {rt.generation}\n")
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+        rt.end_step(mean)
+        if args.die_at is not None and rt.step == args.die_at and args.die_rank in (None, rt.rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+    if args.save_full_end:
+        save_full(rt, model, optimizer, args.save_full_end)
+    rt.finish()
+
+
+def save_full(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    # Collective (full_state_dict gathers); only rank 0 writes.
+    state = full_state(model, optimizer)
+    if rt.rank == 0:
+        torch.save({"step": rt.step, "cursor": rt.cursor, **state}, path)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,474 @@
+"""Asynchronous DCP checkpoints that reshard on restore and exist only once committed.
+
+Layout under the checkpoint URI::
+
+    data/step-0000000120-g3/      DCP files of step 120 written by generation 3 (every rank)
+    manifests/step-0000000120.json  the commit: rank 0 writes it create-only, last
+    generations/g-0000000003      fence markers: one per generation that started
+
+A checkpoint without a manifest does not exist. The manifest lists every data file with its size,
+so a torn checkpoint (a shard missing or truncated) is never restored. A manifest is written
+create-only, so a step is committed once; and not at all by a generation older than the newest
+fence marker (a stale process that wakes up after the job has moved on).
+
+An asynchronous save is two futures, as in torchtitan: staging (a copy of the state into CPU
+memory, which blocks training briefly) and upload (run by DCP in a background process or thread).
+The previous upload is always waited on before the next save and at close.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+from spotwise.worker.storage import (
+    AlreadyExists,
+    StorageError,
+    StorageURI,
+    check_reachable,
+    filesystem,
+    parse_uri,
+    storage_options,
+    write_create_only,
+)
+
+log = logging.getLogger("spotwise.checkpoint")
+
+MANIFEST_VERSION = 1
+AsyncMode = Literal["process", "thread", "sync"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: torn, unreadable, or not there."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Where and how often to checkpoint."""
+
+    uri: str
+    """fsspec URI of the job's checkpoints: a local path, file:///path or s3://bucket/prefix."""
+    every_steps: int = 0
+    """Save every N optimizer steps; 0 saves only on request (emergency) and at the end."""
+    keep: int = 3
+    """Keep the newest K committed checkpoints; older ones are deleted after a newer commit."""
+    async_mode: AsyncMode = "process"
+    """"process" (upload in a background process, no GIL contention), "thread", or "sync"."""
+    io_threads: int = 2
+    """Writer threads per rank (one file each)."""
+    upload_timeout_s: float = 900.0
+    """How long a pending upload may take before it is abandoned as failed."""
+
+    def __post_init__(self) -> None:
+        parse_uri(self.uri)
+        if self.every_steps < 0:
+            raise ValueError(f"checkpoint every_steps must be >= 0, got {self.every_steps}")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint keep must be >= 1, got {self.keep}")
+        if self.async_mode not in ("process", "thread", "sync"):
+            raise ValueError(f"checkpoint async_mode must be process, thread or sync, got {self.async_mode!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """What rank 0 writes, last, to commit a checkpoint."""
+
+    step: int
+    generation: int
+    world_size: int
+    cursor: int
+    """Global sample cursor after `step` (the next sample to read)."""
+    data: str
+    """The data directory, relative to the checkpoint root."""
+    files: dict[str, int]
+    """Every data file (relative to `data`) and its size in bytes."""
+    bytes: int
+    time: float
+    """Unix time of the commit."""
+    save_seconds: float
+    """From the start of the save to the commit."""
+    version: int = MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, where: str) -> Manifest:
+        try:
+            doc = json.loads(raw)
+            if doc.get("version") != MANIFEST_VERSION:
+                raise CheckpointError(f"manifest {where} has version {doc.get('version')!r}, expected {MANIFEST_VERSION}")
+            m = cls(**doc)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"manifest {where} is unreadable: {exc}") from exc
+        if not isinstance(m.files, dict) or not all(isinstance(v, int) for v in m.files.values()):
+            raise CheckpointError(f"manifest {where} has a malformed file list")
+        return m
+
+
+@dataclass
+class _Pending:
+    step: int
+    cursor: int
+    data: str
+    started: float
+    upload: Future
+    extra: dict[str, Any]
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:010d}"
+
+
+class Checkpointer:
+    """Saves, commits, prunes and restores one job's checkpoints from one rank.
+
+    Every rank of the generation constructs one with the same config and calls save/restore
+    collectively; rank 0 alone writes manifests, fence markers and deletions.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        *,
+        rank: int,
+        world_size: int,
+        generation: int,
+        device: torch.device,
+        on_commit: Callable[[Manifest], None] | None = None,
+        on_fenced: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.loc: StorageURI = parse_uri(config.uri)
+        self.rank = rank
+        self.world_size = world_size
+        self.generation = generation
+        self.device = device
+        self.on_commit = on_commit
+        self.on_fenced = on_fenced
+        self.fs = filesystem(self.loc)
+        self._pending: _Pending | None = None
+        self._stager: DefaultStager | None = None
+        self._pg = None
+        self.last_saved_step = -1
+        self.last_committed: Manifest | None = None
+        if rank == 0:
+            check_reachable(self.fs, self.loc)
+            self.fs.makedirs(self.loc.join("manifests"), exist_ok=True)
+            self.fs.makedirs(self.loc.join("generations"), exist_ok=True)
+            try:
+                write_create_only(self.fs, self._fence_path(generation), b"")
+            except AlreadyExists:
+                pass  # the same generation restarted a process; the marker stands
+        if config.async_mode == "thread" and dist.is_initialized():
+            # The upload thread runs collectives; a group of its own keeps them from
+            # interleaving with the training loop's on the default group.
+            self._pg = dist.new_group(backend="gloo")
+
+    # ----- paths
+
+    def _fence_path(self, generation: int) -> str:
+        return self.loc.join("generations", f"g-{generation:010d}")
+
+    def _manifest_path(self, step: int) -> str:
+        return self.loc.join("manifests", f"{_step_name(step)}.json")
+
+    def _data_dir(self, step: int) -> str:
+        return f"data/{_step_name(step)}-g{self.generation}"
+
+    # ----- saving
+
+    def _stager_for_mode(self) -> DefaultStager:
+        if self._stager is None:
+            cuda = self.device.type == "cuda"
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    # The background process reads the staged copy through shared memory
+                    # instead of receiving it pickled through a pipe.
+                    use_shared_memory=self.config.async_mode == "process",
+                    use_async_staging=False,
+                    use_non_blocking_copy=False,
+                )
+            )
+        return self._stager
+
+    def _writer(self, data_url: str):
+        if self.loc.scheme == "s3":
+            # s3 objects have no fileno to fsync; an upload is durable once it completes.
+            return FsspecWriter(
+                data_url,
+                thread_count=self.config.io_threads,
+                sync_files=False,
+                overwrite=False,
+                **storage_options(self.loc),
+            )
+        return dcp.FileSystemWriter(data_url, thread_count=self.config.io_threads, overwrite=False)
+
+    def _reader(self, data_url: str):
+        if self.loc.scheme == "s3":
+            return FsspecReader(data_url, **storage_options(self.loc))
+        return dcp.FileSystemReader(data_url)
+
+    @property
+    def pending_step(self) -> int | None:
+        return self._pending.step if self._pending else None
+
+    def save(self, step: int, state: dict[str, Any], *, cursor: int, blocking: bool, extra: dict[str, Any] | None = None) -> bool:
+        """Save `state` as step `step` (collective). Returns False if that step is already saved.
+
+        With blocking=False the call returns once the state is staged; the upload goes on in
+        the background and is committed by a later poll(). With blocking=True (or async_mode
+        "sync") it returns after the commit.
+        """
+        if step <= self.last_saved_step:
+            return False
+        self.wait()
+        data = self._data_dir(step)
+        data_url = self.loc.url(self.loc.join(data))
+        started = time.time()
+        extra = dict(extra or {})
+        if blocking or self.config.async_mode == "sync":
+            dcp.save(state, storage_writer=self._writer(data_url))
+            done: Future = Future()
+            done.set_result(None)
+            self._pending = _Pending(step, cursor, data, started, done, extra)
+        else:
+            kind = (
+                AsyncCheckpointerType.PROCESS
+                if self.config.async_mode == "process"
+                else AsyncCheckpointerType.THREAD
+            )
+            response = dcp.async_save(
+                state,
+                storage_writer=self._writer(data_url),
+                async_checkpointer_type=kind,
+                async_stager=self._stager_for_mode(),
+                process_group=self._pg,
+            )
+            upload = getattr(response, "upload_completion", response)
+            staging = getattr(response, "staging_completion", None)
+            if staging is not None:
+                # Training may change the parameters at the next step: the copy must be done.
+                staging.result(timeout=self.config.upload_timeout_s)
+            self._pending = _Pending(step, cursor, data, started, upload, extra)
+        self.last_saved_step = step
+        if blocking or self.config.async_mode == "sync":
+            self.wait()
+        return True
+
+    def poll(self) -> Manifest | None:
+        """Commit the pending save if its upload has finished. Cheap; call at every step."""
+        if self._pending is None or not self._pending.upload.done():
+            return None
+        return self._finish()
+
+    def wait(self) -> Manifest | None:
+        """Block until the pending save (if any) is uploaded and committed."""
+        if self._pending is None:
+            return None
+        return self._finish()
+
+    def _finish(self) -> Manifest | None:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        try:
+            pending.upload.result(timeout=self.config.upload_timeout_s)
+        except Exception as exc:  # any failure of the upload: this step is simply not committed
+            log.error("checkpoint step %d failed to upload, not committed: %s", pending.step, exc)
+            return None
+        if self.rank != 0:
+            return None
+        return self._commit(pending)
+
+    def _commit(self, p: _Pending) -> Manifest | None:
+        """Rank 0: write the manifest (create-only) once every rank's data is written.
+
+        DCP's coordinator writes `.metadata` only after gathering every rank's write results,
+        so a finished upload on rank 0 means every rank's files are complete.
+        """
+        newer = self._newest_fence()
+        if newer > self.generation:
+            reason = f"generation {newer} exists; generation {self.generation} may not commit"
+            log.warning("checkpoint step %d refused: %s", p.step, reason)
+            if self.on_fenced:
+                self.on_fenced(p.step, reason)
+            return None
+        data_path = self.loc.join(p.data)
+        files = self._list_files(data_path)
+        if ".metadata" not in files:
+            log.error("checkpoint step %d has no .metadata after upload; not committed", p.step)
+            return None
+        manifest = Manifest(
+            step=p.step,
+            generation=self.generation,
+            world_size=self.world_size,
+            cursor=p.cursor,
+            data=p.data,
+            files=files,
+            bytes=sum(files.values()),
+            time=time.time(),
+            save_seconds=time.time() - p.started,
+            extra=p.extra,
+        )
+        try:
+            write_create_only(self.fs, self._manifest_path(p.step), manifest.to_json())
+        except AlreadyExists:
+            log.warning("checkpoint step %d is already committed; this commit is refused", p.step)
+            if self.on_fenced:
+                self.on_fenced(p.step, f"step {p.step} is already committed")
+            return None
+        self.last_committed = manifest
+        log.info("committed checkpoint step %d (%d bytes, %.2fs)", p.step, manifest.bytes, manifest.save_seconds)
+        if self.on_commit:
+            self.on_commit(manifest)
+        self._prune()
+        return manifest
+
+    def _newest_fence(self) -> int:
+        return newest_generation(self.fs, self.loc)
+
+    def _list_files(self, data_path: str) -> dict[str, int]:
+        self.fs.invalidate_cache(data_path)
+        try:
+            entries = self.fs.ls(data_path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            os.path.basename(e["name"].rstrip("/")): int(e["size"])
+            for e in entries
+            if e.get("type") == "file"
+        }
+
+    def _prune(self) -> None:
+        """Delete committed checkpoints beyond the newest `keep`, and abandoned data below them."""
+        try:
+            committed = self.committed()
+            for m in committed[: -self.config.keep]:
+                # Manifest first: from then on the data is no checkpoint, whatever remains of it.
+                self.fs.rm(self._manifest_path(m.step))
+                self.fs.rm(self.loc.join(m.data), recursive=True)
+            if not committed:
+                return
+            kept = {m.data for m in committed[-self.config.keep :]}
+            oldest_kept = committed[-self.config.keep :][0].step
+            data_root = self.loc.join("data")
+            self.fs.invalidate_cache(data_root)
+            for path in self.fs.ls(data_root, detail=False):
+                name = "data/" + os.path.basename(path.rstrip("/"))
+                step = _parse_step(name)
+                if name not in kept and step is not None and step < oldest_kept:
+                    self.fs.rm(path, recursive=True)
+        except (OSError, StorageError, CheckpointError) as exc:
+            # Pruning is housekeeping; a failure leaves extra files, never a broken checkpoint.
+            log.warning("pruning old checkpoints failed: %s", exc)
+
+    # ----- restoring
+
+    def committed(self) -> list[Manifest]:
+        """Committed checkpoints, oldest first. Unreadable manifests are skipped with a warning."""
+        path = self.loc.join("manifests")
+        self.fs.invalidate_cache(path)
+        try:
+            names = sorted(self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                out.append(self.read_manifest(name))
+            except CheckpointError as exc:
+                log.warning("ignoring checkpoint: %s", exc)
+        return sorted(out, key=lambda m: m.step)
+
+    def read_manifest(self, path: str) -> Manifest:
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"no manifest at {self.loc.url(path)}") from exc
+        return Manifest.from_json(raw, where=self.loc.url(path))
+
+    def validate(self, m: Manifest) -> None:
+        """Raise CheckpointError unless every data file is there at its committed size."""
+        have = self._list_files(self.loc.join(m.data))
+        for name, size in m.files.items():
+            if name not in have:
+                raise CheckpointError(f"checkpoint step {m.step} is torn: {m.data}/{name} is missing")
+            if have[name] != size:
+                raise CheckpointError(
+                    f"checkpoint step {m.step} is torn: {m.data}/{name} is {have[name]} bytes, "
+                    f"the manifest says {size}"
+                )
+
+    def choose(self, step: int | None) -> Manifest | None:
+        """The checkpoint to restore: `step` exactly (an error if unusable), or the newest valid."""
+        if step is not None:
+            if step < 0:
+                return None
+            m = self.read_manifest(self._manifest_path(step))
+            self.validate(m)
+            return m
+        for m in reversed(self.committed()):
+            try:
+                self.validate(m)
+                return m
+            except CheckpointError as exc:
+                log.warning("skipping %s", exc)
+        return None
+
+    def load(self, state: dict[str, Any], manifest: Manifest) -> None:
+        """Load `manifest`'s data into `state` in place (collective); DCP reshards as needed."""
+        url = self.loc.url(self.loc.join(manifest.data))
+        try:
+            dcp.load(state, storage_reader=self._reader(url))
+        except Exception as exc:  # DCP wraps every rank's failure in its own exception types
+            raise CheckpointError(f"checkpoint step {manifest.step} at {url} is unreadable: {exc}") from exc
+        self.last_saved_step = manifest.step
+        self.last_committed = manifest
+
+    def close(self) -> None:
+        """Wait for the pending upload, commit it, release staging memory."""
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+
+
+def newest_generation(fs, loc: StorageURI) -> int:
+    """The newest generation that started on this checkpoint location (-1 if none)."""
+    path = loc.join("generations")
+    fs.invalidate_cache(path)
+    try:
+        names = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return -1
+    gens = [int(n[2:]) for n in names if n.startswith("g-") and n[2:].isdigit()]
+    return max(gens, default=-1)
+
+
+def _parse_step(name: str) -> int | None:
+    base = os.path.basename(name)
+    if not base.startswith("step-"):
+        return None
+    digits = base[5:15]
+    return int(digits) if digits.isdigit() else None

@@ -1,0 +1,428 @@
+"""The training runtime: what a training script calls to survive rescales.
+
+A script builds a Runtime from the torchrun environment plus spotwise's own settings, shards its
+model, restores, and then for every optimizer step reads `micro_batches()` and calls
+`end_step(loss)`. The runtime keeps the global batch fixed across world sizes, checkpoints
+asynchronously every N steps, takes an emergency checkpoint on request (SIGUSR1 or
+`request_checkpoint()`) and on SIGTERM (then exits 143), and reports to its agent.
+
+    rt = Runtime.from_env(global_batch_size=48, micro_batch_size=4, seed=0)
+    model = rt.shard(model, blocks=model.blocks)
+    optimizer = torch.optim.AdamW(model.parameters())
+    rt.restore(model, optimizer, scheduler)
+    sampler = rt.sampler(len(dataset))
+    while rt.step < total_steps:
+        for ids in rt.micro_batches(sampler):
+            ...forward/backward on dataset[ids], loss divided by rt.plan.accumulation_steps...
+        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        rt.end_step(loss)
+    rt.finish()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+from spotwise.worker.batching import BatchPlan
+from spotwise.worker.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointError,
+    Manifest,
+    newest_generation,
+)
+from spotwise.worker.events import EventLog
+from spotwise.worker.ledger import Ledger
+from spotwise.worker.sampler import GlobalSampler
+from spotwise.worker.sharding import shard_model
+from spotwise.worker.storage import filesystem, parse_uri
+
+log = logging.getLogger("spotwise.runtime")
+
+# Exit code of a process stopped on request after its emergency checkpoint (128 + SIGTERM).
+EXIT_STOPPED = 143
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Everything a training process needs to know about its place in the job."""
+
+    rank: int = 0
+    """Global rank (RANK)."""
+    local_rank: int = 0
+    """Rank on this node (LOCAL_RANK); picks the GPU."""
+    world_size: int = 1
+    """Ranks in this generation (WORLD_SIZE)."""
+    job_id: str = "local"
+    """The job (SPOTWISE_JOB_ID, else TORCHELASTIC_RUN_ID)."""
+    generation: int | None = None
+    """The fencing token (SPOTWISE_GENERATION); None: one past the newest in storage."""
+    checkpoint: CheckpointConfig | None = None
+    """Where and how often to checkpoint (SPOTWISE_CHECKPOINT_*); None disables checkpoints."""
+    restore_step: int | None = None
+    """Committed step to restore (SPOTWISE_RESTORE_STEP); -1 starts fresh; None: the newest."""
+    events_file: str | None = None
+    """JSON-lines file for the agent (SPOTWISE_EVENTS_FILE)."""
+    ledger_file: str | None = None
+    """Optional sample-id ledger for exactly-once audits (SPOTWISE_LEDGER)."""
+    backend: str | None = None
+    """Process group backend; None: "cpu:gloo,cuda:nccl" with a GPU, else "gloo"."""
+    collective_timeout_s: float = 120.0
+    """How long a collective may block before the process group fails it."""
+    progress_interval_s: float = 0.5
+    """Minimum time between progress events."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RuntimeConfig:
+        """Read the torchrun and SPOTWISE_* variables; raises ValueError on a bad value."""
+        env = os.environ if env is None else env
+        uri = env.get("SPOTWISE_CHECKPOINT_URI") or None
+        checkpoint = None
+        if uri:
+            checkpoint = CheckpointConfig(
+                uri=uri,
+                every_steps=_env_int(env, "SPOTWISE_CHECKPOINT_EVERY", 0),
+                keep=_env_int(env, "SPOTWISE_CHECKPOINT_KEEP", 3),
+                async_mode=env.get("SPOTWISE_CHECKPOINT_ASYNC", "process"),
+            )
+        gen = _env_int(env, "SPOTWISE_GENERATION")
+        config = cls(
+            rank=_env_int(env, "RANK", 0),
+            local_rank=_env_int(env, "LOCAL_RANK", 0),
+            world_size=_env_int(env, "WORLD_SIZE", 1),
+            job_id=env.get("SPOTWISE_JOB_ID") or env.get("TORCHELASTIC_RUN_ID") or "local",
+            generation=gen,
+            checkpoint=checkpoint,
+            restore_step=_env_int(env, "SPOTWISE_RESTORE_STEP"),
+            events_file=env.get("SPOTWISE_EVENTS_FILE") or None,
+            ledger_file=env.get("SPOTWISE_LEDGER") or None,
+        )
+        return replace(config, **overrides)
+
+
+@dataclass
+class _Flags:
+    checkpoint: bool = False
+    stop: bool = False
+    signals: list[int] = field(default_factory=list)
+
+
+class Runtime:
+    """One training process's view of an elastic job. Collective calls must be made by all ranks."""
+
+    def __init__(self, config: RuntimeConfig, *, global_batch_size: int, micro_batch_size: int, seed: int = 0) -> None:
+        self.config = config
+        self.seed = seed
+        # Fail before joining anything if the sizes cannot work at this world size.
+        self.plan = BatchPlan.make(
+            global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+            world_size=config.world_size,
+        )
+        self.rank = config.rank
+        self.world_size = config.world_size
+        self.step = 0
+        self.cursor = 0
+        self.restored_from: Manifest | None = None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self._flags = _Flags()
+        self._last_progress = (time.monotonic(), 0)
+        self._loss_sum = 0.0
+        self._loss_n = 0
+        self.device = self._pick_device()
+        self._start_process_group()
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.generation = self._agree_generation()
+        self.events = EventLog(config.events_file, generation=self.generation)
+        self.ledger = Ledger(config.ledger_file) if config.ledger_file else None
+        self.checkpointer: Checkpointer | None = None
+        if config.checkpoint is not None:
+            self.checkpointer = Checkpointer(
+                config.checkpoint,
+                rank=self.rank,
+                world_size=self.world_size,
+                generation=self.generation,
+                device=self.device,
+                on_commit=self._on_commit,
+                on_fenced=self._on_fenced,
+            )
+        self._install_signal_handlers()
+
+    @classmethod
+    def from_env(cls, *, global_batch_size: int | None = None, micro_batch_size: int, seed: int = 0, **overrides: Any) -> Runtime:
+        """Build from the environment. global_batch_size defaults to SPOTWISE_GLOBAL_BATCH_SIZE."""
+        config = RuntimeConfig.from_env(**overrides)
+        if global_batch_size is None:
+            global_batch_size = _env_int(os.environ, "SPOTWISE_GLOBAL_BATCH_SIZE")
+            if global_batch_size is None:
+                raise ValueError("no global batch size: pass global_batch_size or set SPOTWISE_GLOBAL_BATCH_SIZE")
+        return cls(config, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, seed=seed)
+
+    # ----- setup
+
+    def _pick_device(self) -> torch.device:
+        if torch.cuda.is_available() and self.config.backend in (None, "nccl", "cpu:gloo,cuda:nccl"):
+            torch.cuda.set_device(self.config.local_rank)
+            return torch.device("cuda", self.config.local_rank)
+        return torch.device("cpu")
+
+    def _start_process_group(self) -> None:
+        if dist.is_initialized():
+            return
+        backend = self.config.backend
+        if backend is None:
+            # CPU collectives stay on gloo even with GPUs: async checkpoints and the per-step
+            # control all-reduce use CPU tensors.
+            backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ and self.world_size == 1:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend=backend,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=self.config.collective_timeout_s),
+        )
+
+    def _agree_generation(self) -> int:
+        """The generation is the daemon's; standalone, it is one past the newest in storage."""
+        if self.config.generation is not None:
+            return self.config.generation
+        gen = [0]
+        if self.rank == 0 and self.config.checkpoint is not None:
+            loc = parse_uri(self.config.checkpoint.uri)
+            gen = [newest_generation(filesystem(loc), loc) + 1]
+        dist.broadcast_object_list(gen, src=0)
+        return int(gen[0])
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: Any) -> None:
+            self._flags.signals.append(signum)
+            if signum == signal.SIGTERM:
+                self._flags.stop = True
+            self._flags.checkpoint = True
+
+        try:
+            signal.signal(signal.SIGUSR1, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+        except ValueError:
+            log.warning("not in the main thread: SIGTERM/SIGUSR1 checkpoints disabled")
+
+    # ----- model
+
+    def shard(self, model: nn.Module, *, blocks: Any) -> nn.Module:
+        """FSDP2-shard `model` over this generation's ranks (each of `blocks`, then the root)."""
+        return shard_model(model, mesh=self.mesh, blocks=blocks, device=self.device)
+
+    def sampler(self, dataset_size: int) -> GlobalSampler:
+        return GlobalSampler(dataset_size=dataset_size, seed=self.seed)
+
+    def _state(self) -> dict[str, Any]:
+        assert self.model is not None and self.optimizer is not None, "call restore() first"
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        trainer: dict[str, Any] = {
+            "step": self.step,
+            "cursor": self.cursor,
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.scheduler is not None:
+            trainer["scheduler"] = self.scheduler.state_dict()
+        return {"model": model_sd, "optim": optim_sd, "trainer": trainer}
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> int:
+        """Restore the chosen committed checkpoint, resharded to this world size (collective).
+
+        Returns the step to continue from (0 for a fresh start). Raises CheckpointError when the
+        requested checkpoint is torn or unreadable.
+        """
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        manifest = None
+        if self.checkpointer is not None:
+            choice: list[Any] = [None]
+            if self.rank == 0:
+                try:
+                    choice = [self.checkpointer.choose(self.config.restore_step)]
+                except CheckpointError as exc:
+                    choice = [exc]
+            dist.broadcast_object_list(choice, src=0)
+            if isinstance(choice[0], Exception):
+                raise CheckpointError(str(choice[0]))
+            manifest = choice[0]
+        if manifest is not None:
+            state = self._state()
+            self.checkpointer.load(state, manifest)
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+            )
+            trainer = state["trainer"]
+            self.step, self.cursor = int(trainer["step"]), int(trainer["cursor"])
+            if (self.step, self.cursor) != (manifest.step, manifest.cursor):
+                raise CheckpointError(
+                    f"checkpoint step {manifest.step} holds step {self.step} cursor {self.cursor}, "
+                    f"its manifest says cursor {manifest.cursor}"
+                )
+            torch.set_rng_state(trainer["rng_cpu"])
+            if scheduler is not None and "scheduler" in trainer:
+                scheduler.load_state_dict(trainer["scheduler"])
+            self.restored_from = manifest
+        self._last_progress = (time.monotonic(), self.step)
+        if self.rank == 0:
+            self.events.emit("restored", step=self.step, world_size=self.world_size)
+            if self.ledger:
+                self.ledger.restored(generation=self.generation, step=self.step)
+        log.info(
+            "rank %d generation %d: %s at world size %d",
+            self.rank,
+            self.generation,
+            f"restored step {self.step}" if manifest else "fresh start",
+            self.world_size,
+        )
+        return self.step
+
+    # ----- the step loop
+
+    def micro_batches(self, sampler: GlobalSampler) -> list[np.ndarray]:
+        """This rank's sample indices for the current step, one array per micro-step."""
+        window = sampler.rank_window(
+            cursor=self.cursor,
+            global_batch_size=self.plan.global_batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        if self.ledger:
+            self.ledger.step(generation=self.generation, step=self.step + 1, rank=self.rank, ids=window)
+        m = self.plan.micro_batch_size
+        return [window[i : i + m] for i in range(0, len(window), m)]
+
+    def request_checkpoint(self) -> None:
+        """Take a checkpoint at the next step boundary (all ranks agree on which)."""
+        self._flags.checkpoint = True
+
+    def end_step(self, loss: float | torch.Tensor | None = None) -> None:
+        """Call after each optimizer step (collective). May save, commit, or exit with 143."""
+        self.step += 1
+        self.cursor += self.plan.global_batch_size
+        if loss is not None:
+            self._loss_sum += float(loss)
+            self._loss_n += 1
+        # One small all-reduce per step makes every rank agree on requests that reached only
+        # some of them (a signal to one node), so they save at the same step.
+        flags = torch.tensor([float(self._flags.checkpoint), float(self._flags.stop)], dtype=torch.float64)
+        dist.all_reduce(flags)
+        want_checkpoint, want_stop = bool(flags[0] > 0), bool(flags[1] > 0)
+        self._flags.checkpoint = False
+        if self.checkpointer is not None:
+            self.checkpointer.poll()
+            every = self.checkpointer.config.every_steps
+            if want_checkpoint or want_stop:
+                self._save(blocking=True)
+            elif every and self.step % every == 0:
+                self._save(blocking=False)
+        self._maybe_progress()
+        if want_stop:
+            log.info("rank %d: stop requested, exiting after step %d", self.rank, self.step)
+            self._shutdown()
+            sys.exit(EXIT_STOPPED)
+
+    def _save(self, *, blocking: bool) -> None:
+        assert self.checkpointer is not None
+        self.checkpointer.save(self.step, self._state(), cursor=self.cursor, blocking=blocking)
+
+    def _maybe_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        t0, s0 = self._last_progress
+        if not force and now - t0 < self.config.progress_interval_s:
+            return
+        if self.rank == 0 and self.step > s0:
+            rate = (self.step - s0) * self.plan.global_batch_size / max(now - t0, 1e-9)
+            loss = self._loss_sum / self._loss_n if self._loss_n else float("nan")
+            self.events.emit(
+                "progress", step=self.step, loss=loss, samples_per_second=rate, world_size=self.world_size
+            )
+        self._last_progress = (now, self.step)
+        self._loss_sum, self._loss_n = 0.0, 0
+
+    def _on_commit(self, manifest: Manifest) -> None:
+        self.events.emit(
+            "checkpoint_committed",
+            step=manifest.step,
+            path=f"{self.checkpointer.loc.uri.rstrip('/')}/{manifest.data}",
+            bytes=manifest.bytes,
+            cursor=manifest.cursor,
+        )
+        if self.ledger:
+            self.ledger.committed(generation=self.generation, step=manifest.step)
+
+    def _on_fenced(self, step: int, reason: str) -> None:
+        self.events.emit("fenced", step=step, reason=reason)
+
+    def finish(self) -> None:
+        """Training is done: save and commit the final step, report, leave the group."""
+        if self.checkpointer is not None:
+            self._save(blocking=True)
+        self._maybe_progress(force=True)
+        if self.rank == 0:
+            self.events.emit("finished", step=self.step)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        self.events.close()
+        if self.ledger:
+            self.ledger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_main(main: Any) -> None:
+    """Run a training script's main() so that bad input ends in one clear line, not a traceback.
+
+    A bad setting (ValueError), an unusable checkpoint or unreachable storage exit with code 2
+    and ``spotwise: error: <what is wrong>`` on stderr; anything else propagates as usual.
+    """
+    from spotwise.worker.storage import StorageError
+
+    try:
+        main()
+    except (ValueError, CheckpointError, StorageError) as exc:
+        print(f"spotwise: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
