@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from spotwise.daemon.sdnotify import (
     Notifier,
     NotifyError,
