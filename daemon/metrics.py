@@ -1,0 +1,238 @@
+"""The daemon's Prometheus metrics and the HTTP endpoint that exports them.
+
+Every metric lives in the `Metrics` object's own CollectorRegistry (not prometheus-client's
+global one), so tests and several daemons in one process never collide. Names follow
+Prometheus conventions: the `spotwise_` prefix, base units, `_total` for counters, `_seconds`
+for durations. No label is finer than the job: per-node or per-rank series would grow with the
+fleet, and a job's series are removed with `forget_job` once it ends.
+
+    metrics = Metrics()
+    exporter = start_exporter(metrics, "127.0.0.1:9450")
+    metrics.set_jobs_by_state({"RUNNING": 2, "PENDING": 1})
+    metrics.observe_checkpoint("job-1", 4.2)
+    ...
+    exporter.close()
+
+The exporter has no authentication: listen on loopback or a private network only (the
+Terraform module admits the metrics port from the admin CIDRs alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+JOB_STATES = (
+    "PENDING",
+    "RUNNING",
+    "RESCALING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+    "BUDGET_EXHAUSTED",
+)
+"""Every job state, so that `spotwise_jobs` shows an explicit 0 for the empty ones."""
+
+CHECKPOINT_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
+"""Checkpoint commits take seconds (small models to local disk) to minutes (large ones to S3)."""
+
+HEARTBEAT_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    float("inf"),
+)
+"""Heartbeat handling should take milliseconds; the tail shows a stalled event loop or disk."""
+
+
+class Metrics:
+    """The daemon's metrics; the update methods are what the daemon calls.
+
+    Thread-safe (prometheus-client's metrics are), so the gRPC loop and the exporter's thread
+    can share one instance.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("spotwise_jobs", "Jobs by state.", ["state"], registry=r)
+        self.job_world_size = Gauge(
+            "spotwise_job_world_size",
+            "Training processes in the job's current generation (0 when not running).",
+            ["job"],
+            registry=r,
+        )
+        self.job_steps_per_second = Gauge(
+            "spotwise_job_steps_per_second",
+            "Optimizer steps per second, from the job's latest progress reports.",
+            ["job"],
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "spotwise_checkpoint_seconds",
+            "Seconds from a checkpoint request (or the previous commit) to its commit.",
+            ["job"],
+            buckets=CHECKPOINT_BUCKETS_S,
+            registry=r,
+        )
+        # prometheus-client appends _total to counter names.
+        self.preemptions = Counter(
+            "spotwise_preemptions",
+            "Nodes a job lost to the cloud (interruption notices and losses without notice).",
+            ["job"],
+            registry=r,
+        )
+        self.cost_usd = Counter(
+            "spotwise_cost_usd",
+            "Money charged to the job by the ledger, in US dollars.",
+            ["job"],
+            registry=r,
+        )
+        self.heartbeat_latency_seconds = Histogram(
+            "spotwise_heartbeat_latency_seconds",
+            "Seconds the daemon took to handle one agent heartbeat.",
+            buckets=HEARTBEAT_BUCKETS_S,
+            registry=r,
+        )
+        self._cost_seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.set_jobs_by_state({})
+
+    def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
+        """Set `spotwise_jobs{state}` from {state name: count}; states not given are 0.
+
+        Accepts "RUNNING" or "JOB_STATE_RUNNING". ValueError for an unknown state.
+        """
+        normalized: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
+        for state, count in counts.items():
+            name = state.removeprefix("JOB_STATE_").upper()
+            if name not in normalized:
+                raise ValueError(f"unknown job state {state!r}")
+            normalized[name] += count
+        for name, count in normalized.items():
+            self.jobs.labels(state=name).set(count)
+
+    def set_job_world_size(self, job_id: str, world_size: int) -> None:
+        """The job's current world size (0 while it has no running generation)."""
+        self.job_world_size.labels(job=job_id).set(world_size)
+
+    def set_job_steps_per_second(self, job_id: str, steps_per_second: float) -> None:
+        """The job's current step rate."""
+        self.job_steps_per_second.labels(job=job_id).set(steps_per_second)
+
+    def observe_checkpoint(self, job_id: str, seconds: float) -> None:
+        """One committed checkpoint and how long it took."""
+        self.checkpoint_seconds.labels(job=job_id).observe(seconds)
+
+    def inc_preemptions(self, job_id: str, count: int = 1) -> None:
+        """Nodes of the job taken back by the cloud."""
+        self.preemptions.labels(job=job_id).inc(count)
+
+    def add_cost(self, job_id: str, usd: float) -> None:
+        """Money charged to the job since the last call (a ledger tick)."""
+        if usd < 0:
+            raise ValueError(f"cost increment must not be negative, got {usd}")
+        with self._lock:
+            self._cost_seen[job_id] = self._cost_seen.get(job_id, 0.0) + usd
+        self.cost_usd.labels(job=job_id).inc(usd)
+
+    def set_cost_total(self, job_id: str, total_usd: float) -> None:
+        """Bring the job's cost counter up to the ledger's total (what the job has spent).
+
+        Counters only go up: a total below what was already exported is ignored. After a
+        daemon restart the first call exports the whole total at once, so the series carries
+        on from where the previous process left it.
+        """
+        with self._lock:
+            delta = total_usd - self._cost_seen.get(job_id, 0.0)
+            if delta <= 0:
+                return
+            self._cost_seen[job_id] = total_usd
+        self.cost_usd.labels(job=job_id).inc(delta)
+
+    def observe_heartbeat_latency(self, seconds: float) -> None:
+        """How long one heartbeat took to handle."""
+        self.heartbeat_latency_seconds.observe(seconds)
+
+    def forget_job(self, job_id: str) -> None:
+        """Drop the job's series (call some time after the job ends, to bound cardinality)."""
+        for metric in (
+            self.job_world_size,
+            self.job_steps_per_second,
+            self.checkpoint_seconds,
+            self.preemptions,
+            self.cost_usd,
+        ):
+            try:
+                metric.remove(job_id)
+            except KeyError:
+                pass  # the job never reported this metric
+        with self._lock:
+            self._cost_seen.pop(job_id, None)
+
+    def jobs_with_series(self) -> set[str]:
+        """Jobs that currently have series (for the daemon's cleanup and for tests)."""
+        jobs: set[str] = set()
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if "job" in sample.labels:
+                    jobs.add(sample.labels["job"])
+        return jobs
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics address {address!r} must be host:port (port 0-65535)")
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class MetricsExporter:
+    """A running HTTP endpoint serving /metrics from one registry."""
+
+    server: WSGIServer
+    thread: threading.Thread
+    host: str
+    port: int
+    """The bound port (the real one when asked for port 0)."""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving and wait (bounded) for the server thread."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            log.warning("metrics exporter thread did not stop within %.1f s", timeout_s)
+
+
+def start_exporter(metrics: Metrics, address: str) -> MetricsExporter:
+    """Serve `metrics` over HTTP at `address` ("host:port"; port 0 picks a free one).
+
+    Runs in a daemon thread. OSError if the address cannot be bound.
+    """
+    host, port = _split_address(address)
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    bound_port = server.server_address[1]
+    log.info("metrics exporter on %s:%d", host, bound_port)
+    return MetricsExporter(server=server, thread=thread, host=host, port=bound_port)
