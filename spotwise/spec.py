@@ -469,7 +469,7 @@ def _describe(err: Any, loc: list[Any]) -> str:
         return "required field is missing"
     ctx = err.get("ctx") or {}
     if kind in _MESSAGES:
-        return _MESSAGES[kind].format(**ctx)
+        return _MESSAGES[kind].format(**{k: _plain(v) for k, v in ctx.items()})
     msg = str(err["msg"])
     # Our own checks raise ValueError; pydantic prefixes them with "Value error, ".
     return msg.removeprefix("Value error, ")
@@ -493,6 +493,11 @@ _MESSAGES = {
     "model_type": "must be a mapping",
     "model_attributes_type": "must be a mapping",
 }
+
+
+def _plain(value: Any) -> Any:
+    # 0.0 -> 0: float bounds of float fields read better as the number the user would type.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
