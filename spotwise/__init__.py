@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         PermissionDenied,
         RequestFailed,
         SpotwiseError,
+        WatchInterrupted,
     )
     from spotwise.spec import JobSpec, SpecError
 
@@ -31,6 +32,7 @@ _LAZY = {
     "InvalidSpec": "spotwise.client",
     "PermissionDenied": "spotwise.client",
     "RequestFailed": "spotwise.client",
+    "WatchInterrupted": "spotwise.client",
     "JobSpec": "spotwise.spec",
     "SpecError": "spotwise.spec",
 }
@@ -45,6 +47,7 @@ __all__ = [
     "RequestFailed",
     "SpecError",
     "SpotwiseError",
+    "WatchInterrupted",
     "__version__",
 ]
 

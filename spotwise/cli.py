@@ -295,7 +295,7 @@ def follow_events(
     unreachable it retries with backoff; after `give_up_after_s` without contact it raises
     DaemonUnavailable. JobNotFound and other errors propagate at once.
     """
-    from spotwise.client import DaemonUnavailable, is_terminal
+    from spotwise.client import DaemonUnavailable, WatchInterrupted, is_terminal
     from spotwise.proto.v1 import jobs_pb2
 
     job = client.get(job_id)
@@ -327,6 +327,8 @@ def follow_events(
                     job=job,
                 )
                 return
+        except WatchInterrupted:
+            last_contact = time.monotonic()  # the daemon is there; resume the live stream
         except DaemonUnavailable as exc:
             if time.monotonic() - last_contact > give_up_after_s:
                 raise

@@ -8,7 +8,8 @@
 
 Calls are synchronous and each has a deadline (`timeout`, default 10 s) except `watch`, which
 streams until the job ends. gRPC failures surface as typed exceptions, all subclasses of
-SpotwiseError: DaemonUnavailable, JobNotFound, InvalidSpec, PermissionDenied, RequestFailed.
+SpotwiseError: DaemonUnavailable, JobNotFound, InvalidSpec, PermissionDenied, WatchInterrupted,
+RequestFailed.
 Results are the proto messages of spotwise.v1 (Job, JobEvent, CostReport).
 """
 
@@ -103,6 +104,10 @@ class PermissionDenied(SpotwiseError):
     """The daemon refused the call's credentials (no token, a wrong token or a wrong role)."""
 
 
+class WatchInterrupted(SpotwiseError):
+    """The daemon ended a watch stream early (this watcher fell behind); watch again."""
+
+
 class RequestFailed(SpotwiseError):
     """Any other failed call; the message carries the daemon's status and details."""
 
@@ -141,6 +146,12 @@ def _details(err: grpc.RpcError) -> str:
         return str(err.details() or "")  # type: ignore[attr-defined]
     except AttributeError:
         return ""
+
+
+def _spec_field(field: str) -> str:
+    if field == "spec":
+        return ""
+    return field.removeprefix("spec.")
 
 
 def _short_reason(details: str) -> str:
@@ -242,7 +253,8 @@ class Client:
         """Yield the job's events as they happen, ending after the job reaches a final state.
 
         With `replay`, the events recorded so far come first. The stream has no deadline; a
-        lost connection raises DaemonUnavailable (call again with replay=False to resume).
+        lost connection raises DaemonUnavailable, a watcher the daemon dropped for falling
+        behind WatchInterrupted (call again with replay=False to resume in either case).
         Closing the iterator cancels the stream.
         """
         call = self._stub.WatchJob(
@@ -254,6 +266,8 @@ class Client:
                 if event.HasField("job") and is_terminal(event.job.state):
                     return
         except grpc.RpcError as err:
+            if _code(err) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise WatchInterrupted(_details(err) or "watch interrupted", code=_code(err)) from None
             raise self._translate(err, job_id=job_id) from None
         finally:
             call.cancel()
@@ -316,7 +330,9 @@ class Client:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             violations = violations_from_error(err)
             if spec_call:
-                return InvalidSpec(violations)
+                # The daemon names fields of the request (spec.nodes.max); report them as the
+                # spec's own paths (nodes.max), the same as a client-side SpecError.
+                return InvalidSpec([(_spec_field(f), d) for f, d in violations])
             text = "; ".join(f"{f}: {d}" if f else d for f, d in violations)
             return InvalidSpec(violations, message=f"invalid request: {text}")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -325,5 +341,7 @@ class Client:
                 " (check SPOTWISE_TOKEN)",
                 code=code,
             )
+        if code == grpc.StatusCode.FAILED_PRECONDITION and details:
+            return RequestFailed(details, code=code)
         name = code.name if code is not None else "UNKNOWN"
         return RequestFailed(f"daemon call failed: {name}: {details or 'no details'}", code=code)
