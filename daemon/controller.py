@@ -1,0 +1,442 @@
+"""What the daemon decides: membership, generations and job states, as one pure function.
+
+`plan(now, state)` looks at a snapshot of jobs and nodes and returns decisions, each with the
+reason the daemon logs and shows the user. It takes the clock as an argument and does no I/O;
+the coordinator gathers the snapshot, carries the decisions out and stores them.
+
+The rules, in the order `plan` applies them:
+
+1. A node not heard from for `lease_s` is LOST.
+2. Joins are batched: JOINING nodes become READY together once no node has joined for
+   `settle_s` (or the oldest has waited `settle_max_s`).
+3. For each live job, oldest first:
+   - every rank of the current generation exited 0 -> SUCCEEDED;
+   - a member was lost -> generation g+1 at once with the survivors (plus free nodes up to
+     nodes.max), or back to PENDING if fewer than nodes.min remain;
+   - a rank failed (non-zero exit) -> wait until every member has been heard from after the
+     failure (alive: the program failed; count it, FAILED after max_failures in a row, else
+     restart) or until a member's lease says it died (rule 1, then a loss, not counted);
+   - a DRAINING member leaves once a checkpoint committed after its notice, or its deadline
+     (less a margin) comes; until then every member is asked to checkpoint now;
+   - RESCALING -> RUNNING once every member reports running the current generation;
+   - RUNNING below nodes.max with READY nodes free -> grow (generation g+1);
+   - PENDING with at least nodes.min READY nodes free -> start.
+   Every generation restores from the last committed checkpoint step (-1: start fresh).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+
+class JobState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    RESCALING = "RESCALING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+
+    @property
+    def terminal(self) -> bool:
+        return not JOB_TRANSITIONS[self]
+
+
+_ENDS = (
+    JobState.SUCCEEDED,
+    JobState.FAILED,
+    JobState.CANCELLED,
+    JobState.BUDGET_EXHAUSTED,
+)
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # Waiting for nodes -> the first generation starts.
+    JobState.PENDING: frozenset({JobState.RUNNING, *_ENDS} - {JobState.SUCCEEDED}),
+    # Membership change -> RESCALING; below nodes.min -> back to PENDING.
+    JobState.RUNNING: frozenset({JobState.RESCALING, JobState.PENDING, *_ENDS}),
+    # Every member runs the new generation -> RUNNING; another change -> stays RESCALING.
+    JobState.RESCALING: frozenset({JobState.RUNNING, JobState.PENDING, *_ENDS}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+    JobState.BUDGET_EXHAUSTED: frozenset(),
+}
+"""The allowed job state changes; a generation change inside RESCALING keeps its state."""
+
+
+def can_transition(src: JobState, dst: JobState) -> bool:
+    return dst in JOB_TRANSITIONS[src]
+
+
+class NodeState(str, Enum):
+    JOINING = "JOINING"
+    READY = "READY"
+    ASSIGNED = "ASSIGNED"
+    DRAINING = "DRAINING"
+    LOST = "LOST"
+
+
+NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
+    # Registered, inside the settle window; a re-register after a daemon restart that matches
+    # the stored assignment goes straight back to ASSIGNED.
+    NodeState.JOINING: frozenset({NodeState.READY, NodeState.ASSIGNED, NodeState.DRAINING,
+                                  NodeState.LOST}),
+    NodeState.READY: frozenset({NodeState.ASSIGNED, NodeState.DRAINING, NodeState.LOST,
+                                NodeState.JOINING}),
+    NodeState.ASSIGNED: frozenset({NodeState.READY, NodeState.DRAINING, NodeState.LOST,
+                                   NodeState.JOINING}),
+    # Under an interruption notice: never assigned again; it goes away.
+    NodeState.DRAINING: frozenset({NodeState.LOST}),
+    # Declared dead; an agent that comes back registers as a new join.
+    NodeState.LOST: frozenset({NodeState.JOINING}),
+}
+"""The allowed node state changes."""
+
+
+# ---- the snapshot plan() reads ------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobView:
+    """What the controller needs to know about a job."""
+
+    id: str
+    state: JobState
+    created_at: float
+    min_nodes: int = 1
+    max_nodes: int = 1
+    nproc_per_node: int = 1
+    max_failures: int = 3
+    generation: int = 0
+    """The current generation (0: never started)."""
+    members: tuple[str, ...] = ()
+    """Node ids of the current generation, in node-rank order."""
+    generation_started_at: float = 0.0
+    last_checkpoint_step: int = -1
+    """Step of the newest committed checkpoint; -1 if none."""
+    last_checkpoint_at: float = 0.0
+    """When the daemon recorded that commit (its clock)."""
+    failures: int = 0
+    """Failed generations in a row (reset by a checkpoint commit)."""
+    exit_codes: Mapping[int, int] = field(default_factory=dict)
+    """Global rank -> exit code, for the current generation's exited processes."""
+    failed_at: float | None = None
+    """When a rank of the current generation first exited non-zero."""
+
+    @property
+    def world_size(self) -> int:
+        return len(self.members) * self.nproc_per_node
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeView:
+    """What the controller needs to know about a node."""
+
+    id: str
+    state: NodeState
+    joined_at: float
+    last_seen: float
+    """When the daemon last heard from the agent (register or heartbeat)."""
+    slots: int = 0
+    """Processes it can run; 0 = not said (taken as enough)."""
+    job_id: str = ""
+    """The job whose current generation it is a member of."""
+    reported_job_id: str = ""
+    reported_generation: int = 0
+    """What the agent last said it runs."""
+    drain_since: float | None = None
+    drain_deadline: float | None = None
+    """Unix seconds the instance goes away (None or 0: unknown)."""
+    launched_for: str = ""
+    """The job a provider launched it for, preferred when assigning."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterState:
+    jobs: Sequence[JobView] = ()
+    """Every job, oldest first (that order is also the priority for free nodes)."""
+    nodes: Mapping[str, NodeView] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """The controller's timing knobs (from DaemonConfig)."""
+
+    lease_s: float = 2.0
+    """A node silent this long is LOST."""
+    settle_s: float = 1.0
+    """Quiet period that closes a batch of joins."""
+    settle_max_s: float = 3.0
+    """Longest a joining node waits for the batch to close."""
+    drain_timeout_s: float = 90.0
+    """Longest wait for a drain checkpoint when the notice gives no deadline."""
+    drain_margin_s: float = 10.0
+    """Leave a draining node this long before its deadline."""
+
+
+# ---- decisions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeLost:
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodesReady:
+    node_ids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartGeneration:
+    """Members (node-rank order) run generation `generation`; nodes no longer members are freed."""
+
+    job_id: str
+    generation: int
+    members: tuple[str, ...]
+    world_size: int
+    restore_step: int
+    state: JobState
+    count_failure: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetJobState:
+    """Change a job's state; with release, its members are freed and its generation ends."""
+
+    job_id: str
+    state: JobState
+    release: bool
+    reason: str
+
+
+Decision = NodeLost | NodesReady | StartGeneration | SetJobState
+
+
+# ---- the plan -------------------------------------------------------------------------------
+
+
+def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[Decision]:
+    """The decisions for this moment. Pure: same inputs, same decisions."""
+    policy = policy or Policy()
+    decisions: list[Decision] = []
+    nodes = dict(state.nodes)
+
+    # 1. Leases.
+    for node in sorted(nodes.values(), key=lambda n: n.id):
+        silent = now - node.last_seen
+        if node.state is not NodeState.LOST and silent > policy.lease_s:
+            decisions.append(
+                NodeLost(
+                    node_id=node.id,
+                    reason=f"node {node.id} silent for {silent:.1f}s > lease {policy.lease_s}s",
+                )
+            )
+            nodes[node.id] = _with(node, state=NodeState.LOST)
+
+    # 2. Join batching.
+    joining = [n for n in nodes.values() if n.state is NodeState.JOINING]
+    if joining:
+        newest = max(n.joined_at for n in joining)
+        oldest = min(n.joined_at for n in joining)
+        if now - newest >= policy.settle_s or now - oldest >= policy.settle_max_s:
+            ids = tuple(sorted(n.id for n in joining))
+            decisions.append(
+                NodesReady(
+                    node_ids=ids,
+                    reason=f"join batch closed after {now - oldest:.1f}s: {', '.join(ids)}",
+                )
+            )
+            for node_id in ids:
+                nodes[node_id] = _with(nodes[node_id], state=NodeState.READY)
+
+    free = sorted(
+        (n for n in nodes.values() if n.state is NodeState.READY and not n.job_id),
+        key=lambda n: (n.joined_at, n.id),
+    )
+
+    # 3. Jobs, oldest first.
+    for job in state.jobs:
+        if job.state.terminal:
+            continue
+        decision = _plan_job(now, job, nodes, free, policy)
+        if decision is None:
+            continue
+        decisions.append(decision)
+        if isinstance(decision, StartGeneration):
+            taken = set(decision.members)
+            free[:] = [n for n in free if n.id not in taken]
+            # Nodes the job let go are free for the jobs after it.
+            for node_id in job.members:
+                node = nodes.get(node_id)
+                if node_id not in taken and node is not None and node.state is NodeState.ASSIGNED:
+                    free.append(_with(node, state=NodeState.READY, job_id=""))
+        elif isinstance(decision, SetJobState) and decision.release:
+            for node_id in job.members:
+                node = nodes.get(node_id)
+                if node is not None and node.state is NodeState.ASSIGNED:
+                    free.append(_with(node, state=NodeState.READY, job_id=""))
+    return decisions
+
+
+def plan_cancel(now: float, job: JobView) -> SetJobState:
+    """The decision for a user's CancelJob. Raises ValueError if the job already ended."""
+    if not can_transition(job.state, JobState.CANCELLED):
+        raise ValueError(f"job {job.id} already ended ({job.state.value})")
+    return SetJobState(
+        job_id=job.id, state=JobState.CANCELLED, release=True, reason="cancelled by the user"
+    )
+
+
+def _plan_job(
+    now: float,
+    job: JobView,
+    nodes: Mapping[str, NodeView],
+    free: list[NodeView],
+    policy: Policy,
+) -> Decision | None:
+    fitting = [n for n in free if n.slots == 0 or n.slots >= job.nproc_per_node]
+    # Nodes a provider launched for this job first, then the longest waiting.
+    fitting.sort(key=lambda n: (n.launched_for != job.id, n.joined_at, n.id))
+
+    if job.state is JobState.PENDING:
+        if len(fitting) < job.min_nodes:
+            return None
+        members = tuple(n.id for n in fitting[: job.max_nodes])
+        return _start(job, members, JobState.RUNNING, count_failure=False,
+                      reason=f"start on {len(members)} node(s): {', '.join(members)}")
+
+    # RUNNING or RESCALING from here on.
+    if job.members and len(job.exit_codes) >= job.world_size:
+        if all(code == 0 for code in job.exit_codes.values()):
+            return SetJobState(
+                job_id=job.id, state=JobState.SUCCEEDED, release=True,
+                reason=f"all {job.world_size} processes of generation {job.generation} exited 0",
+            )
+
+    gone = [m for m in job.members if not _is_member(nodes.get(m), job.id)]
+    if gone:
+        survivors = [m for m in job.members if m not in gone]
+        why = f"lost {', '.join(gone)}"
+        return _reshape(job, survivors, fitting, why, count_failure=False)
+
+    if job.failed_at is not None:
+        silent = [m for m in job.members if nodes[m].last_seen <= job.failed_at]
+        if silent:
+            return None  # a member may be dead: its lease decides (rule 1)
+        failures = job.failures + 1
+        bad = sorted((r, c) for r, c in job.exit_codes.items() if c != 0)
+        detail = ", ".join(f"rank {r} exited {c}" for r, c in bad)
+        if failures > job.max_failures:
+            return SetJobState(
+                job_id=job.id, state=JobState.FAILED, release=True,
+                reason=f"generation {job.generation} failed ({detail}); {failures} failures in a "
+                f"row > max_failures {job.max_failures}",
+            )
+        return _reshape(
+            job, list(job.members), fitting,
+            f"generation {job.generation} failed ({detail}), every node alive: restart "
+            f"(failure {failures} of {job.max_failures} tolerated)",
+            count_failure=True,
+        )
+
+    leaving = [m for m in job.members if _drain_done(now, job, nodes[m], policy)]
+    if leaving:
+        survivors = [m for m in job.members if m not in leaving]
+        return _reshape(job, survivors, fitting, f"drained {', '.join(leaving)}",
+                        count_failure=False)
+    draining = any(nodes[m].state is NodeState.DRAINING for m in job.members)
+
+    if job.state is JobState.RESCALING:
+        if all(
+            nodes[m].reported_job_id == job.id and nodes[m].reported_generation == job.generation
+            for m in job.members
+        ):
+            return SetJobState(
+                job_id=job.id, state=JobState.RUNNING, release=False,
+                reason=f"every node runs generation {job.generation}",
+            )
+        return None
+
+    if not draining and len(job.members) < job.max_nodes and fitting:
+        extra = fitting[: job.max_nodes - len(job.members)]
+        members = (*job.members, *(n.id for n in extra))
+        return _start(
+            job, members, JobState.RESCALING, count_failure=False,
+            reason=f"grow from {len(job.members)} to {len(members)} node(s): joined "
+            f"{', '.join(n.id for n in extra)}",
+        )
+    return None
+
+
+def _reshape(
+    job: JobView, survivors: list[str], fitting: list[NodeView], why: str, *, count_failure: bool
+) -> Decision:
+    """Generation g+1 with the survivors plus free nodes up to max, or PENDING below min."""
+    room = max(0, job.max_nodes - len(survivors))
+    members = (*survivors, *(n.id for n in fitting[:room]))
+    if len(members) < job.min_nodes:
+        return SetJobState(
+            job_id=job.id, state=JobState.PENDING, release=True,
+            reason=f"{why}; {len(members)} node(s) left < nodes.min {job.min_nodes}: "
+            "waiting for capacity",
+        )
+    added = members[len(survivors):]
+    more = f", adding {', '.join(added)}" if added else ""
+    return _start(job, members, JobState.RESCALING, count_failure=count_failure,
+                  reason=f"{why}{more}: {len(members)} node(s)")
+
+
+def _start(
+    job: JobView, members: tuple[str, ...], state: JobState, *, count_failure: bool, reason: str
+) -> StartGeneration:
+    generation = job.generation + 1
+    world = len(members) * job.nproc_per_node
+    restore = job.last_checkpoint_step
+    where = f"step {restore}" if restore >= 0 else "scratch"
+    return StartGeneration(
+        job_id=job.id,
+        generation=generation,
+        members=members,
+        world_size=world,
+        restore_step=restore,
+        state=state,
+        count_failure=count_failure,
+        reason=f"generation {generation} (world size {world}, from {where}): {reason}",
+    )
+
+
+def _is_member(node: NodeView | None, job_id: str) -> bool:
+    return (
+        node is not None
+        and node.job_id == job_id
+        and node.state in (NodeState.ASSIGNED, NodeState.DRAINING)
+    )
+
+
+def _drain_done(now: float, job: JobView, node: NodeView, policy: Policy) -> bool:
+    if node.state is not NodeState.DRAINING or node.drain_since is None:
+        return False
+    if job.last_checkpoint_at >= node.drain_since and job.last_checkpoint_step >= 0:
+        return True  # the drain checkpoint (or a later one) is committed
+    if node.drain_deadline:
+        return now >= node.drain_deadline - policy.drain_margin_s
+    return now >= node.drain_since + policy.drain_timeout_s
+
+
+def draining(job: JobView, nodes: Mapping[str, NodeView]) -> bool:
+    """Whether any member of the job's generation is draining (then all checkpoint now)."""
+    return any(
+        (node := nodes.get(m)) is not None and node.state is NodeState.DRAINING
+        for m in job.members
+    )
+
+
+def _with(node: NodeView, **changes: object) -> NodeView:
+    return replace(node, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,625 @@
+"""The daemon's live state: jobs and nodes in memory, backed by the store.
+
+The coordinator is where agents' reports and users' requests land and where the controller's
+decisions are carried out. It loads its state from SQLite on start (flow 9), builds the
+controller's snapshot, applies each decision in one store transaction together with the event
+that describes it, publishes the event after the commit, and logs the decision's reason.
+
+It is synchronous and runs on the daemon's event loop thread only: every method is atomic with
+respect to the others, which is what keeps a heartbeat from seeing half a rescale.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from spotwise.daemon import controller
+from spotwise.daemon.controller import (
+    ClusterState,
+    Decision,
+    JobState,
+    JobView,
+    NodeLost,
+    NodesReady,
+    NodeState,
+    NodeView,
+    Policy,
+    SetJobState,
+    StartGeneration,
+)
+from spotwise.daemon.events import EventBus
+from spotwise.daemon.store import CheckpointRow, EventRow, GenerationRow, JobRow, NodeRow, Store
+from spotwise.proto.v1 import agent_pb2, jobs_pb2
+
+log = logging.getLogger(__name__)
+
+STOPPED_EXIT_CODE = 143
+"""A training process stopped on request (SIGTERM) exits with this."""
+
+
+class UnknownJob(KeyError):
+    """No job has this id."""
+
+
+@dataclass(kw_only=True)
+class JobRecord:
+    row: JobRow
+    spec: jobs_pb2.JobSpec
+    members: list[str] = field(default_factory=list)
+    generation_started_at: float = 0.0
+    restore_step: int = -1
+    generation_reason: str = ""
+    # Soft state of the current generation, rebuilt from heartbeats after a restart.
+    exit_codes: dict[int, int] = field(default_factory=dict)
+    failed_at: float | None = None
+
+    @property
+    def state(self) -> JobState:
+        return JobState(self.row.state)
+
+
+@dataclass(kw_only=True)
+class NodeRecord:
+    row: NodeRow
+    last_seen: float
+    reported_job_id: str = ""
+    reported_generation: int = 0
+    launched_for: str = ""
+
+    @property
+    def state(self) -> NodeState:
+        return NodeState(self.row.state)
+
+
+def job_state_proto(state: JobState) -> int:
+    return jobs_pb2.JobState.Value(f"JOB_STATE_{state.value}")
+
+
+def job_state_from_proto(value: int) -> JobState:
+    return JobState(jobs_pb2.JobState.Name(value).removeprefix("JOB_STATE_"))
+
+
+class Coordinator:
+    """Jobs and nodes, their reports, and the carrying out of the controller's decisions."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        policy: Policy,
+        heartbeat_interval_s: float,
+        events: EventBus | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.events = events or EventBus(store)
+        self.clock = clock
+        self.jobs: dict[str, JobRecord] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self._pending: list[tuple[EventRow, bool]] = []
+        self.load()
+
+    # ---- state ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """(Re)load jobs and nodes from the store. Every known node gets a fresh lease."""
+        now = self.clock()
+        self.jobs = {}
+        for row in self.store.jobs():
+            spec = jobs_pb2.JobSpec.FromString(row.spec)
+            record = JobRecord(row=row, spec=spec)
+            if row.generation > 0 and not JobState(row.state).terminal:
+                gens = [g for g in self.store.generations(row.id) if g.generation == row.generation]
+                if gens and gens[0].ended_at is None:
+                    record.members = list(gens[0].members)
+                    record.generation_started_at = gens[0].started_at
+                    record.restore_step = gens[0].restore_step
+                    record.generation_reason = gens[0].reason
+            self.jobs[row.id] = record
+        self.nodes = {row.id: NodeRecord(row=row, last_seen=now) for row in self.store.nodes()}
+        log.info("loaded %d job(s) and %d node(s) from %s", len(self.jobs), len(self.nodes),
+                 self.store.path)
+
+    def snapshot(self) -> ClusterState:
+        jobs = []
+        for rec in self.jobs.values():
+            spec = rec.spec
+            jobs.append(
+                JobView(
+                    id=rec.row.id,
+                    state=rec.state,
+                    created_at=rec.row.created_at,
+                    min_nodes=spec.nodes.min,
+                    max_nodes=spec.nodes.max,
+                    nproc_per_node=spec.nproc_per_node,
+                    max_failures=spec.max_failures,
+                    generation=rec.row.generation,
+                    members=tuple(rec.members),
+                    generation_started_at=rec.generation_started_at,
+                    last_checkpoint_step=rec.row.last_checkpoint_step,
+                    last_checkpoint_at=rec.row.last_checkpoint_at,
+                    failures=rec.row.failures,
+                    exit_codes=dict(rec.exit_codes),
+                    failed_at=rec.failed_at,
+                )
+            )
+        jobs.sort(key=lambda j: (j.created_at, j.id))
+        nodes = {
+            rec.row.id: NodeView(
+                id=rec.row.id,
+                state=rec.state,
+                joined_at=rec.row.joined_at,
+                last_seen=rec.last_seen,
+                slots=rec.row.slots,
+                job_id=rec.row.job_id,
+                reported_job_id=rec.reported_job_id,
+                reported_generation=rec.reported_generation,
+                drain_since=rec.row.drain_since,
+                drain_deadline=rec.row.drain_deadline,
+                launched_for=rec.launched_for,
+            )
+            for rec in self.nodes.values()
+        }
+        return ClusterState(jobs=tuple(jobs), nodes=nodes)
+
+    def job(self, job_id: str) -> JobRecord:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise UnknownJob(job_id) from None
+
+    # ---- the control loop ----------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> list[Decision]:
+        """Run the controller once and carry out its decisions."""
+        now = self.clock() if now is None else now
+        decisions = controller.plan(now, self.snapshot(), self.policy)
+        for decision in decisions:
+            self.apply(decision, now)
+        return decisions
+
+    def apply(self, decision: Decision, now: float) -> None:
+        with self.store.transaction() as conn:
+            if isinstance(decision, NodeLost):
+                self._node_lost(decision, now, conn)
+            elif isinstance(decision, NodesReady):
+                for node_id in decision.node_ids:
+                    rec = self.nodes[node_id]
+                    rec.row.state = NodeState.READY.value
+                    self.store.put_node(rec.row, conn)
+                log.info("nodes=%s: READY: %s", ",".join(decision.node_ids), decision.reason)
+            elif isinstance(decision, StartGeneration):
+                self._start_generation(decision, now, conn)
+            elif isinstance(decision, SetJobState):
+                self._set_job_state(decision, now, conn)
+            else:  # pragma: no cover - the Decision union is closed
+                raise AssertionError(f"unknown decision {decision!r}")
+        self._flush()
+
+    def _node_lost(self, d: NodeLost, now: float, conn) -> None:  # noqa: ANN001
+        rec = self.nodes[d.node_id]
+        rec.row.state = NodeState.LOST.value
+        self.store.put_node(rec.row, conn)
+        log.warning("node=%s job=%s: LOST: %s", d.node_id, rec.row.job_id or "-", d.reason)
+        job = self.jobs.get(rec.row.job_id)
+        if job is not None and d.node_id in job.members:
+            self._event(conn, job, now, "node", d.reason)
+
+    def _start_generation(self, d: StartGeneration, now: float, conn) -> None:  # noqa: ANN001
+        job = self.jobs[d.job_id]
+        old_state = job.state
+        assert d.state is old_state or controller.can_transition(old_state, d.state), (
+            f"{old_state} -> {d.state}"
+        )
+        self._end_generation(job, now, conn)
+        if job.row.step > max(d.restore_step, 0):
+            job.row.lost_steps += job.row.step - max(d.restore_step, 0)
+        job.row.step = max(d.restore_step, 0)
+        for node_id in job.members:
+            if node_id not in d.members:
+                self._release(node_id, conn)
+        for rank, node_id in enumerate(d.members):
+            node = self.nodes[node_id]
+            if node.state is not NodeState.DRAINING:
+                node.row.state = NodeState.ASSIGNED.value
+            node.row.job_id = job.row.id
+            node.row.node_rank = rank
+            self.store.put_node(node.row, conn)
+        job.members = list(d.members)
+        job.generation_started_at = now
+        job.restore_step = d.restore_step
+        job.generation_reason = d.reason
+        job.exit_codes = {}
+        job.failed_at = None
+        job.row.generation = d.generation
+        job.row.world_size = d.world_size
+        job.row.state = d.state.value
+        job.row.message = d.reason
+        job.row.updated_at = now
+        if d.count_failure:
+            job.row.failures += 1
+        self.store.put_job(job.row, conn)
+        self.store.put_generation(
+            GenerationRow(
+                job_id=job.row.id,
+                generation=d.generation,
+                started_at=now,
+                members=list(d.members),
+                nproc_per_node=job.spec.nproc_per_node,
+                world_size=d.world_size,
+                restore_step=d.restore_step,
+                reason=d.reason,
+            ),
+            conn,
+        )
+        log.info("job=%s generation=%d nodes=%s: %s", job.row.id, d.generation,
+                 ",".join(d.members), d.reason)
+        self._event(conn, job, now, "generation", d.reason)
+
+    def _set_job_state(self, d: SetJobState, now: float, conn) -> None:  # noqa: ANN001
+        job = self.jobs[d.job_id]
+        assert controller.can_transition(job.state, d.state), f"{job.state} -> {d.state}"
+        if d.release:
+            self._end_generation(job, now, conn)
+            for node_id in job.members:
+                self._release(node_id, conn)
+            job.members = []
+            job.row.world_size = 0
+        job.row.state = d.state.value
+        job.row.message = d.reason
+        job.row.updated_at = now
+        self.store.put_job(job.row, conn)
+        log.info("job=%s generation=%d: %s: %s", job.row.id, job.row.generation, d.state.value,
+                 d.reason)
+        self._event(conn, job, now, "state", f"{d.state.value}: {d.reason}",
+                    final=d.state.terminal)
+
+    def _end_generation(self, job: JobRecord, now: float, conn) -> None:  # noqa: ANN001
+        if job.row.generation == 0 or not job.members:
+            return
+        self.store.put_generation(
+            GenerationRow(
+                job_id=job.row.id,
+                generation=job.row.generation,
+                started_at=job.generation_started_at,
+                members=list(job.members),
+                nproc_per_node=job.spec.nproc_per_node,
+                world_size=job.row.world_size,
+                restore_step=job.restore_step,
+                reason=job.generation_reason,
+                ended_at=now,
+            ),
+            conn,
+        )
+
+    def _release(self, node_id: str, conn) -> None:  # noqa: ANN001
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        if node.state is NodeState.ASSIGNED:
+            node.row.state = NodeState.READY.value
+        node.row.job_id = ""
+        node.row.node_rank = 0
+        self.store.put_node(node.row, conn)
+
+    def _event(self, conn, job: JobRecord, now: float, kind: str, message: str,  # noqa: ANN001
+               *, final: bool = False) -> None:
+        row = EventRow(
+            job_id=job.row.id,
+            time=now,
+            kind=kind,
+            generation=job.row.generation,
+            message=message,
+            job=self.job_proto(job).SerializeToString(),
+        )
+        self.store.add_event(row, conn)
+        self._pending.append((row, final))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for row, final in pending:
+            self.events.publish(row, final=final)
+
+    # ---- users' requests ----------------------------------------------------------------
+
+    def submit(self, spec: jobs_pb2.JobSpec, now: float | None = None) -> JobRecord:
+        """Store a validated spec as a PENDING job."""
+        now = self.clock() if now is None else now
+        job_id = f"job-{uuid.uuid4().hex[:10]}"
+        row = JobRow(
+            id=job_id,
+            spec=spec.SerializeToString(),
+            name=spec.name,
+            state=JobState.PENDING.value,
+            created_at=now,
+            updated_at=now,
+            message="waiting for nodes",
+        )
+        job = JobRecord(row=row, spec=spec)
+        with self.store.transaction() as conn:
+            self.store.put_job(row, conn)
+            self.jobs[job_id] = job
+            self._event(conn, job, now, "state",
+                        f"PENDING: submitted, wants {spec.nodes.min}-{spec.nodes.max} node(s) "
+                        f"x {spec.nproc_per_node} process(es)")
+        self._flush()
+        log.info("job=%s: submitted (%s)", job_id, spec.name or "unnamed")
+        return job
+
+    def cancel(self, job_id: str, now: float | None = None) -> JobRecord:
+        """Cancel a job; its nodes are told to stop at their next heartbeat.
+
+        Raises UnknownJob, or ValueError if the job already ended.
+        """
+        now = self.clock() if now is None else now
+        job = self.job(job_id)
+        view = next(j for j in self.snapshot().jobs if j.id == job_id)
+        self.apply(controller.plan_cancel(now, view), now)
+        return job
+
+    # ---- agents' calls ---------------------------------------------------------------------
+
+    def register(self, req: agent_pb2.RegisterRequest, now: float | None = None
+                 ) -> agent_pb2.RegisterResponse:
+        """A node (re)joins. A re-register that matches the node's stored assignment keeps it
+        (the daemon restarted under a running job); otherwise the node joins afresh, and if it
+        was a member its job sees the loss."""
+        now = self.clock() if now is None else now
+        node_id = req.node_id or f"node-{uuid.uuid4().hex[:8]}"
+        rec = self.nodes.get(node_id)
+        fields = dict(
+            instance_id=req.instance_id,
+            instance_type=req.instance_type,
+            zone=req.zone,
+            lifecycle=req.lifecycle or "spot",
+            gpus=req.gpus,
+            slots=req.slots,
+            address=req.address,
+            store_port=req.store_port,
+            price_per_hour=req.price_per_hour,
+            log_dir=req.log_dir,
+            provider_node=req.provider_node,
+        )
+        reason: str
+        if rec is None:
+            rec = NodeRecord(
+                row=NodeRow(id=node_id, state=NodeState.JOINING.value, joined_at=now,
+                            registered_at=now, **fields),
+                last_seen=now,
+            )
+            self.nodes[node_id] = rec
+            reason = "joined"
+        else:
+            for key, value in fields.items():
+                setattr(rec.row, key, value)
+            job = self.jobs.get(rec.row.job_id)
+            member = (
+                job is not None
+                and node_id in job.members
+                and rec.state in (NodeState.ASSIGNED, NodeState.DRAINING)
+            )
+            if member and req.current_job_id == rec.row.job_id:
+                reason = (f"re-registered running generation {req.current_generation} of "
+                          f"{req.current_job_id}: kept")
+            elif rec.state is NodeState.DRAINING and not member:
+                reason = "re-registered while draining: stays out"
+            else:
+                if member:
+                    reason = (f"re-registered without its processes (runs "
+                              f"{req.current_job_id or 'nothing'}): rejoins, its job sees a loss")
+                else:
+                    reason = "re-registered: joins again"
+                rec.row.state = NodeState.JOINING.value
+                rec.row.job_id = ""
+                rec.row.joined_at = now
+            rec.last_seen = now
+        rec.reported_job_id = req.current_job_id
+        rec.reported_generation = req.current_generation
+        self.store.put_node(rec.row)
+        log.info("node=%s job=%s generation=%d address=%s:%d: %s", node_id,
+                 req.current_job_id or "-", req.current_generation, req.address, req.store_port,
+                 reason)
+        return agent_pb2.RegisterResponse(
+            node_id=node_id,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            lease_s=self.policy.lease_s,
+        )
+
+    def heartbeat(self, req: agent_pb2.HeartbeatRequest, now: float | None = None
+                  ) -> agent_pb2.HeartbeatResponse:
+        """Renew the node's lease, take in its processes' exits, answer its assignment."""
+        now = self.clock() if now is None else now
+        rec = self.nodes.get(req.node_id)
+        if rec is None or rec.state is NodeState.LOST:
+            return agent_pb2.HeartbeatResponse(reregister=True)
+        rec.last_seen = now
+        rec.reported_job_id = req.job_id
+        rec.reported_generation = req.generation
+        job = self.jobs.get(rec.row.job_id)
+        if (
+            job is not None
+            and req.job_id == job.row.id
+            and req.generation == job.row.generation
+            and req.node_id in job.members
+        ):
+            exited = [(p.rank, p.exit_code) for p in req.processes if not p.running]
+            if self._record_exits(job, req.node_id, exited, now):
+                self.tick(now)
+        return agent_pb2.HeartbeatResponse(assignment=self.assignment_for(req.node_id))
+
+    def _record_exits(self, job: JobRecord, node_id: str, exited: Iterable[tuple[int, int]],
+                      now: float) -> bool:
+        """Note exits of the current generation's ranks; True if one is a new failure."""
+        failed = False
+        new = []
+        for rank, code in exited:
+            if rank in job.exit_codes:
+                continue
+            job.exit_codes[rank] = code
+            new.append((rank, code))
+            if code != 0:
+                failed = True
+                if job.failed_at is None:
+                    job.failed_at = now
+        if new:
+            detail = ", ".join(f"rank {r} exited {c}" for r, c in new)
+            log.log(logging.WARNING if failed else logging.INFO,
+                    "job=%s generation=%d node=%s: %s", job.row.id, job.row.generation, node_id,
+                    detail)
+            if failed:
+                with self.store.transaction() as conn:
+                    self._event(conn, job, now, "node", f"{node_id}: {detail}")
+                self._flush()
+        return failed
+
+    def report(self, req: agent_pb2.ReportEventRequest, now: float | None = None
+               ) -> agent_pb2.ReportEventResponse:
+        """Take in an agent's event. The fencing: an event whose (job, generation) is not the
+        node's current assignment is refused and changes nothing."""
+        now = self.clock() if now is None else now
+        rec = self.nodes.get(req.node_id)
+        if rec is None or rec.state is NodeState.LOST:
+            return agent_pb2.ReportEventResponse(accepted=False,
+                                                 reason=f"unknown or lost node {req.node_id!r}")
+        job = self.jobs.get(rec.row.job_id) if rec.row.job_id else None
+        if job is not None and (req.node_id not in job.members or job.state.terminal):
+            job = None
+        expected = (job.row.id, job.row.generation) if job is not None else ("", 0)
+        if (req.job_id, req.generation) != expected:
+            current = (f"generation {expected[1]} of {expected[0]}" if expected[0]
+                       else "no assignment")
+            reason = (f"stale: event of generation {req.generation} of "
+                      f"{req.job_id or 'no job'}, node {req.node_id} has {current}")
+            log.warning("node=%s job=%s generation=%d: refused %s: %s", req.node_id,
+                        req.job_id or "-", req.generation, req.WhichOneof("event"), reason)
+            return agent_pb2.ReportEventResponse(accepted=False, reason=reason)
+
+        kind = req.WhichOneof("event")
+        if kind == "interruption_notice":
+            self._notice(rec, job, req.interruption_notice, now)
+        elif job is None:
+            return agent_pb2.ReportEventResponse(accepted=False,
+                                                 reason=f"{kind} needs an assigned job")
+        elif kind == "process_exited":
+            e = req.process_exited
+            if self._record_exits(job, req.node_id, [(e.rank, e.exit_code)], now):
+                self.tick(now)
+        elif kind == "checkpoint_committed":
+            self._checkpoint(job, req, now)
+            self.tick(now)
+        elif kind == "progress":
+            self._progress(job, req.progress, now)
+        else:
+            return agent_pb2.ReportEventResponse(accepted=False, reason="no event in the report")
+        return agent_pb2.ReportEventResponse(accepted=True)
+
+    def _notice(self, rec: NodeRecord, job: JobRecord | None,
+                notice: agent_pb2.InterruptionNotice, now: float) -> None:
+        message = (f"node {rec.row.id}: interruption notice {notice.action or '?'}"
+                   + (f", gone in {notice.deadline - now:.0f}s" if notice.deadline else ""))
+        with self.store.transaction() as conn:
+            if rec.state is not NodeState.DRAINING:
+                rec.row.state = NodeState.DRAINING.value
+                rec.row.drain_since = now
+                rec.row.drain_deadline = notice.deadline or None
+                self.store.put_node(rec.row, conn)
+            if job is not None:
+                self._event(conn, job, now, "notice", message + ": draining (checkpoint now)")
+        self._flush()
+        log.warning("node=%s job=%s: %s", rec.row.id, job.row.id if job else "-", message)
+        self.tick(now)
+
+    def _checkpoint(self, job: JobRecord, req: agent_pb2.ReportEventRequest, now: float) -> None:
+        c = req.checkpoint_committed
+        with self.store.transaction() as conn:
+            self.store.add_checkpoint(
+                CheckpointRow(job_id=job.row.id, generation=req.generation, step=c.step,
+                              path=c.path, bytes=c.bytes, cursor=c.cursor, committed_at=now),
+                conn,
+            )
+            job.row.last_checkpoint_step = c.step
+            job.row.last_checkpoint_path = c.path
+            job.row.last_checkpoint_at = now
+            job.row.failures = 0
+            job.row.step = max(job.row.step, c.step)
+            job.row.updated_at = now
+            self.store.put_job(job.row, conn)
+            self._event(conn, job, now, "checkpoint",
+                        f"checkpoint at step {c.step} committed ({c.bytes} bytes): {c.path}")
+        self._flush()
+        log.info("job=%s generation=%d: checkpoint step %d committed: %s", job.row.id,
+                 job.row.generation, c.step, c.path)
+
+    def _progress(self, job: JobRecord, p: agent_pb2.Progress, now: float) -> None:
+        with self.store.transaction() as conn:
+            job.row.step = p.step
+            job.row.loss = p.loss
+            job.row.samples_per_second = p.samples_per_second
+            job.row.updated_at = now
+            self.store.put_job(job.row, conn)
+            self._event(conn, job, now, "progress",
+                        f"step {p.step} loss {p.loss:.4f} {p.samples_per_second:.1f} samples/s "
+                        f"world {p.world_size}")
+        self._flush()
+
+    # ---- views ------------------------------------------------------------------------------
+
+    def assignment_for(self, node_id: str) -> agent_pb2.Assignment:
+        """What the node must run now; an empty assignment means: run nothing."""
+        rec = self.nodes.get(node_id)
+        job = self.jobs.get(rec.row.job_id) if rec is not None and rec.row.job_id else None
+        if rec is None or job is None or job.state.terminal or node_id not in job.members:
+            return agent_pb2.Assignment()
+        nproc = job.spec.nproc_per_node
+        rank = job.members.index(node_id)
+        master = self.nodes[job.members[0]].row
+        drain = any(
+            (m := self.nodes.get(n)) is not None and m.state is NodeState.DRAINING
+            for n in job.members
+        )
+        return agent_pb2.Assignment(
+            job_id=job.row.id,
+            generation=job.row.generation,
+            spec=job.spec,
+            world_size=len(job.members) * nproc,
+            node_rank=rank,
+            num_nodes=len(job.members),
+            rank_start=rank * nproc,
+            nproc=nproc,
+            master_addr=master.address,
+            master_port=master.store_port,
+            restore_step=job.restore_step,
+            checkpoint_now=drain,
+        )
+
+    def job_proto(self, job: JobRecord) -> jobs_pb2.Job:
+        r = job.row
+        return jobs_pb2.Job(
+            id=r.id,
+            spec=job.spec,
+            state=job_state_proto(job.state),
+            generation=r.generation,
+            world_size=r.world_size,
+            step=r.step,
+            last_checkpoint_step=max(r.last_checkpoint_step, 0),
+            last_checkpoint_path=r.last_checkpoint_path,
+            samples_per_second=r.samples_per_second,
+            loss=r.loss,
+            cost_usd=r.cost_usd,
+            message=r.message,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            node_ids=list(job.members),
+            lost_steps=r.lost_steps,
+        )
+
+    def event_proto(self, row: EventRow) -> jobs_pb2.JobEvent:
+        job = jobs_pb2.Job.FromString(row.job) if row.job else jobs_pb2.Job(id=row.job_id)
+        return jobs_pb2.JobEvent(job_id=row.job_id, time=row.time, kind=row.kind,
+                                 generation=row.generation, message=row.message, job=job)

@@ -1,0 +1,293 @@
+"""The daemon process: the gRPC server, the control loop and the fleet loop.
+
+    await serve(config)              # `spotwise daemon`: runs until SIGTERM/SIGINT
+
+    daemon = Daemon(config)          # in-process, e.g. in a test (listen on port 0)
+    await daemon.start(); daemon.address; ...; await daemon.stop()
+
+    with DaemonThread(config) as d:  # the same from synchronous code, on its own loop thread
+        grpc.insecure_channel(d.address) ...
+
+The server carries JobService, AgentService, standard health checking (spotwise.v1.JobService,
+spotwise.v1.AgentService and "" report SERVING while the daemon runs, NOT_SERVING while it
+stops) and server reflection. The control loop runs the controller every `tick_s`; agents'
+reports that need an answer at once (a failed rank, a commit, a notice) run it immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from spotwise.cloud.provider import Provider
+from spotwise.config import DaemonConfig
+from spotwise.daemon.controller import Policy
+from spotwise.daemon.coordinator import Coordinator
+from spotwise.daemon.fleet import FleetLoop
+from spotwise.daemon.servicers import AgentServicer, JobServicer
+from spotwise.daemon.store import Store
+from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+)
+"""The daemon's own services (as health checking and reflection name them)."""
+
+STOP_GRACE_S = 2.0
+"""How long in-flight RPCs (e.g. WatchJob streams) get to finish when the daemon stops."""
+
+
+def policy_of(config: DaemonConfig) -> Policy:
+    """The controller's knobs from the daemon's config."""
+    return Policy(
+        lease_s=config.lease_s,
+        settle_s=config.settle_s,
+        settle_max_s=max(3 * config.settle_s, config.settle_s),
+        drain_timeout_s=config.drain_timeout_s,
+        drain_margin_s=config.drain_margin_s,
+    )
+
+
+def make_provider(config: DaemonConfig) -> Provider | None:
+    """The provider the config names; None for "none" (agents register on their own)."""
+    if config.provider == "local":
+        from spotwise.cloud.local import LocalProvider
+
+        return LocalProvider(
+            log_dir=config.effective_log_dir,
+            grace_s=config.grace_s,
+            max_nodes=config.local_max_nodes,
+        )
+    return None
+
+
+class Daemon:
+    """The coordinator daemon, startable in-process (tests) or by `serve`.
+
+    `start()` opens the store (reloading the state), binds `config.listen` and starts the
+    loops; `stop()` undoes it. Raises RuntimeError if the address cannot be bound.
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        provider: Provider | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        server_credentials: grpc.ServerCredentials | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.provider = provider
+        self._interceptors = tuple(interceptors)
+        self._credentials = server_credentials
+        self._clock = clock
+        self.store: Store | None = None
+        self.coordinator: Coordinator | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        """host:port clients and agents dial (the bound port, when listen asked for 0)."""
+        host = self.config.listen.rpartition(":")[0]
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        config = self.config
+        self.store = Store(config.db_path)
+        self.coordinator = Coordinator(
+            self.store,
+            policy=policy_of(config),
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            clock=self._clock,
+        )
+        server = grpc.aio.server(interceptors=self._interceptors or None)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.coordinator), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        if self._credentials is not None:
+            port = server.add_secure_port(config.listen, self._credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+        if not port:
+            self.store.close()
+            raise RuntimeError(f"cannot listen on {config.listen}")
+        self.port = port
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._stop.clear()
+        self._tasks = [asyncio.create_task(self._control_loop(), name="control-loop")]
+        if self.provider is not None:
+            fleet = FleetLoop(
+                self.provider,
+                self.coordinator,
+                daemon_address=self.address,
+                interval_s=config.fleet_interval_s,
+                timeout_s=config.provider_timeout_s,
+                max_nodes=config.local_max_nodes if config.provider == "local" else 0,
+            )
+            self._tasks.append(asyncio.create_task(fleet.run(self._stop), name="fleet-loop"))
+        log.info("daemon serving on %s (state %s, provider %s)", self.address, config.db_path,
+                 self.provider.name if self.provider else "none")
+
+    async def _control_loop(self) -> None:
+        assert self.coordinator is not None
+        while not self._stop.is_set():
+            try:
+                self.coordinator.tick()
+            except Exception:
+                # A bug in one tick must not stop the loop that detects lost nodes; it is
+                # logged with its traceback and the next tick tries again.
+                log.exception("control loop tick failed")
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.config.tick_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop serving and the loops; the nodes keep running (a restarted daemon reconciles)."""
+        self._stop.set()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self.provider is not None:
+            self.provider.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    async def wait_stopped(self) -> None:
+        """Wait until `stop()` is called."""
+        await self._stop.wait()
+
+
+async def serve(config: DaemonConfig) -> None:
+    """Run the daemon until SIGTERM or SIGINT (what `spotwise daemon` calls)."""
+    from spotwise.daemon.sdnotify import Notifier, start_watchdog
+
+    daemon = Daemon(config, provider=make_provider(config))
+    await daemon.start()
+    notifier = Notifier.from_env()
+    notifier.ready(status=f"serving on {daemon.address}")
+    watchdog = start_watchdog(notifier)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        log.info("daemon stopping")
+        notifier.stopping(status="stopping")
+        if watchdog is not None:
+            watchdog.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await daemon.stop()
+
+
+class DaemonThread:
+    """A Daemon on its own event loop in a background thread, for synchronous callers.
+
+    `start()` returns once the daemon serves (or raises what start raised, within
+    `timeout_s`); `stop()` stops it and joins the thread. Also a context manager.
+    """
+
+    def __init__(self, config: DaemonConfig, *, timeout_s: float = 30.0, **daemon_kwargs: object
+                 ) -> None:
+        self.daemon = Daemon(config, **daemon_kwargs)  # type: ignore[arg-type]
+        self._timeout_s = timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def address(self) -> str:
+        return self.daemon.address
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self.daemon.start())
+        except BaseException as exc:  # handed to the starting thread, which raises it
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_until_complete(self.daemon.wait_stopped())
+            loop.run_until_complete(self.daemon.stop())
+        finally:
+            loop.close()
+
+    def start(self) -> DaemonThread:
+        self._thread = threading.Thread(target=self._run, name="spotwise-daemon", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self._timeout_s):
+            raise TimeoutError(f"daemon did not start within {self._timeout_s}s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the daemon's loop thread (where the coordinator lives) and return its
+        result, e.g. `d.call(lambda: d.daemon.coordinator.tick())`."""
+        assert self._loop is not None
+
+        async def run() -> object:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(self._timeout_s)
+
+    def stop(self) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.daemon._stop.set)
+            self._thread.join(self._timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"daemon did not stop within {self._timeout_s}s")
+        self._thread = None
+
+    def __enter__(self) -> DaemonThread:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,409 @@
+"""The daemon's durable state: jobs, nodes, generations, events and checkpoints in SQLite.
+
+WAL mode with synchronous=FULL, so a committed transaction survives a power cut and readers never
+see a torn write. Every write runs in one explicit transaction (BEGIN IMMEDIATE ... COMMIT) that
+rolls back on any error. The schema is a numbered list of migrations; the database records the
+highest applied in `PRAGMA user_version`, and opening a database applies the rest in order.
+
+Soft state (heartbeat times, what an agent last reported) is not stored: after a restart every
+known node gets a fresh lease and re-registers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+BUSY_TIMEOUT_S = 5.0
+"""Longest wait for SQLite's write lock before a call fails (sqlite3.OperationalError)."""
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (newer schema than this code, or a failed migration)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    """Applied in increasing order; never renumber or edit a released one, add a new one."""
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        1,
+        "initial schema: jobs, nodes, generations, events, checkpoints",
+        (
+            """CREATE TABLE jobs (
+                id TEXT PRIMARY KEY,
+                spec BLOB NOT NULL,
+                name TEXT NOT NULL DEFAULT '',
+                state TEXT NOT NULL,
+                generation INTEGER NOT NULL DEFAULT 0,
+                world_size INTEGER NOT NULL DEFAULT 0,
+                step INTEGER NOT NULL DEFAULT 0,
+                last_checkpoint_step INTEGER NOT NULL DEFAULT -1,
+                last_checkpoint_path TEXT NOT NULL DEFAULT '',
+                last_checkpoint_at REAL NOT NULL DEFAULT 0,
+                samples_per_second REAL NOT NULL DEFAULT 0,
+                loss REAL NOT NULL DEFAULT 0,
+                cost_usd REAL NOT NULL DEFAULT 0,
+                message TEXT NOT NULL DEFAULT '',
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                lost_steps INTEGER NOT NULL DEFAULT 0,
+                failures INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE nodes (
+                id TEXT PRIMARY KEY,
+                instance_id TEXT NOT NULL DEFAULT '',
+                instance_type TEXT NOT NULL DEFAULT '',
+                zone TEXT NOT NULL DEFAULT '',
+                lifecycle TEXT NOT NULL DEFAULT 'spot',
+                gpus INTEGER NOT NULL DEFAULT 0,
+                slots INTEGER NOT NULL DEFAULT 0,
+                address TEXT NOT NULL DEFAULT '',
+                store_port INTEGER NOT NULL DEFAULT 0,
+                price_per_hour REAL NOT NULL DEFAULT 0,
+                log_dir TEXT NOT NULL DEFAULT '',
+                provider_node TEXT NOT NULL DEFAULT '',
+                state TEXT NOT NULL,
+                job_id TEXT NOT NULL DEFAULT '',
+                node_rank INTEGER NOT NULL DEFAULT 0,
+                joined_at REAL NOT NULL,
+                drain_since REAL,
+                drain_deadline REAL,
+                registered_at REAL NOT NULL
+            )""",
+            """CREATE TABLE generations (
+                job_id TEXT NOT NULL REFERENCES jobs(id),
+                generation INTEGER NOT NULL,
+                started_at REAL NOT NULL,
+                members TEXT NOT NULL,
+                nproc_per_node INTEGER NOT NULL,
+                world_size INTEGER NOT NULL,
+                restore_step INTEGER NOT NULL,
+                reason TEXT NOT NULL,
+                ended_at REAL,
+                PRIMARY KEY (job_id, generation)
+            )""",
+            """CREATE TABLE events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                job_id TEXT NOT NULL,
+                time REAL NOT NULL,
+                kind TEXT NOT NULL,
+                generation INTEGER NOT NULL,
+                message TEXT NOT NULL,
+                job BLOB
+            )""",
+            """CREATE TABLE checkpoints (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                job_id TEXT NOT NULL REFERENCES jobs(id),
+                generation INTEGER NOT NULL,
+                step INTEGER NOT NULL,
+                path TEXT NOT NULL,
+                bytes INTEGER NOT NULL,
+                cursor INTEGER NOT NULL,
+                committed_at REAL NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        2,
+        "indexes for WatchJob replay and checkpoint lookups",
+        (
+            "CREATE INDEX events_by_job ON events (job_id, id)",
+            "CREATE INDEX checkpoints_by_job ON checkpoints (job_id, step)",
+        ),
+    ),
+]
+
+
+@dataclass(kw_only=True)
+class JobRow:
+    """A job as stored; `spec` is the serialized spotwise.v1.JobSpec."""
+
+    id: str
+    spec: bytes
+    state: str
+    created_at: float
+    updated_at: float
+    name: str = ""
+    generation: int = 0
+    world_size: int = 0
+    step: int = 0
+    last_checkpoint_step: int = -1
+    last_checkpoint_path: str = ""
+    last_checkpoint_at: float = 0.0
+    samples_per_second: float = 0.0
+    loss: float = 0.0
+    cost_usd: float = 0.0
+    message: str = ""
+    lost_steps: int = 0
+    failures: int = 0
+
+
+@dataclass(kw_only=True)
+class NodeRow:
+    """A node as stored."""
+
+    id: str
+    state: str
+    joined_at: float
+    registered_at: float
+    instance_id: str = ""
+    instance_type: str = ""
+    zone: str = ""
+    lifecycle: str = "spot"
+    gpus: int = 0
+    slots: int = 0
+    address: str = ""
+    store_port: int = 0
+    price_per_hour: float = 0.0
+    log_dir: str = ""
+    provider_node: str = ""
+    job_id: str = ""
+    node_rank: int = 0
+    drain_since: float | None = None
+    drain_deadline: float | None = None
+
+
+@dataclass(kw_only=True)
+class GenerationRow:
+    """One generation of a job: its members in node-rank order and where it restores from."""
+
+    job_id: str
+    generation: int
+    started_at: float
+    members: list[str] = field(default_factory=list)
+    nproc_per_node: int = 1
+    world_size: int = 0
+    restore_step: int = -1
+    reason: str = ""
+    ended_at: float | None = None
+
+
+@dataclass(kw_only=True)
+class EventRow:
+    """A job event; `job` is the serialized spotwise.v1.Job after the event (may be empty)."""
+
+    job_id: str
+    time: float
+    kind: str
+    generation: int
+    message: str
+    job: bytes = b""
+    id: int = 0
+
+
+@dataclass(kw_only=True)
+class CheckpointRow:
+    """A committed checkpoint as an agent reported it."""
+
+    job_id: str
+    generation: int
+    step: int
+    path: str
+    bytes: int
+    cursor: int
+    committed_at: float
+    id: int = 0
+
+
+def _columns(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+class Store:
+    """One SQLite database. Safe to share between threads (calls are serialized by a lock).
+
+    Raises StoreError if the database's schema is newer than this code; sqlite3 errors
+    (including a write lock held longer than BUSY_TIMEOUT_S) propagate.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; every write opens its own below.
+        self._conn = sqlite3.connect(
+            str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def pragma(self, name: str) -> Any:
+        """The value of a PRAGMA (journal_mode, synchronous, user_version ...)."""
+        with self._lock:
+            return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.pragma("user_version"))
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run the body's statements as one transaction: all of them commit, or none."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def migrate(self, migrations: list[Migration] | None = None) -> list[int]:
+        """Apply the migrations newer than the database's version, each in its own transaction.
+
+        Returns the versions applied.
+        """
+        migrations = MIGRATIONS if migrations is None else migrations
+        versions = [m.version for m in migrations]
+        assert versions == sorted(set(versions)), "migrations must be numbered in order"
+        current = self.schema_version
+        known = versions[-1] if versions else 0
+        if current > known:
+            raise StoreError(
+                f"{self.path}: schema version {current} is newer than this spotwise knows "
+                f"({known}); upgrade spotwise or use another state directory"
+            )
+        applied = []
+        for migration in migrations:
+            if migration.version <= current:
+                continue
+            try:
+                with self.transaction() as conn:
+                    for statement in migration.statements:
+                        conn.execute(statement)
+                    # PRAGMA takes no parameters; the version is an int from our own list.
+                    conn.execute(f"PRAGMA user_version = {int(migration.version)}")
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"{self.path}: migration {migration.version} ({migration.description}) "
+                    f"failed: {exc}"
+                ) from exc
+            applied.append(migration.version)
+        return applied
+
+    # ---- writes (each one transaction unless given a connection inside one) ------------
+
+    def _upsert(self, conn: sqlite3.Connection, table: str, row: Any, key: tuple[str, ...]) -> None:
+        data = asdict(row)
+        if table == "generations":
+            data["members"] = json.dumps(data["members"])
+        cols = list(data)
+        updates = ", ".join(f"{c}=excluded.{c}" for c in cols if c not in key)
+        conn.execute(
+            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}",
+            [data[c] for c in cols],
+        )
+
+    def put_job(self, row: JobRow, conn: sqlite3.Connection | None = None) -> None:
+        self._write(lambda c: self._upsert(c, "jobs", row, ("id",)), conn)
+
+    def put_node(self, row: NodeRow, conn: sqlite3.Connection | None = None) -> None:
+        self._write(lambda c: self._upsert(c, "nodes", row, ("id",)), conn)
+
+    def put_generation(self, row: GenerationRow, conn: sqlite3.Connection | None = None) -> None:
+        self._write(lambda c: self._upsert(c, "generations", row, ("job_id", "generation")), conn)
+
+    def add_event(self, row: EventRow, conn: sqlite3.Connection | None = None) -> int:
+        """Store an event; returns its id (increasing: the order WatchJob replays)."""
+        ids: list[int] = []
+
+        def write(c: sqlite3.Connection) -> None:
+            cur = c.execute(
+                "INSERT INTO events (job_id, time, kind, generation, message, job) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (row.job_id, row.time, row.kind, row.generation, row.message, row.job),
+            )
+            ids.append(int(cur.lastrowid or 0))
+
+        self._write(write, conn)
+        row.id = ids[0]
+        return ids[0]
+
+    def add_checkpoint(self, row: CheckpointRow, conn: sqlite3.Connection | None = None) -> int:
+        ids: list[int] = []
+
+        def write(c: sqlite3.Connection) -> None:
+            cur = c.execute(
+                "INSERT INTO checkpoints (job_id, generation, step, path, bytes, cursor, "
+                "committed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row.job_id, row.generation, row.step, row.path, row.bytes, row.cursor,
+                 row.committed_at),
+            )
+            ids.append(int(cur.lastrowid or 0))
+
+        self._write(write, conn)
+        row.id = ids[0]
+        return ids[0]
+
+    def _write(self, fn: Any, conn: sqlite3.Connection | None) -> None:
+        if conn is not None:
+            fn(conn)
+            return
+        with self.transaction() as c:
+            fn(c)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def jobs(self) -> list[JobRow]:
+        """Every job, oldest first."""
+        rows = self._select("SELECT * FROM jobs ORDER BY created_at, id")
+        return [JobRow(**{c: r[c] for c in _columns(JobRow)}) for r in rows]
+
+    def job(self, job_id: str) -> JobRow | None:
+        rows = self._select("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return JobRow(**{c: rows[0][c] for c in _columns(JobRow)}) if rows else None
+
+    def nodes(self) -> list[NodeRow]:
+        rows = self._select("SELECT * FROM nodes ORDER BY registered_at, id")
+        return [NodeRow(**{c: r[c] for c in _columns(NodeRow)}) for r in rows]
+
+    def generations(self, job_id: str) -> list[GenerationRow]:
+        rows = self._select(
+            "SELECT * FROM generations WHERE job_id = ? ORDER BY generation", (job_id,)
+        )
+        out = []
+        for r in rows:
+            data = {c: r[c] for c in _columns(GenerationRow)}
+            data["members"] = json.loads(data["members"])
+            out.append(GenerationRow(**data))
+        return out
+
+    def events(self, job_id: str, after_id: int = 0) -> list[EventRow]:
+        """The job's events with id > after_id, oldest first."""
+        rows = self._select(
+            "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after_id)
+        )
+        return [EventRow(**{c: r[c] for c in _columns(EventRow)}) for r in rows]
+
+    def checkpoints(self, job_id: str) -> list[CheckpointRow]:
+        rows = self._select(
+            "SELECT * FROM checkpoints WHERE job_id = ? ORDER BY id", (job_id,)
+        )
+        return [CheckpointRow(**{c: r[c] for c in _columns(CheckpointRow)}) for r in rows]

@@ -1,0 +1,255 @@
+"""Typed configuration of the daemon and the node agent, validated once at the edge.
+
+Each is a pydantic-settings model read, in order of precedence, from: keyword arguments, the
+environment (`SPOTWISE_DAEMON_<FIELD>` / `SPOTWISE_AGENT_<FIELD>`), a TOML file, the defaults.
+A TOML file may hold both, as `[daemon]` and `[agent]` tables; a file with neither table is
+taken as the one section asked for:
+
+    [daemon]
+    listen = "127.0.0.1:7450"
+    lease_s = 2.0
+
+    [agent]
+    daemon = "127.0.0.1:7450"
+    slots = 2
+
+`DaemonConfig.load(path)` / `AgentConfig.load(path)` raise ConfigError naming the file and every
+bad field.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from typing_extensions import Self
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
+    import tomli as tomllib
+
+DEFAULT_DAEMON_ADDRESS = "127.0.0.1:7450"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and the fields."""
+
+
+def default_state_dir() -> Path:
+    """$SPOTWISE_STATE_DIR, else ~/.local/state/spotwise."""
+    env = os.environ.get("SPOTWISE_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".local" / "state" / "spotwise"
+
+
+# The file being loaded, seen by the settings source below; a ContextVar rather than a class
+# attribute so that concurrent loads (threads, tasks) do not see each other's file.
+_toml_file: ContextVar[Path | None] = ContextVar("spotwise_config_file", default=None)
+
+
+class _TomlSection(PydanticBaseSettingsSource):
+    """Values from the `[section]` table of the TOML file being loaded (or the whole file)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], section: str) -> None:
+        super().__init__(settings_cls)
+        self._values: dict[str, Any] = {}
+        path = _toml_file.get()
+        if path is None:
+            return
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        if isinstance(data.get(section), dict):
+            self._values = data[section]
+        elif any(isinstance(data.get(s), dict) for s in ("daemon", "agent")):
+            self._values = {}  # the file configures the other part only
+        else:
+            self._values = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class _Config(BaseSettings):
+    _section: ClassVar[str] = ""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSection(settings_cls, cls._section))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Self:
+        """Read the config: overrides, then the environment, then `path` (TOML), then defaults.
+
+        Raises ConfigError naming the file (or the environment) and each invalid field.
+        """
+        token = _toml_file.set(Path(path) if path is not None else None)
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            where = str(path) if path is not None else "configuration"
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: "
+                f"{str(err['msg']).removeprefix('Value error, ')}"
+                for err in exc.errors(include_url=False)
+            )
+            raise ConfigError(f"{where}: invalid {cls._section} config: {problems}") from None
+        finally:
+            _toml_file.reset(token)
+
+
+def _check_host_port(value: str, what: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must be host:port, got {value!r}")
+    return value
+
+
+class DaemonConfig(_Config):
+    """How the coordinator daemon runs."""
+
+    model_config = SettingsConfigDict(env_prefix="SPOTWISE_DAEMON_", extra="forbid")
+    _section: ClassVar[str] = "daemon"
+
+    listen: str = Field(
+        DEFAULT_DAEMON_ADDRESS,
+        description="host:port the gRPC server binds; port 0 picks a free port.",
+    )
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="Directory of the SQLite database (spotwise.db) and the local logs.",
+    )
+    heartbeat_interval_s: float = Field(
+        0.5, gt=0, description="How often agents heartbeat (told to them at Register)."
+    )
+    lease_s: float = Field(
+        2.0, gt=0, description="A node silent for this long is LOST; a few heartbeat intervals."
+    )
+    settle_s: float = Field(
+        1.0, ge=0, description="Joins are batched: nodes that join within this window rescale once."
+    )
+    tick_s: float = Field(
+        0.1, gt=0, le=5, description="How often the control loop runs the controller."
+    )
+    drain_timeout_s: float = Field(
+        90.0,
+        gt=0,
+        description="Longest wait for a drain checkpoint when a notice gives no deadline.",
+    )
+    drain_margin_s: float = Field(
+        10.0,
+        ge=0,
+        description="Leave a draining node this long before its notice's deadline.",
+    )
+    provider: Literal["none", "local"] = Field(
+        "none", description="Who launches nodes: none (agents start themselves) or local."
+    )
+    local_max_nodes: int = Field(
+        3, ge=0, description="local provider: the most agent subprocesses it runs at once."
+    )
+    local_slots: int = Field(
+        1, ge=1, description="local provider: training processes each local agent can run."
+    )
+    fleet_interval_s: float = Field(
+        2.0, gt=0, description="How often the fleet reconciler compares wanted and existing nodes."
+    )
+    provider_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for one provider call (launch, terminate, list)."
+    )
+    log_dir: Path | None = Field(
+        None, description="Where local agents keep process logs; default <state_dir>/logs."
+    )
+    grace_s: float = Field(
+        30.0, gt=0, description="local provider: agents' SIGTERM-to-SIGKILL grace period."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DaemonConfig:
+        _check_host_port(self.listen, "listen")
+        if self.lease_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}), or every node looks lost"
+            )
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        """The daemon's SQLite database."""
+        return self.state_dir / "spotwise.db"
+
+    @property
+    def effective_log_dir(self) -> Path:
+        """log_dir, or <state_dir>/logs."""
+        return self.log_dir if self.log_dir is not None else self.state_dir / "logs"
+
+
+class AgentConfig(_Config):
+    """How a node agent runs."""
+
+    model_config = SettingsConfigDict(env_prefix="SPOTWISE_AGENT_", extra="forbid")
+    _section: ClassVar[str] = "agent"
+
+    daemon: str = Field(DEFAULT_DAEMON_ADDRESS, description="host:port of the daemon.")
+    node_id: str = Field("", description="This node's id; empty = the daemon assigns one.")
+    address: str = Field(
+        "127.0.0.1", description="Host the node's peers reach it on (rendezvous, collectives)."
+    )
+    slots: int = Field(1, ge=1, description="Training processes this node can run at once.")
+    gpus: int = Field(0, ge=0, description="GPUs on this node (0 on a CPU machine).")
+    instance_id: str = Field("", description="Cloud instance id; empty = read from IMDS or none.")
+    instance_type: str = Field("", description="Cloud instance type, for pricing and placement.")
+    zone: str = Field("", description="Availability zone.")
+    lifecycle: Literal["spot", "on-demand"] = Field("spot", description="spot or on-demand.")
+    price_per_hour: float = Field(0.0, ge=0, description="What this node costs, USD per hour.")
+    provider_node: str = Field("", description="The provider's handle for this node, e.g. local-3.")
+    state_dir: Path = Field(
+        default_factory=default_state_dir, description="Where the agent keeps its state."
+    )
+    log_dir: Path | None = Field(
+        None, description="Process logs: <log_dir>/<job>/g<gen>/rank<r>.log; default <state_dir>/logs."
+    )
+    grace_s: float = Field(
+        30.0, gt=0, description="SIGTERM-to-SIGKILL grace period when stopping a generation."
+    )
+    rpc_timeout_s: float = Field(5.0, gt=0, description="Timeout of each call to the daemon.")
+    reconnect_max_backoff_s: float = Field(
+        5.0, gt=0, description="Longest wait between retries while the daemon is unreachable."
+    )
+    imds_endpoint: str = Field(
+        "", description="Instance metadata service URL to poll for notices; empty = none."
+    )
+    imds_poll_s: float = Field(2.0, gt=0, description="How often to poll the metadata service.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentConfig:
+        _check_host_port(self.daemon, "daemon")
+        return self
+
+    @property
+    def effective_log_dir(self) -> Path:
+        """log_dir, or <state_dir>/logs."""
+        return self.log_dir if self.log_dir is not None else self.state_dir / "logs"
