@@ -165,21 +165,17 @@ def launch_spec(a: agent_pb2.Assignment) -> LaunchSpec:
 
 
 def event_report(event: dict[str, Any], *, rank: int) -> agent_pb2.ReportEventRequest | None:
-    """The ReportEvent for one runtime event line, or None for events the daemon is not told
-    (finished and fenced are logged; a restored event matters once, from global rank 0).
-
-    A restored event goes to the daemon as Progress at the restored step with NaN loss: the
-    daemon learns where the generation resumed (and so how many steps were replayed)."""
+    """The ReportEvent for one runtime event line (rank 0's progress and commits), or None
+    for events the daemon is not told: restored, finished and fenced are logged only. The
+    protocol has no message for a restore, and the daemon needs none: it chose the step to
+    restore (Assignment.restore_step) and counts the replayed steps from it; a Progress with
+    a made-up loss would show a wrong loss."""
     kind = event.get("event")
     t = float(event.get("time") or time.time())
     if kind == "progress" and rank == 0:
         return agent_pb2.ReportEventRequest(time=t, progress=agent_pb2.Progress(
             step=int(event["step"]), loss=float(event.get("loss", math.nan)),
             samples_per_second=float(event.get("samples_per_second", 0.0)),
-            world_size=int(event.get("world_size", 0))))
-    if kind == "restored" and rank == 0:
-        return agent_pb2.ReportEventRequest(time=t, progress=agent_pb2.Progress(
-            step=int(event["step"]), loss=math.nan, samples_per_second=0.0,
             world_size=int(event.get("world_size", 0))))
     if kind == "checkpoint_committed" and rank == 0:
         return agent_pb2.ReportEventRequest(time=t, checkpoint_committed=agent_pb2.CheckpointCommitted(
@@ -515,6 +511,9 @@ class Agent:
             log.warning("agent %s: job %s g%d rank %d: commit fenced at step %s: %s",
                         self.node_id, spec.job_id, spec.generation, rank, event.get("step"),
                         event.get("reason"))
+        elif kind == "restored" and rank == 0:
+            log.info("agent %s: job %s g%d: restored step %s at world size %s", self.node_id,
+                     spec.job_id, spec.generation, event.get("step"), event.get("world_size"))
         elif kind == "finished":
             log.info("agent %s: job %s g%d rank %d finished at step %s", self.node_id,
                      spec.job_id, spec.generation, rank, event.get("step"))
@@ -535,9 +534,9 @@ class Agent:
     def _queue(self, spec: LaunchSpec, req: agent_pb2.ReportEventRequest) -> None:
         req.job_id, req.generation = spec.job_id, spec.generation
         # Progress is a level, not an edge: a newer one replaces an unsent older one.
-        if req.WhichOneof("event") == "progress" and not math.isnan(req.progress.loss):
+        if req.WhichOneof("event") == "progress":
             for i, old in enumerate(self._reports):
-                if (old.WhichOneof("event") == "progress" and not math.isnan(old.progress.loss)
+                if (old.WhichOneof("event") == "progress"
                         and (old.job_id, old.generation) == (req.job_id, req.generation)):
                     del self._reports[i]
                     break
