@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from spotwise.daemon import controller
 from spotwise.daemon.controller import (
@@ -34,6 +36,9 @@ from spotwise.daemon.controller import (
 from spotwise.daemon.events import EventBus
 from spotwise.daemon.store import CheckpointRow, EventRow, GenerationRow, JobRow, NodeRow, Store
 from spotwise.proto.v1 import agent_pb2, jobs_pb2
+
+if TYPE_CHECKING:
+    from spotwise.daemon.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +98,11 @@ class Coordinator:
         policy: Policy,
         heartbeat_interval_s: float,
         events: EventBus | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.policy = policy
         self.heartbeat_interval_s = heartbeat_interval_s
         self.events = events or EventBus(store)
@@ -182,6 +189,8 @@ class Coordinator:
         decisions = controller.plan(now, self.snapshot(), self.policy)
         for decision in decisions:
             self.apply(decision, now)
+        if self.metrics is not None:
+            self.metrics.set_jobs_by_state(Counter(j.state.value for j in self.jobs.values()))
         return decisions
 
     def apply(self, decision: Decision, now: float) -> None:
@@ -210,6 +219,8 @@ class Coordinator:
         job = self.jobs.get(rec.row.job_id)
         if job is not None and d.node_id in job.members:
             self._event(conn, job, now, "node", d.reason)
+            if self.metrics is not None:
+                self.metrics.inc_preemptions(job.row.id)
 
     def _start_generation(self, d: StartGeneration, now: float, conn) -> None:  # noqa: ANN001
         job = self.jobs[d.job_id]
@@ -260,6 +271,8 @@ class Coordinator:
         )
         log.info("job=%s generation=%d nodes=%s: %s", job.row.id, d.generation,
                  ",".join(d.members), d.reason)
+        if self.metrics is not None:
+            self.metrics.set_job_world_size(job.row.id, d.world_size)
         self._event(conn, job, now, "generation", d.reason)
 
     def _set_job_state(self, d: SetJobState, now: float, conn) -> None:  # noqa: ANN001
@@ -277,6 +290,11 @@ class Coordinator:
         self.store.put_job(job.row, conn)
         log.info("job=%s generation=%d: %s: %s", job.row.id, job.row.generation, d.state.value,
                  d.reason)
+        if self.metrics is not None:
+            if d.state.terminal:
+                self.metrics.forget_job(job.row.id)
+            elif d.release:
+                self.metrics.set_job_world_size(job.row.id, 0)
         self._event(conn, job, now, "state", f"{d.state.value}: {d.reason}",
                     final=d.state.terminal)
 
@@ -533,6 +551,8 @@ class Coordinator:
                 self._event(conn, job, now, "notice", message + ": draining (checkpoint now)")
         self._flush()
         log.warning("node=%s job=%s: %s", rec.row.id, job.row.id if job else "-", message)
+        if self.metrics is not None and job is not None:
+            self.metrics.inc_preemptions(job.row.id)
         self.tick(now)
 
     def _checkpoint(self, job: JobRecord, req: agent_pb2.ReportEventRequest, now: float) -> None:
@@ -563,6 +583,9 @@ class Coordinator:
             job.row.samples_per_second = p.samples_per_second
             job.row.updated_at = now
             self.store.put_job(job.row, conn)
+            if self.metrics is not None and job.spec.global_batch_size:
+                self.metrics.set_job_steps_per_second(
+                    job.row.id, p.samples_per_second / job.spec.global_batch_size)
             self._event(conn, job, now, "progress",
                         f"step {p.step} loss {p.loss:.4f} {p.samples_per_second:.1f} samples/s "
                         f"world {p.world_size}")

@@ -34,6 +34,7 @@ from spotwise.config import DaemonConfig
 from spotwise.daemon.controller import Policy
 from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.fleet import FleetLoop
+from spotwise.daemon.metrics import Metrics, MetricsExporter, start_exporter
 from spotwise.daemon.servicers import AgentServicer, JobServicer
 from spotwise.daemon.store import Store
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -61,6 +62,34 @@ def policy_of(config: DaemonConfig) -> Policy:
     )
 
 
+def security_of(config: DaemonConfig
+                ) -> tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]:
+    """The token check and TLS credentials the config asks for.
+
+    Raises RuntimeError, saying what to fix, if a file cannot be read or the listen address
+    would serve plaintext beyond loopback (spotwise.daemon.auth.check_listen).
+    """
+    from spotwise.daemon import auth
+
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    credentials = None
+    try:
+        if config.tokens_file:
+            interceptors.append(auth.TokenAuthInterceptor(auth.TokenStore.load(config.tokens_file)))
+        if config.tls_cert_file:
+            credentials = auth.server_credentials(
+                cert_file=config.tls_cert_file,
+                key_file=config.tls_key_file,
+                client_ca_file=config.tls_client_ca_file or None,
+                require_client_cert=config.tls_require_client_cert,
+            )
+        why = auth.check_listen(config.listen, credentials is not None, config.allow_insecure)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(str(exc)) from exc
+    log.info("listen: %s; tokens %s", why, "checked" if interceptors else "not checked")
+    return interceptors, credentials
+
+
 def make_provider(config: DaemonConfig) -> Provider | None:
     """The provider the config names; None for "none" (agents register on their own)."""
     if config.provider == "local":
@@ -78,7 +107,11 @@ class Daemon:
     """The coordinator daemon, startable in-process (tests) or by `serve`.
 
     `start()` opens the store (reloading the state), binds `config.listen` and starts the
-    loops; `stop()` undoes it. Raises RuntimeError if the address cannot be bound.
+    loops; `stop()` undoes it. Raises RuntimeError if it cannot serve (the address cannot be
+    bound, or the security settings refuse it).
+
+    Security comes from the config (tokens_file, tls_*) unless `interceptors` or
+    `server_credentials` are given, which then replace it.
     """
 
     def __init__(
@@ -86,15 +119,17 @@ class Daemon:
         config: DaemonConfig,
         *,
         provider: Provider | None = None,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.provider = provider
-        self._interceptors = tuple(interceptors)
+        self._interceptors = None if interceptors is None else tuple(interceptors)
         self._credentials = server_credentials
         self._clock = clock
+        self.metrics: Metrics | None = None
+        self.metrics_exporter: MetricsExporter | None = None
         self.store: Store | None = None
         self.coordinator: Coordinator | None = None
         self.port = 0
@@ -113,27 +148,50 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
+        if self._interceptors is None and self._credentials is None:
+            interceptors, credentials = security_of(config)
+        else:
+            interceptors, credentials = list(self._interceptors or ()), self._credentials
+        self.metrics = Metrics()
+        if config.metrics_listen:
+            try:
+                self.metrics_exporter = start_exporter(self.metrics, config.metrics_listen)
+            except OSError as exc:
+                raise RuntimeError(f"cannot serve metrics on {config.metrics_listen}: {exc}"
+                                   ) from exc
         self.store = Store(config.db_path)
         self.coordinator = Coordinator(
             self.store,
             policy=policy_of(config),
             heartbeat_interval_s=config.heartbeat_interval_s,
+            metrics=self.metrics,
             clock=self._clock,
         )
-        server = grpc.aio.server(interceptors=self._interceptors or None)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), server)
+        # No SO_REUSEPORT: a second daemon on the same port must fail, not share its traffic.
+        server = grpc.aio.server(interceptors=interceptors or None,
+                                 options=[("grpc.so_reuseport", 0)])
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(self.coordinator, checkpoint_prefixes=config.checkpoint_prefixes), server
+        )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.coordinator), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        if self._credentials is not None:
-            port = server.add_secure_port(config.listen, self._credentials)
-        else:
-            port = server.add_insecure_port(config.listen)
+        try:
+            if credentials is not None:
+                port = server.add_secure_port(config.listen, credentials)
+            else:
+                port = server.add_insecure_port(config.listen)
+        except RuntimeError:
+            port = 0
         if not port:
             self.store.close()
+            self.store = None
+            if self.metrics_exporter is not None:
+                self.metrics_exporter.close()
+                self.metrics_exporter = None
             raise RuntimeError(f"cannot listen on {config.listen}")
         self.port = port
         await server.start()
@@ -185,6 +243,9 @@ class Daemon:
         self._tasks = []
         if self.provider is not None:
             self.provider.close()
+        if self.metrics_exporter is not None:
+            self.metrics_exporter.close()
+            self.metrics_exporter = None
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -9,13 +9,15 @@ are the coordinator's and the controller's.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from spotwise.daemon.auth import check_checkpoint_uri
 from spotwise.daemon.coordinator import Coordinator, UnknownJob, job_state_from_proto
 from spotwise.daemon.events import WatcherLagged
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -47,13 +49,20 @@ async def _abort_unknown(context: grpc.aio.ServicerContext, job_id: str) -> None
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     """What job clients call (the CLI, the SDK)."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, *,
+                 checkpoint_prefixes: Sequence[str] = ()) -> None:
         self._c = coordinator
+        self._prefixes = tuple(checkpoint_prefixes)
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
         try:
             spec = validate_spec_proto(request.spec)
+            if self._prefixes:
+                try:
+                    check_checkpoint_uri(spec.checkpoint.uri, self._prefixes)
+                except ValueError as exc:
+                    raise SpecError([("checkpoint.uri", str(exc))]) from None
         except SpecError as exc:
             log.info("refused a job spec: %s", exc)
             await context.abort_with_status(bad_request_status(exc))
@@ -137,7 +146,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def Heartbeat(self, request: agent_pb2.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> agent_pb2.HeartbeatResponse:
-        return self._c.heartbeat(request)
+        started = time.perf_counter()
+        response = self._c.heartbeat(request)
+        if self._c.metrics is not None:
+            self._c.metrics.observe_heartbeat_latency(time.perf_counter() - started)
+        return response
 
     async def ReportEvent(self, request: agent_pb2.ReportEventRequest,
                           context: grpc.aio.ServicerContext) -> agent_pb2.ReportEventResponse:

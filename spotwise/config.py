@@ -185,10 +185,36 @@ class DaemonConfig(_Config):
     grace_s: float = Field(
         30.0, gt=0, description="local provider: agents' SIGTERM-to-SIGKILL grace period."
     )
+    tls_cert_file: str = Field("", description="The daemon's TLS certificate (PEM); empty = no TLS.")
+    tls_key_file: str = Field("", description="The private key of tls_cert_file (PEM).")
+    tls_client_ca_file: str = Field(
+        "", description="CA that signs client certificates (for mutual TLS)."
+    )
+    tls_require_client_cert: bool = Field(
+        False, description="Mutual TLS: refuse callers without a certificate from that CA."
+    )
+    tokens_file: str = Field(
+        "", description="Hashes of the client and agent tokens; empty = no token check."
+    )
+    allow_insecure: bool = Field(
+        False, description="Allow plaintext beyond loopback (never on an untrusted network)."
+    )
+    checkpoint_prefixes: list[str] = Field(
+        default_factory=list, description="Jobs may checkpoint only under these (empty: anywhere)."
+    )
+    metrics_listen: str = Field(
+        "", description="host:port of the Prometheus exporter; empty = no exporter."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DaemonConfig:
         _check_host_port(self.listen, "listen")
+        if self.metrics_listen:
+            _check_host_port(self.metrics_listen, "metrics_listen")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_require_client_cert and not self.tls_client_ca_file:
+            raise ValueError("tls_require_client_cert needs tls_client_ca_file")
         if self.lease_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"lease_s ({self.lease_s}) must exceed heartbeat_interval_s "
@@ -243,6 +269,12 @@ class AgentConfig(_Config):
         "", description="Instance metadata service URL to poll for notices; empty = none."
     )
     imds_poll_s: float = Field(2.0, gt=0, description="How often to poll the metadata service.")
+    token_file: str = Field(
+        "", description="File holding this agent's token (role agent); empty = send none."
+    )
+    tls_ca_file: str = Field("", description="CA to verify the daemon's certificate; empty = no TLS.")
+    tls_cert_file: str = Field("", description="Client certificate, when the daemon wants mTLS.")
+    tls_key_file: str = Field("", description="The private key of tls_cert_file.")
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:

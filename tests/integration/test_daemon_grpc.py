@@ -403,3 +403,68 @@ def test_health_and_reflection_answer(channel: grpc.Channel) -> None:
             "grpc.health.v1.Health"} <= names
     files = answers[1].file_descriptor_response.file_descriptor_proto
     assert files, answers[1]
+
+
+# ---- security and metrics from the config ----------------------------------------------------------
+
+
+def test_tokens_from_the_config_are_checked_by_role(tmp_path: Path) -> None:
+    from spotwise.daemon.auth import bearer_metadata, mint_token
+
+    client, agent = mint_token("client", "alice"), mint_token("agent", "fleet")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{client.line}\n{agent.line}\n")
+    cfg = config(tmp_path / "state").model_copy(update={"tokens_file": str(tokens)})
+    with DaemonThread(cfg) as d, grpc.insecure_channel(d.address) as ch:
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        request = jobs_pb2.SubmitJobRequest(spec=spec())
+        with pytest.raises(grpc.RpcError) as err:
+            jobs.SubmitJob(request, timeout=RPC_TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            jobs.SubmitJob(request, timeout=RPC_TIMEOUT_S, metadata=bearer_metadata(agent.token))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert jobs.SubmitJob(request, timeout=RPC_TIMEOUT_S,
+                              metadata=bearer_metadata(client.token)).job_id
+
+
+def test_the_daemon_refuses_plaintext_beyond_loopback_and_a_taken_port(tmp_path: Path) -> None:
+    wide = config(tmp_path / "a").model_copy(update={"listen": "0.0.0.0:0"})
+    with pytest.raises(RuntimeError, match="without TLS"):
+        DaemonThread(wide).start()
+    with DaemonThread(config(tmp_path / "b")) as first:
+        taken = config(tmp_path / "c").model_copy(update={"listen": first.address})
+        with pytest.raises(RuntimeError, match="cannot listen"):
+            DaemonThread(taken).start()
+
+
+def test_checkpoint_prefixes_refuse_a_job_outside_them(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "state").model_copy(update={"checkpoint_prefixes": ["/data/ck"]})
+    with DaemonThread(cfg) as d, grpc.insecure_channel(d.address) as ch:
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec(checkpoint={"uri": "/tmp/x"})),
+                           timeout=RPC_TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.from_call(err.value)
+        bad = error_details_pb2.BadRequest()
+        assert status is not None and status.details[0].Unpack(bad)
+        assert [v.field for v in bad.field_violations] == ["spec.checkpoint.uri"]
+        assert jobs.SubmitJob(jobs_pb2.SubmitJobRequest(
+            spec=spec(checkpoint={"uri": "/data/ck/job1"})), timeout=RPC_TIMEOUT_S).job_id
+
+
+def test_metrics_are_exported_when_configured(tmp_path: Path) -> None:
+    import urllib.request
+
+    cfg = config(tmp_path / "state").model_copy(update={"metrics_listen": "127.0.0.1:0"})
+    with DaemonThread(cfg) as d, grpc.insecure_channel(d.address) as ch:
+        submit(jobs_pb2_grpc.JobServiceStub(ch))
+        exporter = d.daemon.metrics_exporter
+        assert exporter is not None
+
+        def pending_gauge() -> bool:
+            with urllib.request.urlopen(exporter.url, timeout=RPC_TIMEOUT_S) as resp:
+                return 'spotwise_jobs{state="PENDING"} 1.0' in resp.read().decode()
+
+        wait_for("the PENDING gauge", pending_gauge)
