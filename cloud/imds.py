@@ -148,6 +148,9 @@ class ImdsClient:
         self._lock = threading.Lock()
         self._token: str | None = None
         self._token_expires = 0.0
+        # Never through a proxy: IMDS is link-local, and AWS warns that a proxy in the path
+        # would see (and could reuse) the session token.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.tokens_fetched = 0
         """How many tokens this client has asked for (tests check the 401 refresh with it)."""
 
@@ -155,7 +158,7 @@ class ImdsClient:
         url = self.config.endpoint.rstrip("/") + path
         req = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "PUT" else None)
         try:
-            with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
+            with self._opener.open(req, timeout=self.config.timeout_s) as resp:
                 return resp.status, resp.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
             body = exc.read().decode("utf-8", errors="replace") if exc.fp else ""

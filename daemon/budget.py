@@ -244,6 +244,34 @@ def _within(spent: float, budget: float, projected: float | None) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CostSummary:
+    """What `spotwise cost JOB` prints (the fields of the proto's CostReport)."""
+
+    spent_usd: float
+    rate_usd_per_hour: float
+    projected_usd: float | None
+    """Total at completion at the current rate and throughput; None if throughput is unknown."""
+    budget_usd: float
+    on_demand_equivalent_usd: float
+    """The same node-seconds at on-demand prices."""
+    savings_usd: float
+
+
+def cost_summary(now: float, job: BudgetJob, ledger: Ledger) -> CostSummary:
+    """Spend, rate, projection and the saving against on-demand, as of `now`."""
+    elapsed_h = max(0.0, now - ledger.last_tick) / SECONDS_PER_HOUR
+    spent = ledger.spent_at(now)
+    on_demand = ledger.on_demand_equivalent_usd + elapsed_h * sum(
+        p.on_demand_usd_per_hour if p.on_demand_usd_per_hour is not None else p.usd_per_hour
+        for p in ledger.billing.values())
+    projection = project_cost(spent_usd=spent, rate_usd_per_hour=ledger.rate_usd_per_hour,
+                              samples_per_second=job.samples_per_second, remaining_samples=job.remaining_samples)
+    return CostSummary(spent_usd=spent, rate_usd_per_hour=ledger.rate_usd_per_hour,
+                       projected_usd=projection.projected_usd, budget_usd=job.budget_usd,
+                       on_demand_equivalent_usd=on_demand, savings_usd=on_demand - spent)
+
+
+@dataclass(frozen=True, kw_only=True)
 class InstanceOption:
     """A candidate instance type with its price and (if measured) its throughput."""
 

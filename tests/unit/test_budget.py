@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from spotwise.daemon.budget import (
     BudgetAction,
     BudgetJob,
@@ -13,6 +14,7 @@ from spotwise.daemon.budget import (
     Ledger,
     NodePrice,
     choose_instance_types,
+    cost_summary,
     plan_budget,
     project_cost,
 )
@@ -38,6 +40,18 @@ def test_ledger_charges_each_node_between_ticks_at_its_price() -> None:
     assert ledger.spent_at(1300.0) == pytest.approx(0.3)
     # a clock step backwards charges nothing
     assert ledger.tick(1100.0, {}).spent_usd == pytest.approx(0.25)
+
+
+def test_cost_summary_includes_the_running_interval() -> None:
+    ledger = Ledger.start(0.0).tick(0.0, {"a": NodePrice(usd_per_hour=1.0, on_demand_usd_per_hour=3.0)})
+    ledger = ledger.tick(1800.0, ledger.billing)
+    job = BudgetJob(job_id="j", budget_usd=5.0, remaining_samples=3600, samples_per_second=1.0, nodes=1)
+    summary = cost_summary(3600.0, job, ledger)
+    assert summary.spent_usd == pytest.approx(1.0)
+    assert summary.on_demand_equivalent_usd == pytest.approx(3.0)
+    assert summary.savings_usd == pytest.approx(2.0)
+    assert summary.projected_usd == pytest.approx(2.0)  # one more hour at $1/h
+    assert summary.rate_usd_per_hour == 1.0 and summary.budget_usd == 5.0
 
 
 def test_node_price_rejects_nonsense() -> None:
