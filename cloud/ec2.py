@@ -246,8 +246,14 @@ class Ec2Provider(Provider):
         if request.market == "on-demand":
             launched = self._launch_fleet(request, types, count, "on-demand")
         else:
-            launched = self._launch_fleet(request, types, count, "spot",
-                                          raise_if_none=request.market == "spot")
+            try:
+                launched = self._launch_fleet(request, types, count, "spot",
+                                              raise_if_none=request.market == "spot")
+            except ProviderError as exc:
+                if request.market == "spot":
+                    raise
+                log.warning("job %s: spot launch failed (%s); falling back to on-demand", request.job_id, exc)
+                launched = []
             short = count - len(launched)
             if request.market == "spot-with-fallback" and short > 0:
                 log.info("job %s: spot gave %d of %d nodes, asking on-demand for %d",

@@ -83,6 +83,10 @@ class Notice:
     raw: str = ""
     """The body as received, for the log."""
 
+    def lead_s(self, now: float) -> float | None:
+        """Seconds left until the deadline (negative when it is late); None without a deadline."""
+        return self.deadline - now if self.deadline else None
+
     @property
     def key(self) -> tuple[str, str, float]:
         """Identity for de-duplication: the same action at the same time is the same notice."""

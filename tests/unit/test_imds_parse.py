@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from spotwise.cloud.imds import (
     ImdsConfig,
     format_rfc3339,
@@ -28,6 +29,8 @@ def test_instance_action_as_aws_documents_it() -> None:
     notice = parse_instance_action('{"action": "terminate", "time": "2017-09-18T08:22:00Z"}')
     assert notice.action == "terminate"
     assert notice.deadline == parse_rfc3339("2017-09-18T08:22:00Z")
+    assert notice.lead_s(notice.deadline - 120) == 120
+    assert notice.lead_s(notice.deadline + 5) == -5  # a late notice says so
     for action in ("stop", "hibernate"):
         assert parse_instance_action(f'{{"action": "{action}", "time": "2017-09-18T08:22:00Z"}}').action == action
 
@@ -52,7 +55,7 @@ def test_malformed_instance_action_is_value_error(body: str) -> None:
 def test_rebalance_notice_has_no_deadline() -> None:
     notice = parse_rebalance('{"noticeTime": "2020-10-27T08:22:00Z"}')
     assert notice.action == "rebalance"
-    assert notice.deadline == 0.0
+    assert notice.deadline == 0.0 and notice.lead_s(0.0) is None
     assert notice.notice_time == parse_rfc3339("2020-10-27T08:22:00Z")
     with pytest.raises(ValueError):
         parse_rebalance('{"noticeTime": 12}')
