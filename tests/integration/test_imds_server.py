@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+
 from spotwise.cloud.fake_imds import FakeImds
 from spotwise.cloud.imds import (
     INSTANCE_ACTION_PATH,
