@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
@@ -231,7 +232,11 @@ class Checkpointer:
         return self._pending.step if self._pending else None
 
     def save(self, step: int, state: dict[str, Any], *, cursor: int, blocking: bool, extra: dict[str, Any] | None = None) -> bool:
-        """Save `state` as step `step` (collective). Returns False if that step is already saved.
+        """Save `state` as step `step` (collective). Returns False if nothing was saved.
+
+        Nothing is saved when the step is already saved; a blocking save also returns False
+        (on rank 0) when it failed or its commit was refused. Failures are logged, not raised:
+        a checkpoint that could not be written leaves the last commit as the restore point.
 
         With blocking=False the call returns once the state is staged; the upload goes on in
         the background and is committed by a later poll(). With blocking=True (or async_mode
@@ -245,9 +250,14 @@ class Checkpointer:
         started = time.time()
         extra = dict(extra or {})
         if blocking or self.config.async_mode == "sync":
-            dcp.save(state, storage_writer=self._writer(data_url))
             done: Future = Future()
-            done.set_result(None)
+            try:
+                dcp.save(state, storage_writer=self._writer(data_url))
+                done.set_result(None)
+            # DCP's CheckpointException is a BaseException; as with an async upload, a failed
+            # save is logged and leaves the step uncommitted.
+            except (Exception, CheckpointException) as exc:
+                done.set_exception(exc)
             self._pending = _Pending(step, cursor, data, started, done, extra)
         else:
             kind = (
@@ -270,7 +280,7 @@ class Checkpointer:
             self._pending = _Pending(step, cursor, data, started, upload, extra)
         self.last_saved_step = step
         if blocking or self.config.async_mode == "sync":
-            self.wait()
+            return self.wait() is not None or self.rank != 0
         return True
 
     def poll(self) -> Manifest | None:
@@ -290,8 +300,8 @@ class Checkpointer:
         assert pending is not None
         try:
             pending.upload.result(timeout=self.config.upload_timeout_s)
-        except Exception as exc:  # any failure of the upload: this step is simply not committed
-            log.error("checkpoint step %d failed to upload, not committed: %s", pending.step, exc)
+        except (Exception, CheckpointException) as exc:  # any failure: the step is not committed
+            log.error("checkpoint step %d failed to upload, not committed: %s", pending.step, describe(exc))
             return None
         if self.rank != 0:
             return None
@@ -439,8 +449,8 @@ class Checkpointer:
         url = self.loc.url(self.loc.join(manifest.data))
         try:
             dcp.load(state, storage_reader=self._reader(url))
-        except Exception as exc:  # DCP wraps every rank's failure in its own exception types
-            raise CheckpointError(f"checkpoint step {manifest.step} at {url} is unreadable: {exc}") from exc
+        except (Exception, CheckpointException) as exc:  # DCP wraps each rank's failure
+            raise CheckpointError(f"checkpoint step {manifest.step} at {url} is unreadable: {describe(exc)}") from exc
         self.last_saved_step = manifest.step
         self.last_committed = manifest
 
@@ -452,6 +462,17 @@ class Checkpointer:
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
+
+
+def describe(exc: BaseException | tuple) -> str:
+    """One line for a (DCP) failure: each failing rank's exception type and first line."""
+    if isinstance(exc, tuple):  # DCP keeps (exception, traceback frames) per rank
+        exc = exc[0]
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {r}: {describe(e)}" for r, e in sorted(failures.items()))
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"
 
 
 def newest_generation(fs, loc: StorageURI) -> int:

@@ -57,17 +57,17 @@ class LedgerReport:
 
 def verify_ledger(path: str, *, dataset_size: int, global_batch_size: int) -> LedgerReport:
     """Raise LedgerError unless the committed history reads each sample once per epoch."""
-    steps: dict[tuple[int, int], list[int]] = defaultdict(list)  # (generation, step) -> ids
+    # (generation, step) -> rank -> ids; a step's window is the ranks' slices in rank order.
+    steps: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(dict)
     restored: dict[int, int] = {}
     committed_by: dict[int, int] = {}  # step -> generation
-    executed = 0
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue
             r = json.loads(line)
             if r["kind"] == "step":
-                steps[(r["generation"], r["step"])].extend(r["ids"])
+                steps[(r["generation"], r["step"])][r["rank"]] = r["ids"]
             elif r["kind"] == "restored":
                 restored[r["generation"]] = r["step"]
             elif r["kind"] == "committed":
@@ -87,9 +87,10 @@ def verify_ledger(path: str, *, dataset_size: int, global_batch_size: int) -> Le
         start = restored[gen]
         chain.append(gen)
         for s in range(start + 1, upto + 1):
-            ids = steps.get((gen, s))
-            if ids is None:
+            by_rank = steps.get((gen, s))
+            if by_rank is None:
                 raise LedgerError(f"step {s} of generation {gen} is in the committed history but was never recorded")
+            ids = [i for rank in sorted(by_rank) for i in by_rank[rank]]
             if len(ids) != global_batch_size:
                 raise LedgerError(f"step {s} of generation {gen} read {len(ids)} samples, not {global_batch_size}")
             history[s] = ids
