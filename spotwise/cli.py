@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import logging
 import os
 import sys
 import time
@@ -136,6 +137,13 @@ def build_parser(delegate: str | None = None) -> argparse.ArgumentParser:
         "--provider", choices=("none", "local"), default=None, help="node provider (overrides)"
     )
     p.add_argument("--log-dir", type=Path, default=None, help="local agents' log dir (overrides)")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("SPOTWISE_LOG_LEVEL", "INFO"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="daemon log level on stderr (default: $SPOTWISE_LOG_LEVEL or INFO)",
+    )
     p.set_defaults(func=cmd_daemon)
 
     for name, module in DELEGATED.items():
@@ -463,9 +471,19 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         overrides["log_dir"] = args.log_dir
     config = DaemonConfig.load(args.config, **overrides)
     server = _import_delegate("spotwise.daemon.server")
-    result = server.serve(config)
-    if inspect.iscoroutine(result):
-        result = asyncio.run(result)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=args.log_level,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+    try:
+        result = server.serve(config)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+    except RuntimeError as exc:
+        # Daemon.start raises RuntimeError for an address it cannot bind.
+        raise _Fail(f"daemon: {exc}") from None
     return result if isinstance(result, int) else EXIT_OK
 
 

@@ -6,10 +6,13 @@ traceback.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,3 +227,240 @@ def test_daemon_bad_config_exits_2(cli_env: dict[str, str], tmp_path: Path) -> N
     assert_one_line_error(
         run_cli("daemon", "--listen", "nowhere", env=cli_env), 2, "listen must be host:port"
     )
+
+
+# ---- against a real daemon ---------------------------------------------------------------
+
+
+class DaemonProcess:
+    """`spotwise daemon` as a subprocess on port 0; its address comes from its sd_notify
+    READY message (STATUS=serving on HOST:PORT), as systemd would see it."""
+
+    def __init__(self, state_dir: Path, *, provider: str = "none", extra_env: dict[str, str]) -> None:
+        self.state_dir = state_dir
+        self.log_dir = state_dir / "logs"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = f"spotwise-test-{os.getpid()}-{id(self)}"
+        self.notify.bind(b"\0" + name.encode())
+        env = dict(extra_env, NOTIFY_SOCKET=f"@{name}", SPOTWISE_LOG_LEVEL="WARNING")
+        self.stderr_path = state_dir.parent / "daemon.stderr"
+        self._stderr = self.stderr_path.open("wb")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", "127.0.0.1:0",
+             "--state-dir", str(state_dir), "--provider", provider],
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
+        self.address = self._wait_ready(timeout_s=60.0)
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode}: {self.stderr_path.read_text()}"
+                )
+            self.notify.settimeout(0.2)
+            try:
+                data = self.notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            if fields.get("READY") == "1":
+                return fields["STATUS"].removeprefix("serving on ").strip()
+        raise AssertionError(f"daemon not ready in {timeout_s}s: {self.stderr_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.notify.close()
+        self._stderr.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(tmp_path / "daemon-state", extra_env=cli_env)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+    # A clean SIGTERM stop, as systemd would do it.
+    assert proc.proc.returncode == 0, proc.stderr_path.read_text()
+
+
+@pytest.fixture
+def denv(cli_env: dict[str, str], daemon: DaemonProcess) -> dict[str, str]:
+    return dict(cli_env, SPOTWISE_ADDRESS=daemon.address)
+
+
+def _submit(env: dict[str, str], spec: Path = TINY) -> str:
+    proc = run_cli("submit", str(spec), env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    return lines[0]
+
+
+def test_submit_status_jobs_cost_cancel_through_the_daemon(denv: dict[str, str]) -> None:
+    job_id = _submit(denv)
+    # No provider and no agents: the job waits for nodes.
+    status = run_cli("status", job_id, env=denv)
+    assert status.returncode == 0, status.stderr
+    assert "job:" in status.stdout and job_id in status.stdout
+    assert "state:" in status.stdout and "PENDING" in status.stdout
+    assert "tests/workloads/tiny_train.py" in status.stdout
+
+    as_json = run_cli("status", job_id, "--json", env=denv)
+    job = json.loads(as_json.stdout)
+    assert job["id"] == job_id and job["spec"]["name"] == "tiny"
+    assert job["spec"]["nodes"] == {"min": 1, "max": 3}
+    assert job["spec"]["working_dir"] == str(REPO)
+
+    other = _submit(denv)
+    listing = run_cli("jobs", env=denv)
+    assert listing.returncode == 0, listing.stderr
+    rows = listing.stdout.splitlines()
+    assert rows[0].split()[:3] == ["ID", "NAME", "STATE"]
+    assert {row.split()[0] for row in rows[1:]} == {job_id, other}
+
+    cost = run_cli("cost", job_id, env=denv)
+    assert cost.returncode == 0, cost.stderr
+    assert "spent:" in cost.stdout and "$0.0000" in cost.stdout
+    assert "savings:" in cost.stdout and "on-demand equivalent:" in cost.stdout
+
+    cancel = run_cli("cancel", job_id, env=denv)
+    assert cancel.returncode == 0, cancel.stderr
+    assert job_id in cancel.stdout
+    assert "CANCELLED" in run_cli("status", job_id, env=denv).stdout
+    # The filter sees it; the other job is still pending.
+    cancelled = json.loads(run_cli("jobs", "--state", "cancelled", "--json", env=denv).stdout)
+    assert [j["id"] for j in cancelled["jobs"]] == [job_id]
+    # Cancelling again is refused by the daemon: a one-line run-time error.
+    assert_one_line_error(run_cli("cancel", job_id, env=denv), 1)
+    # Watching an ended job prints where it ended and exits 1 (it did not succeed).
+    watch = run_cli("watch", job_id, env=denv)
+    assert watch.returncode == 1, watch.stderr
+    assert f"job {job_id} CANCELLED" in watch.stdout
+
+
+def test_unknown_job_exits_1(denv: dict[str, str]) -> None:
+    for command in ("status", "cancel", "cost", "watch"):
+        assert_one_line_error(run_cli(command, "j-nope", env=denv), 1, "no job 'j-nope'")
+
+
+def test_follow_ends_with_exit_1_when_the_job_is_cancelled(denv: dict[str, str]) -> None:
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "spotwise.cli", "submit", str(TINY), "--follow"],
+        env=denv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert follow.stdout is not None
+        job_id = follow.stdout.readline().strip()
+        assert job_id, follow.stderr.read() if follow.stderr else ""
+        assert run_cli("cancel", job_id, env=denv).returncode == 0
+        out, err = follow.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if follow.poll() is None:
+            os.killpg(follow.pid, signal.SIGKILL)
+            follow.wait(timeout=10)
+    assert follow.returncode == 1, (out, err)
+    assert "Traceback" not in err
+    assert out.strip().splitlines()[-1].startswith(f"job {job_id} CANCELLED")
+
+
+def test_sdk_reports_every_violation_and_stores_nothing(daemon: DaemonProcess) -> None:
+    from spotwise import Client, InvalidSpec, JobNotFound
+    from spotwise.proto.v1 import jobs_pb2
+
+    with Client(daemon.address, timeout=10) as client:
+        bad = jobs_pb2.JobSpec(
+            entrypoint=[],
+            nodes=jobs_pb2.NodeRange(min=2, max=1),
+            nproc_per_node=1,
+            checkpoint=jobs_pb2.CheckpointSpec(uri="s3://", every_steps=1, keep=1),
+            global_batch_size=4,
+            market="bargain",
+        )
+        with pytest.raises(InvalidSpec) as info:
+            client.submit(bad)
+        fields = sorted(field for field, _ in info.value.violations)
+        assert fields == ["checkpoint.uri", "entrypoint", "market", "nodes.max"]
+        assert client.list() == []
+        with pytest.raises(JobNotFound):
+            client.get("j-missing")
+
+        job_id = client.submit(JobSpecFromTiny())
+        assert [job.id for job in client.list()] == [job_id]
+        assert client.get(job_id).spec.name == "tiny"
+        client.cancel(job_id)
+        final = client.wait(job_id, timeout=30)
+        assert final.state == jobs_pb2.JOB_STATE_CANCELLED
+        events = list(client.watch(job_id, replay=True))
+        assert events and events[-1].job.state == jobs_pb2.JOB_STATE_CANCELLED
+
+
+def JobSpecFromTiny():  # noqa: N802 - reads as the value it returns
+    from spotwise.spec import JobSpec
+
+    return JobSpec.from_yaml(TINY)
+
+
+def _tiny_spec(tmp_path: Path, *, steps: int) -> Path:
+    spec = tmp_path / "tiny-run.yaml"
+    spec.write_text(
+        f"""\
+name: tiny-run
+entrypoint: [python, tests/workloads/tiny_train.py, --steps, {steps}, --global-batch-size, 8,
+             --micro-batch-size, 2, --step-sleep, 0.05]
+working_dir: {REPO}
+nodes: {{min: 1, max: 1}}
+checkpoint: {{uri: {tmp_path / "ckpt"}, every_steps: 5, keep: 2}}
+global_batch_size: 8
+"""
+    )
+    return spec
+
+
+def test_submit_follow_runs_a_job_to_success_on_a_local_agent(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    env = dict(cli_env, SPOTWISE_DAEMON_LOCAL_MAX_NODES="1", SPOTWISE_DAEMON_GRACE_S="5")
+    daemon = DaemonProcess(tmp_path / "daemon-state", provider="local", extra_env=env)
+    env["SPOTWISE_ADDRESS"] = daemon.address
+    env["SPOTWISE_LOG_DIR"] = str(daemon.log_dir)
+    try:
+        follow = run_cli("submit", str(_tiny_spec(tmp_path, steps=20)), "--follow", env=env,
+                         timeout=240)
+        assert follow.returncode == 0, (follow.stdout, follow.stderr)
+        lines = follow.stdout.strip().splitlines()
+        job_id = lines[0]
+        assert lines[-1].startswith(f"job {job_id} SUCCEEDED: step 20")
+        assert any(" checkpoint " in line for line in lines), follow.stdout
+
+        # The same job seen afterwards: watch exits 0 (it succeeded), logs shows its files.
+        watch = run_cli("watch", job_id, "--plain", env=env)
+        assert watch.returncode == 0 and "SUCCEEDED" in watch.stdout, watch.stderr
+        logs = run_cli("logs", job_id, env=env)
+        assert logs.returncode == 0, logs.stderr
+        assert "==> generation " in logs.stdout and "rank 0" in logs.stdout
+        follow_logs = run_cli("logs", job_id, "--follow", env=env)
+        assert follow_logs.returncode == 0 and follow_logs.stdout == logs.stdout
+        cost = run_cli("cost", job_id, "--json", env=env)
+        assert json.loads(cost.stdout)["job_id"] == job_id
+    finally:
+        daemon.stop()
