@@ -12,11 +12,11 @@ asynchronously every N steps, takes an emergency checkpoint on request (SIGUSR1 
     rt.restore(model, optimizer, scheduler)
     sampler = rt.sampler(len(dataset))
     while rt.step < total_steps:
-        for ids in rt.micro_batches(sampler):
-            ...forward/backward on dataset[ids], loss divided by rt.plan.accumulation_steps...
-        optimizer.step(); scheduler.step(); optimizer.zero_grad()
-        rt.end_step(loss)
+        rt.train_step(sampler, lambda ids: loss_fn(model(inputs[ids]), targets[ids]))
     rt.finish()
+
+`train_step` is micro_batches(), forward/backward per micro-batch, the optimizer step and
+end_step(); a script that needs its own loop calls those itself.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -156,6 +156,7 @@ class Runtime:
         self._last_progress = (time.monotonic(), 0)
         self._loss_sum = 0.0
         self._loss_n = 0
+        self.last_loss = float("nan")
         self.device = self._pick_device()
         self._start_process_group()
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -328,19 +329,49 @@ class Runtime:
         """Take a checkpoint at the next step boundary (all ranks agree on which)."""
         self._flags.checkpoint = True
 
+    def train_step(self, sampler: GlobalSampler, loss_of: Callable[[np.ndarray], torch.Tensor], *, max_grad_norm: float | None = None) -> float:
+        """One optimizer step over the global batch (collective); returns its mean loss.
+
+        `loss_of(ids)` returns the mean loss over the samples `ids` (one micro-batch). Gradients
+        are accumulated over this rank's micro-steps and reduced across ranks once, at the last.
+        """
+        assert self.model is not None and self.optimizer is not None, "call restore() first"
+        micro = self.micro_batches(sampler)
+        total = 0.0
+        for i, ids in enumerate(micro):
+            self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            loss = loss_of(ids) / len(micro)
+            loss.backward()
+            total += float(loss.detach())
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        self.end_step(total)
+        return self.last_loss
+
     def end_step(self, loss: float | torch.Tensor | None = None) -> None:
-        """Call after each optimizer step (collective). May save, commit, or exit with 143."""
+        """Call after each optimizer step (collective). May save, commit, or exit with 143.
+
+        `loss` is this rank's mean loss over its share of the batch; `last_loss` becomes the
+        mean over all ranks (the global batch's), the same at any world size.
+        """
         self.step += 1
         self.cursor += self.plan.global_batch_size
-        if loss is not None:
-            self._loss_sum += float(loss)
-            self._loss_n += 1
         # One small all-reduce per step makes every rank agree on requests that reached only
-        # some of them (a signal to one node), so they save at the same step.
-        flags = torch.tensor([float(self._flags.checkpoint), float(self._flags.stop)], dtype=torch.float64)
+        # some of them (a signal to one node), so they save at the same step; the loss rides along.
+        flags = torch.tensor(
+            [float(self._flags.checkpoint), float(self._flags.stop), float(loss or 0.0)], dtype=torch.float64
+        )
         dist.all_reduce(flags)
         want_checkpoint, want_stop = bool(flags[0] > 0), bool(flags[1] > 0)
         self._flags.checkpoint = False
+        if loss is not None:
+            self.last_loss = float(flags[2]) / self.world_size
+            self._loss_sum += self.last_loss
+            self._loss_n += 1
         if self.checkpointer is not None:
             self.checkpointer.poll()
             every = self.checkpointer.config.every_steps

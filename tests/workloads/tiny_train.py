@@ -15,7 +15,6 @@ import signal
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -91,27 +90,17 @@ def main() -> None:
         save_full(rt, model, optimizer, args.save_full)
     x, y = dataset(args.dataset_size, args.dim)
     sampler = rt.sampler(args.dataset_size)
+    def loss_of(ids):
+        idx = torch.as_tensor(ids)
+        return nn.functional.mse_loss(model(x[idx]), y[idx])
+
     while rt.step < args.steps:
-        total = torch.zeros(())
-        micro = rt.micro_batches(sampler)
-        for i, ids in enumerate(micro):
-            model.set_requires_gradient_sync(i == len(micro) - 1)
-            idx = torch.as_tensor(ids)
-            loss = nn.functional.mse_loss(model(x[idx]), y[idx]) / len(micro)
-            loss.backward()
-            total += loss.detach()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        # The mean loss over the global batch, the same at every world size.
-        dist.all_reduce(total)
-        mean = float(total) / rt.world_size
+        loss = rt.train_step(sampler, loss_of)
         if args.loss_log and rt.rank == 0:
             with open(args.loss_log, "a") as f:
-                f.write(f"{rt.step + 1} {mean!r} {rt.generation}\n")
+                f.write(f"{rt.step} {loss!r} {rt.generation}\n")
         if args.step_sleep:
             time.sleep(args.step_sleep)
-        rt.end_step(mean)
         if args.die_at is not None and rt.step == args.die_at and args.die_rank in (None, rt.rank):
             os.kill(os.getpid(), signal.SIGKILL)
     if args.save_full_end:
