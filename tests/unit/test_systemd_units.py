@@ -137,6 +137,12 @@ def test_daemon_has_no_devices_but_the_agent_keeps_the_gpus() -> None:
     assert "MemoryDenyWriteExecute" not in agent  # CUDA and Triton JIT need W+X pages
 
 
+def test_agent_training_processes_find_the_spotwise_python() -> None:
+    env = dict(v.split("=", 1) for v in load("spotwise-agent.service")["Service"]["Environment"])
+    assert env["PATH"].split(":")[0] == "/opt/spotwise/.venv/bin"
+    assert env["HOME"].startswith("/var/lib/spotwise")
+
+
 def test_agent_stop_timeout_covers_the_grace_period() -> None:
     agent = tomllib.loads((EXAMPLES / "agent.toml").read_text())["agent"]
     grace = agent.get("grace_s", AgentConfig.model_fields["grace_s"].default)
