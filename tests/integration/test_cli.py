@@ -236,7 +236,14 @@ class DaemonProcess:
     """`spotwise daemon` as a subprocess on port 0; its address comes from its sd_notify
     READY message (STATUS=serving on HOST:PORT), as systemd would see it."""
 
-    def __init__(self, state_dir: Path, *, provider: str = "none", extra_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        provider: str = "none",
+        extra_env: dict[str, str],
+        listen: str = "127.0.0.1:0",
+    ) -> None:
         self.state_dir = state_dir
         self.log_dir = state_dir / "logs"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -244,10 +251,10 @@ class DaemonProcess:
         self.notify.bind(b"\0" + name.encode())
         env = dict(extra_env, NOTIFY_SOCKET=f"@{name}", SPOTWISE_LOG_LEVEL="WARNING")
         self.stderr_path = state_dir.parent / "daemon.stderr"
-        self._stderr = self.stderr_path.open("wb")
+        self._stderr = self.stderr_path.open("ab")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", "127.0.0.1:0",
+            [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", listen,
              "--state-dir", str(state_dir), "--provider", provider],
             env=env,
             cwd=REPO,
@@ -464,3 +471,39 @@ def test_submit_follow_runs_a_job_to_success_on_a_local_agent(
         assert json.loads(cost.stdout)["job_id"] == job_id
     finally:
         daemon.stop()
+
+
+def test_watch_survives_a_daemon_restart(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    first = DaemonProcess(tmp_path / "daemon-state", extra_env=cli_env)
+    env = dict(cli_env, SPOTWISE_ADDRESS=first.address)
+    second = None
+    watch = None
+    try:
+        job_id = _submit(env)
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "spotwise.cli", "watch", job_id],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert watch.stdout is not None
+        assert "PENDING" in watch.stdout.readline()  # streaming from the first daemon
+        first.stop()
+        assert first.proc.returncode == 0
+        # The same address and state, as after a systemd restart or an upgrade.
+        second = DaemonProcess(tmp_path / "daemon-state", extra_env=cli_env, listen=first.address)
+        assert run_cli("cancel", job_id, env=env).returncode == 0
+        out, err = watch.communicate(timeout=CLI_TIMEOUT_S)
+        assert watch.returncode == 1, (out, err)
+        assert out.strip().splitlines()[-1].startswith(f"job {job_id} CANCELLED")
+        assert "lost the daemon, retrying" in err and "Traceback" not in err
+    finally:
+        if watch is not None and watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait(timeout=10)
+        first.stop()
+        if second is not None:
+            second.stop()
