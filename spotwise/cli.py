@@ -390,7 +390,7 @@ def _follow_live(client: Any, job_id: str) -> int:
             view.update(event)
             live.update(view.render())
     assert view.job is not None
-    console.print(final_line(view.job))
+    print(final_line(view.job), flush=True)
     return _exit_for(view.job)
 
 
