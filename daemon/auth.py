@@ -19,8 +19,9 @@ Server side: `TokenAuthInterceptor(TokenStore.load(path))` in `grpc.aio.server(i
 and `server_credentials(...)` for `add_secure_port`; servicers read `current_principal()`.
 Client side: `secure_channel_credentials(token, ca_file=...)` for TLS, or
 `bearer_token_interceptors(token)` / `bearer_metadata(token)` on an insecure loopback channel.
-Config checks: `check_listen` (no plaintext beyond loopback unless explicitly allowed) and
-`check_checkpoint_uri` (checkpoints only under configured prefixes).
+Config checks: `check_listen` (no plaintext beyond loopback unless explicitly allowed; `bind`
+applies it and adds the port, with TLS when given) and `check_checkpoint_uri` (checkpoints
+only under configured prefixes).
 """
 
 from __future__ import annotations
@@ -548,6 +549,51 @@ def check_checkpoint_uri(uri: str, allowed_prefixes: Sequence[str]) -> None:
             return
     allowed = ", ".join(allowed_prefixes)
     raise ValueError(f"checkpoint URI {uri!r} is outside the allowed prefixes ({allowed})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding the server
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerTls:
+    """The daemon's TLS files."""
+
+    cert_file: Path
+    """PEM certificate chain of the daemon (its SANs must name the addresses clients dial)."""
+    key_file: Path
+    """PEM private key of that certificate."""
+    client_ca_file: Path | None = None
+    """CA that signs client certificates; needed for mutual TLS."""
+    require_client_cert: bool = False
+    """Mutual TLS: refuse callers without a certificate signed by client_ca_file."""
+
+
+def bind(
+    server: aio.Server, address: str, *, tls: ServerTls | None, allow_insecure: bool = False
+) -> int:
+    """Add a listening port to `server` under the listening rules; returns the bound port.
+
+    Raises ValueError (before binding anything) when `check_listen` refuses the address, OSError
+    when a TLS file cannot be read, RuntimeError when the address cannot be bound.
+    """
+    reason = check_listen(address, tls_enabled=tls is not None, insecure_flag=allow_insecure)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        creds = server_credentials(
+            cert_file=tls.cert_file,
+            key_file=tls.key_file,
+            client_ca_file=tls.client_ca_file,
+            require_client_cert=tls.require_client_cert,
+        )
+        port = server.add_secure_port(address, creds)
+    if not port:
+        raise RuntimeError(f"could not bind {address}")
+    level = logging.WARNING if "WITHOUT TLS" in reason else logging.INFO
+    mtls = " (mutual TLS)" if tls is not None and tls.require_client_cert else ""
+    log.log(level, "listening on port %d: %s%s", port, reason, mtls)
+    return port
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ from spotwise.daemon.auth import (
     JOB_SERVICE,
     Principal,
     Role,
+    ServerTls,
     TokenAuthInterceptor,
     TokenStore,
     bearer_metadata,
     bearer_token_interceptors,
+    bind,
     channel_credentials,
     current_principal,
     mint_token,
@@ -491,3 +493,28 @@ def test_credential_argument_errors(pki: Pki) -> None:
         channel_credentials(ca_file=pki.ca, cert_file=pki.client_cert)
     with pytest.raises(OSError):
         server_credentials(cert_file=pki.server_cert, key_file=pki.server_key.with_suffix(".nope"))
+
+
+def test_bind_applies_the_listening_rules(pki: Pki, tokens: Tokens) -> None:
+    async def run() -> None:
+        server = aio.server(interceptors=[TokenAuthInterceptor(tokens.store)])
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(Recorder()), server)
+        # Plaintext beyond loopback is refused before anything is bound.
+        with pytest.raises(ValueError, match="without TLS"):
+            bind(server, "0.0.0.0:0", tls=None)
+        tls = ServerTls(cert_file=pki.server_cert, key_file=pki.server_key)
+        port = bind(server, "127.0.0.1:0", tls=tls)
+        await server.start()
+        try:
+            creds = secure_channel_credentials(tokens.client, ca_file=pki.ca)
+            assert await call_over_tls(port, creds, LIST_JOBS) == grpc.StatusCode.OK
+        finally:
+            await server.stop(grace=None)
+        with pytest.raises(OSError):
+            bind(
+                aio.server(),
+                "127.0.0.1:0",
+                tls=ServerTls(cert_file=pki.server_cert, key_file=pki.server_key.with_name("nope")),
+            )
+
+    asyncio.run(run())
