@@ -2,10 +2,10 @@ terraform {
   required_version = ">= 1.5.0"
 
   required_providers {
-    # 6.x: aws_instance.primary_network_interface and data.aws_region.region.
+    # 6.10: aws_instance.primary_network_interface (6.10.0) and data.aws_region.region (6.0).
     aws = {
       source  = "hashicorp/aws"
-      version = ">= 6.0, < 7.0"
+      version = ">= 6.10, < 7.0"
     }
     # The cluster's private CA and certificates (kept in the Terraform state: use an encrypted,
     # access-controlled backend).
