@@ -97,6 +97,7 @@ class Coordinator:
         *,
         policy: Policy,
         heartbeat_interval_s: float,
+        restart_grace_s: float = 15.0,
         events: EventBus | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
@@ -105,6 +106,7 @@ class Coordinator:
         self.metrics = metrics
         self.policy = policy
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.restart_grace_s = restart_grace_s
         self.events = events or EventBus(store)
         self.clock = clock
         self.jobs: dict[str, JobRecord] = {}
@@ -115,7 +117,12 @@ class Coordinator:
     # ---- state ------------------------------------------------------------------------
 
     def load(self) -> None:
-        """(Re)load jobs and nodes from the store. Every known node gets a fresh lease."""
+        """(Re)load jobs and nodes from the store.
+
+        Every known node gets `restart_grace_s` to call again: its agent has been retrying with
+        backoff while the daemon was away, and declaring it LOST on the first tick would
+        throw away a generation that is still training.
+        """
         now = self.clock()
         self.jobs = {}
         for row in self.store.jobs():
@@ -129,7 +136,8 @@ class Coordinator:
                     record.restore_step = gens[0].restore_step
                     record.generation_reason = gens[0].reason
             self.jobs[row.id] = record
-        self.nodes = {row.id: NodeRecord(row=row, last_seen=now) for row in self.store.nodes()}
+        seen = now - self.policy.lease_s + self.restart_grace_s
+        self.nodes = {row.id: NodeRecord(row=row, last_seen=seen) for row in self.store.nodes()}
         log.info("loaded %d job(s) and %d node(s) from %s", len(self.jobs), len(self.nodes),
                  self.store.path)
 
@@ -499,12 +507,29 @@ class Coordinator:
     def report(self, req: agent_pb2.ReportEventRequest, now: float | None = None
                ) -> agent_pb2.ReportEventResponse:
         """Take in an agent's event. The fencing: an event whose (job, generation) is not the
-        node's current assignment is refused and changes nothing."""
+        node's current assignment is refused and changes nothing; a checkpoint commit only
+        needs its generation to be the job's newest (see below)."""
         now = self.clock() if now is None else now
         rec = self.nodes.get(req.node_id)
-        if rec is None or rec.state is NodeState.LOST:
+        if rec is None:
             return agent_pb2.ReportEventResponse(accepted=False,
-                                                 reason=f"unknown or lost node {req.node_id!r}")
+                                                 reason=f"unknown node {req.node_id!r}")
+        latest = self.jobs.get(req.job_id)
+        if (
+            req.WhichOneof("event") == "checkpoint_committed"
+            and latest is not None
+            and 0 < req.generation == latest.row.generation
+        ):
+            # A commit is fenced by its generation alone, as in storage (a manifest is valid
+            # while no newer generation exists): when a job fell back to PENDING, the
+            # processes of its last generation may still commit, and that commit is the
+            # right place for the next generation to restore from.
+            self._checkpoint(latest, req, now)
+            self.tick(now)
+            return agent_pb2.ReportEventResponse(accepted=True)
+        if rec.state is NodeState.LOST:
+            return agent_pb2.ReportEventResponse(accepted=False,
+                                                 reason=f"node {req.node_id} was declared LOST")
         job = self.jobs.get(rec.row.job_id) if rec.row.job_id else None
         if job is not None and (req.node_id not in job.members or job.state.terminal):
             job = None
@@ -563,8 +588,9 @@ class Coordinator:
                               path=c.path, bytes=c.bytes, cursor=c.cursor, committed_at=now),
                 conn,
             )
-            job.row.last_checkpoint_step = c.step
-            job.row.last_checkpoint_path = c.path
+            if c.step >= job.row.last_checkpoint_step:  # reports may arrive out of order
+                job.row.last_checkpoint_step = c.step
+                job.row.last_checkpoint_path = c.path
             job.row.last_checkpoint_at = now
             job.row.failures = 0
             job.row.step = max(job.row.step, c.step)

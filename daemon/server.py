@@ -164,6 +164,7 @@ class Daemon:
             self.store,
             policy=policy_of(config),
             heartbeat_interval_s=config.heartbeat_interval_s,
+            restart_grace_s=config.restart_grace_s,
             metrics=self.metrics,
             clock=self._clock,
         )

@@ -151,6 +151,12 @@ class DaemonConfig(_Config):
     settle_s: float = Field(
         1.0, ge=0, description="Joins are batched: nodes that join within this window rescale once."
     )
+    restart_grace_s: float = Field(
+        15.0,
+        gt=0,
+        description="After a daemon restart, how long known nodes have to call again before "
+        "they count as LOST (covers the agents' reconnect backoff).",
+    )
     tick_s: float = Field(
         0.1, gt=0, le=5, description="How often the control loop runs the controller."
     )

@@ -105,6 +105,7 @@ class Agent:
             while not self._stop.wait(0.05):
                 self.beat()
 
+        self._stop.clear()
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
         return self
@@ -277,6 +278,37 @@ def test_assignments_are_consistent_and_stale_generations_are_fenced(channel: gr
         assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=32, path="/c/32"))\
             .accepted
         assert get(jobs, job_id).last_checkpoint_step == 32
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_commit_of_the_newest_generation_counts_after_the_job_fell_back_to_pending(
+    channel: grpc.Channel,
+) -> None:
+    jobs = jobs_pb2_grpc.JobServiceStub(channel)
+    job_id = submit(jobs, nodes={"min": 2, "max": 2}, nproc_per_node=1)
+    a = Agent(channel, "10.0.0.1", 5001)
+    b = Agent(channel, "10.0.0.2", 5002)
+    for agent in (a, b):
+        agent.register()
+        agent.start()
+    try:
+        wait_for("generation 1", lambda: a.assignment.generation == 1 and b.assignment.generation == 1)
+        b.stop()
+        wait_for("PENDING", lambda: get(jobs, job_id).state == jobs_pb2.JOB_STATE_PENDING)
+        # a's processes of generation 1 were stopped with SIGTERM and checkpointed on the way
+        # out: no newer generation exists, so the commit is real and is where to go on from.
+        assert a.report(job_id=job_id, generation=1, checkpoint_committed=agent_pb2.
+                        CheckpointCommitted(step=12, path="/c/12")).accepted
+        b.register()  # b's lease ran out; it comes back as a new join
+        b.start()
+        wait_for("generation 2", lambda: a.assignment.generation == 2 and b.assignment.generation == 2)
+        assert a.assignment.restore_step == 12
+        # ... while generation 1's reports are stale now.
+        assert not a.report(job_id=job_id, generation=1, checkpoint_committed=agent_pb2.
+                            CheckpointCommitted(step=13, path="/c/13")).accepted
+        assert get(jobs, job_id).last_checkpoint_step == 12
     finally:
         a.stop()
         b.stop()
