@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from spotwise.client import (
         Client,
+        ClientConfigError,
         DaemonUnavailable,
         InvalidSpec,
         JobNotFound,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Client": "spotwise.client",
     "SpotwiseError": "spotwise.client",
+    "ClientConfigError": "spotwise.client",
     "DaemonUnavailable": "spotwise.client",
     "JobNotFound": "spotwise.client",
     "InvalidSpec": "spotwise.client",
@@ -39,6 +41,7 @@ _LAZY = {
 
 __all__ = [
     "Client",
+    "ClientConfigError",
     "DaemonUnavailable",
     "InvalidSpec",
     "JobNotFound",

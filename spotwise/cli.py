@@ -60,6 +60,9 @@ def build_parser(delegate: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="spotwise",
         description="Fault-tolerant elastic PyTorch training on spot machines.",
+        epilog="Connection settings from the environment: SPOTWISE_ADDRESS, SPOTWISE_TOKEN "
+        "(bearer token), SPOTWISE_CA_FILE (TLS: the cluster CA), SPOTWISE_CERT_FILE and "
+        "SPOTWISE_KEY_FILE (mutual TLS).",
     )
     parser.add_argument(
         "--address",
@@ -563,7 +566,7 @@ def _main(argv: list[str]) -> int:
 
 def _report(exc: Exception) -> int:
     """Map an exception to its one-line message and exit code."""
-    from spotwise.client import InvalidSpec, SpotwiseError
+    from spotwise.client import ClientConfigError, InvalidSpec, SpotwiseError
 
     try:
         from spotwise.config import ConfigError
@@ -572,7 +575,7 @@ def _report(exc: Exception) -> int:
     if isinstance(exc, InvalidSpec):
         _error(f"the daemon refused the spec: {exc}")
         return EXIT_USAGE
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, (ConfigError, ClientConfigError)):
         _error(str(exc))
         return EXIT_USAGE
     if isinstance(exc, SpotwiseError):

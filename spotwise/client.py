@@ -9,7 +9,7 @@
 Calls are synchronous and each has a deadline (`timeout`, default 10 s) except `watch`, which
 streams until the job ends. gRPC failures surface as typed exceptions, all subclasses of
 SpotwiseError: DaemonUnavailable, JobNotFound, InvalidSpec, PermissionDenied, WatchInterrupted,
-RequestFailed.
+ClientConfigError, RequestFailed.
 Results are the proto messages of spotwise.v1 (Job, JobEvent, CostReport).
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -108,6 +109,10 @@ class WatchInterrupted(SpotwiseError):
     """The daemon ended a watch stream early (this watcher fell behind); watch again."""
 
 
+class ClientConfigError(SpotwiseError, ValueError):
+    """The client's own settings are unusable (an unreadable certificate, a bad timeout)."""
+
+
 class RequestFailed(SpotwiseError):
     """Any other failed call; the message carries the daemon's status and details."""
 
@@ -148,6 +153,13 @@ def _details(err: grpc.RpcError) -> str:
         return ""
 
 
+def _read_pem(path: str | os.PathLike[str], what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ClientConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 def _spec_field(field: str) -> str:
     if field == "spec":
         return ""
@@ -172,9 +184,12 @@ class Client:
     """A synchronous connection to one spotwise daemon.
 
     `address` is host:port (default: $SPOTWISE_ADDRESS or 127.0.0.1:7450). `timeout` bounds
-    every unary call, in seconds. `token`, when given (default: $SPOTWISE_TOKEN), is sent with
-    every call as `authorization: Bearer <token>`; `root_certificates` (PEM bytes) switches the
-    channel to TLS. Close the client (or use it as a context manager) to release the channel.
+    every unary call, in seconds. `token` (default: $SPOTWISE_TOKEN) is sent with every call as
+    `authorization: Bearer <token>`. `ca_file` (default: $SPOTWISE_CA_FILE), a PEM CA
+    certificate, switches the channel to TLS and verifies the daemon against it; `cert_file`
+    and `key_file` (default: $SPOTWISE_CERT_FILE, $SPOTWISE_KEY_FILE) add a client
+    certificate for mutual TLS. An unreadable file raises ClientConfigError. Close the client
+    (or use it as a context manager) to release the channel.
     """
 
     def __init__(
@@ -183,18 +198,34 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         token: str | None = None,
-        root_certificates: bytes | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+            raise ClientConfigError(f"timeout must be positive, got {timeout}")
         self.address = address or os.environ.get("SPOTWISE_ADDRESS") or DEFAULT_ADDRESS
         self.timeout = timeout
         token = token if token is not None else os.environ.get("SPOTWISE_TOKEN") or None
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        ca_file = ca_file or os.environ.get("SPOTWISE_CA_FILE") or None
+        cert_file = cert_file or os.environ.get("SPOTWISE_CERT_FILE") or None
+        key_file = key_file or os.environ.get("SPOTWISE_KEY_FILE") or None
+        if bool(cert_file) != bool(key_file):
+            raise ClientConfigError(
+                "a client certificate needs both SPOTWISE_CERT_FILE and SPOTWISE_KEY_FILE"
+            )
+        if ca_file is None and cert_file is not None:
+            raise ClientConfigError("a client certificate needs TLS: set SPOTWISE_CA_FILE too")
+        self.tls = ca_file is not None
+        if ca_file is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read_pem(ca_file, "SPOTWISE_CA_FILE"),
+                private_key=_read_pem(key_file, "SPOTWISE_KEY_FILE") if key_file else None,
+                certificate_chain=_read_pem(cert_file, "SPOTWISE_CERT_FILE") if cert_file else None,
+            )
             self._channel = grpc.secure_channel(self.address, creds)
         else:
             self._channel = grpc.insecure_channel(self.address)
@@ -315,8 +346,10 @@ class Client:
         code = _code(err)
         details = _details(err)
         if code == grpc.StatusCode.UNAVAILABLE:
+            hint = " (a TLS handshake failure? check SPOTWISE_CA_FILE)" if self.tls else ""
             return DaemonUnavailable(
-                f"cannot reach the spotwise daemon at {self.address} ({_short_reason(details)});"
+                f"cannot reach the spotwise daemon at {self.address} ({_short_reason(details)})"
+                f"{hint};"
                 " is `spotwise daemon` running there? (see --address / SPOTWISE_ADDRESS)",
                 code=code,
             )

@@ -507,3 +507,92 @@ def test_watch_survives_a_daemon_restart(tmp_path: Path, cli_env: dict[str, str]
         first.stop()
         if second is not None:
             second.stop()
+
+
+def _tls_material(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.crt, server.crt, server.key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spotwise test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = directory / "ca.crt", directory / "server.crt", directory / "server.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_path, cert_path, key_path
+
+
+def test_tls_and_tokens_from_the_environment(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    from spotwise.daemon.auth import mint_token
+
+    ca, cert, key = _tls_material(tmp_path)
+    client_token, agent_token = mint_token("client", "alice"), mint_token("agent", "fleet")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{client_token.line}\n{agent_token.line}\n")
+    daemon_env = dict(
+        cli_env,
+        SPOTWISE_DAEMON_TLS_CERT_FILE=str(cert),
+        SPOTWISE_DAEMON_TLS_KEY_FILE=str(key),
+        SPOTWISE_DAEMON_TOKENS_FILE=str(tokens),
+    )
+    daemon = DaemonProcess(tmp_path / "daemon-state", extra_env=daemon_env)
+    try:
+        env = dict(cli_env, SPOTWISE_ADDRESS=daemon.address, SPOTWISE_CA_FILE=str(ca),
+                   SPOTWISE_TOKEN=client_token.token)
+        ok = run_cli("jobs", "--json", env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout) == {"jobs": []}
+        job_id = _submit(env)
+        assert "PENDING" in run_cli("status", job_id, env=env).stdout
+
+        no_token = dict(env)
+        del no_token["SPOTWISE_TOKEN"]
+        assert_one_line_error(run_cli("jobs", env=no_token), 1, "refused the call")
+        wrong_role = dict(env, SPOTWISE_TOKEN=agent_token.token)
+        assert_one_line_error(run_cli("status", job_id, env=wrong_role), 1, "refused the call")
+        plaintext = dict(env)
+        del plaintext["SPOTWISE_CA_FILE"]
+        assert_one_line_error(run_cli("jobs", env=plaintext), 1, "cannot reach")
+        missing_ca = dict(env, SPOTWISE_CA_FILE=str(tmp_path / "nope.crt"))
+        assert_one_line_error(run_cli("jobs", env=missing_ca), 2, "cannot read SPOTWISE_CA_FILE")
+    finally:
+        daemon.stop()
