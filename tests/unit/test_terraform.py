@@ -596,3 +596,77 @@ def test_terraform_fmt_accepts_the_files() -> None:
         env={**os.environ, "TF_CLI_CONFIG_FILE": "/dev/null", "CHECKPOINT_DISABLE": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- variable validations, evaluated by the real terraform when it is installed ----------------
+
+# -var takes a string variable's value literally and parses any other type as HCL.
+REQUIRED_VARS = {
+    "vpc_id": "vpc-1",
+    "head_subnet_id": "subnet-1",
+    "agent_subnet_ids": '["subnet-2"]',
+    "head_ami_id": "ami-1",
+    "agent_ami_id": "ami-2",
+}
+
+
+@pytest.fixture(scope="module")
+def variables_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root module holding only the module's variables: plannable without any provider."""
+    if shutil.which("terraform") is None:
+        pytest.skip("terraform not installed")
+    directory = tmp_path_factory.mktemp("tfvars")
+    shutil.copy(MODULE / "variables.tf", directory / "variables.tf")
+    result = run_terraform(directory, "init", "-input=false", "-no-color", "-backend=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return directory
+
+
+def run_terraform(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["terraform", *args],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CLI_CONFIG_FILE": "/dev/null", "CHECKPOINT_DISABLE": "1"},
+    )
+
+
+def plan(directory: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
+    values = {**REQUIRED_VARS, **overrides}
+    args = [arg for name, value in values.items() for arg in ("-var", f"{name}={value}")]
+    return run_terraform(directory, "plan", "-input=false", "-no-color", "-refresh=false", *args)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("admin_cidrs", "[]", True),
+        ("admin_cidrs", '["203.0.113.7/32", "10.0.0.0/8"]', True),
+        ("admin_cidrs", '["0.0.0.0/0"]', False),
+        ("admin_cidrs", '["203.0.113.7/32", "0.0.0.0/0"]', False),
+        ("admin_cidrs", '["::/0"]', False),
+        ("admin_cidrs", '["10.0.0.0/4"]', False),
+        ("admin_cidrs", '["my-laptop"]', False),
+        ("checkpoint_prefix", "checkpoints/", True),
+        ("checkpoint_prefix", "teams/ml/ckpt/", True),
+        ("checkpoint_prefix", "/checkpoints/", False),
+        ("checkpoint_prefix", "checkpoints", False),
+        ("checkpoint_prefix", "", False),
+        ("name", "spotwise-prod", True),
+        ("name", "Spotwise_Prod", False),
+        ("gpu_instance_types", "[]", False),
+        ("agent_subnet_ids", "[]", False),
+        ("agent_grace_seconds", "90", False),
+        ("on_demand_percentage_above_base_capacity", "101", False),
+        ("spotwise_pip_spec", "spotwise==0.1.0", True),
+        ("spotwise_pip_spec", "spotwise'; rm -rf /; echo '", False),
+        ("daemon_port", "0", False),
+    ],
+)
+def test_variable_validations(variables_only: Path, name: str, value: str, accepted: bool) -> None:
+    result = plan(variables_only, **{name: value})
+    assert (result.returncode == 0) == accepted, result.stdout + result.stderr
+    if not accepted:
+        assert "Invalid value for variable" in result.stderr, result.stderr
