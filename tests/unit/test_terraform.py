@@ -284,7 +284,7 @@ def test_template_arguments_match_the_template(
     assert set(values) == names  # the test's renderer covers every variable too
 
 
-def test_agents_are_pointed_at_the_daemon(module: Config, clean_env: None) -> None:
+def test_agents_are_pointed_at_the_daemon(module: Config, clean_env: None, tmp_path: Path) -> None:
     expression = module.resources[("aws_launch_template", "agent")]["user_data"]
     assert "daemon_address = local.daemon_private_address" in expression
     assert (
@@ -320,18 +320,17 @@ def test_agents_are_pointed_at_the_daemon(module: Config, clean_env: None) -> No
         'address = "10.0.2.33"\ninstance_id = "i-0abc"\ninstance_type = "g5.xlarge"\n'
         'zone = "us-east-1a"\nlifecycle = "spot"\ngpus = 1\nslots = 1\n'
     )
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"agent-{os.getpid()}.toml"
+    path = tmp_path / "agent.toml"
     path.write_text(agent_toml + facts)
-    try:
-        config = AgentConfig.load(path)
-    finally:
-        path.unlink()
+    config = AgentConfig.load(path)
     assert config.daemon == FAKE_DAEMON
     assert config.imds_endpoint == "http://169.254.169.254"
     assert config.lifecycle == "spot" and config.slots == 1
 
 
-def test_head_runs_the_daemon_with_tls_and_prefixes(module: Config, clean_env: None) -> None:
+def test_head_runs_the_daemon_with_tls_and_prefixes(
+    module: Config, clean_env: None, tmp_path: Path
+) -> None:
     rendered = render((TEMPLATES / "head-cloud-init.yaml.tftpl").read_text(), head_values())
     cloud_config = yaml.safe_load(rendered)
     files = write_files(cloud_config)
@@ -352,12 +351,9 @@ def test_head_runs_the_daemon_with_tls_and_prefixes(module: Config, clean_env: N
     start = bootstrap.index("systemctl enable --now spotwise-daemon.service")
     assert bootstrap.index("mount /var/lib/spotwise") < start
     assert bootstrap.index("/etc/spotwise/tls/daemon.key") < start
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"daemon-{os.getpid()}.toml"
+    path = tmp_path / "daemon.toml"
     path.write_text(files["/etc/spotwise/daemon.toml"])
-    try:
-        config = DaemonConfig.load(path)
-    finally:
-        path.unlink()
+    config = DaemonConfig.load(path)
     assert config.listen == "0.0.0.0:7450"
     assert config.lease_s > config.heartbeat_interval_s
 
