@@ -72,9 +72,10 @@ def plan_fleet(
     """Launches and terminations that bring the provider's nodes to the jobs' demands.
 
     Dead weight goes first: nodes the daemon declared LOST, nodes whose agent never registered
-    within `register_timeout_s`, nodes no live job wants. Then each job, oldest first, gets
-    launches up to `wanted` (within `max_nodes` in total, 0 = no cap), and loses its surplus
-    (idle nodes before members).
+    within `register_timeout_s`, drained nodes, nodes no live job wants. Then each job, oldest
+    first, gets launches up to `wanted` (within `max_nodes` in total, 0 = no cap; a draining
+    member does not count, so its replacement starts during the notice), and loses its
+    surplus (idle nodes before members).
     """
     terminate: list[str] = []
     reasons: list[str] = []
@@ -89,6 +90,9 @@ def plan_fleet(
             terminate.append(node.handle)
             reasons.append(f"terminate {node.handle}: its agent did not register within "
                            f"{register_timeout_s:.0f}s")
+        elif node.daemon_state is NodeState.DRAINING and not node.assigned_job:
+            terminate.append(node.handle)
+            reasons.append(f"terminate {node.handle}: drained after an interruption notice")
         elif owner not in wanted:
             terminate.append(node.handle)
             reasons.append(f"terminate {node.handle}: no live job wants it "
@@ -99,7 +103,9 @@ def plan_fleet(
     launch: dict[str, int] = {}
     total = len(live)
     for demand in demands:
-        mine = [n for n in live if (n.assigned_job or n.launched_for) == demand.job_id]
+        # A draining member still works for its job but is going away: replace it now.
+        mine = [n for n in live if (n.assigned_job or n.launched_for) == demand.job_id
+                and n.daemon_state is not NodeState.DRAINING]
         if len(mine) < demand.wanted:
             count = demand.wanted - len(mine)
             if max_nodes:

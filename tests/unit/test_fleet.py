@@ -60,6 +60,15 @@ def test_surplus_goes_idle_nodes_first_and_reassigned_nodes_count_for_their_new_
     assert plan.terminate == ("idle",)
 
 
+def test_a_draining_member_is_replaced_during_its_notice_and_terminated_once_drained() -> None:
+    nodes = [fnode("leaving", "a", state=NodeState.DRAINING, assigned="a"), fnode("ok", "a")]
+    plan = plan_fleet(T, [demand("a", 2)], nodes)
+    assert dict(plan.launch) == {"a": 1} and not plan.terminate
+    drained = [fnode("leaving", "a", state=NodeState.DRAINING), fnode("ok", "a"), fnode("new", "a")]
+    plan = plan_fleet(T, [demand("a", 2)], drained)
+    assert plan.terminate == ("leaving",) and not plan.launch
+
+
 def test_nothing_to_do_is_an_empty_plan() -> None:
     assert plan_fleet(T, [demand("a", 1)], [fnode("n", "a")]).empty
 
