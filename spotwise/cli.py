@@ -407,8 +407,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
         files = job_log_files(log_dir, job_id)
         if not files:
             raise _Fail(f"no logs for job {job_id} under {log_dir} (wrong --log-dir?)")
-        for log in files:
-            out.write((log.header() + "\n").encode())
+        for index, log in enumerate(files):
+            # Like `tail` with several files: a blank line before every header but the first.
+            out.write(("\n" if index else "").encode() + (log.header() + "\n").encode())
             try:
                 out.write(log.path.read_bytes())
             except FileNotFoundError:

@@ -200,7 +200,7 @@ def test_logs_prints_every_file_oldest_generation_first(
         "==> generation 1, rank 1",
         "==> generation 10, rank 0",
     ]
-    body = [line for line in proc.stdout.splitlines() if not line.startswith("==> ")]
+    body = [line for line in proc.stdout.splitlines() if line and not line.startswith("==> ")]
     assert body == ["g0 r0 line1", "g0 r0 line2", "g1 r0", "g1 r1", "g10 r0"]
     assert "progress" not in proc.stdout
 
@@ -450,14 +450,29 @@ def test_submit_follow_runs_a_job_to_success_on_a_local_agent(
     daemon = DaemonProcess(tmp_path / "daemon-state", provider="local", extra_env=env)
     env["SPOTWISE_ADDRESS"] = daemon.address
     env["SPOTWISE_LOG_DIR"] = str(daemon.log_dir)
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spotwise.cli", *args], env=env, cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        started.append(proc)
+        return proc
+
     try:
-        follow = run_cli("submit", str(_tiny_spec(tmp_path, steps=20)), "--follow", env=env,
-                         timeout=240)
-        assert follow.returncode == 0, (follow.stdout, follow.stderr)
-        lines = follow.stdout.strip().splitlines()
-        job_id = lines[0]
+        follow = start("submit", str(_tiny_spec(tmp_path, steps=20)), "--follow")
+        assert follow.stdout is not None
+        job_id = follow.stdout.readline().strip()
+        # Logs followed while the job runs, from before its first process starts.
+        live_logs = start("logs", job_id, "--follow")
+        rest, err = follow.communicate(timeout=240)
+        assert follow.returncode == 0, (rest, err)
+        lines = rest.strip().splitlines()
         assert lines[-1].startswith(f"job {job_id} SUCCEEDED: step 20")
-        assert any(" checkpoint " in line for line in lines), follow.stdout
+        assert any(" checkpoint " in line for line in lines), rest
+        live_out, live_err = live_logs.communicate(timeout=60)
+        assert live_logs.returncode == 0, live_err
 
         # The same job seen afterwards: watch exits 0 (it succeeded), logs shows its files.
         watch = run_cli("watch", job_id, "--plain", env=env)
@@ -465,12 +480,46 @@ def test_submit_follow_runs_a_job_to_success_on_a_local_agent(
         logs = run_cli("logs", job_id, env=env)
         assert logs.returncode == 0, logs.stderr
         assert "==> generation " in logs.stdout and "rank 0" in logs.stdout
+        # What was followed live is what the files hold at the end.
+        assert live_out == logs.stdout
         follow_logs = run_cli("logs", job_id, "--follow", env=env)
         assert follow_logs.returncode == 0 and follow_logs.stdout == logs.stdout
         cost = run_cli("cost", job_id, "--json", env=env)
         assert json.loads(cost.stdout)["job_id"] == job_id
     finally:
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate(timeout=10)
         daemon.stop()
+        leftovers = _wait_gone(str(daemon.log_dir), timeout_s=30)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], "agents or training processes outlived the job and the daemon"
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains `text` (e.g. a test's private log dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_gone(text: str, *, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = _pids_mentioning(text)
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
 
 
 def test_watch_survives_a_daemon_restart(tmp_path: Path, cli_env: dict[str, str]) -> None:
