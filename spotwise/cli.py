@@ -220,7 +220,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(job_id, flush=True)
         if not args.follow:
             return EXIT_OK
-        return _follow_lines(client, job_id, out=sys.stdout)
+        return _following(job_id, lambda: _follow_lines(client, job_id, out=sys.stdout))
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -282,8 +282,22 @@ def cmd_watch(args: argparse.Namespace) -> int:
     job_id = _job_id(args.job)
     with _client(args) as client:
         if args.plain or not sys.stdout.isatty():
-            return _follow_lines(client, job_id, out=sys.stdout)
-        return _follow_live(client, job_id)
+            return _following(job_id, lambda: _follow_lines(client, job_id, out=sys.stdout))
+        return _following(job_id, lambda: _follow_live(client, job_id))
+
+
+def _following(job_id: str, follow: Callable[[], int]) -> int:
+    """Run a follow loop; Ctrl-C stops following, not the job, and says so."""
+    try:
+        return follow()
+    except KeyboardInterrupt:
+        print(
+            f"\nspotwise: stopped following job {job_id}; it keeps running "
+            f"(`spotwise cancel {job_id}` stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
 
 
 def _exit_for(job: Any) -> int:

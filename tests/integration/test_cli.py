@@ -645,3 +645,25 @@ def test_tls_and_tokens_from_the_environment(tmp_path: Path, cli_env: dict[str, 
         assert_one_line_error(run_cli("jobs", env=missing_ca), 2, "cannot read SPOTWISE_CA_FILE")
     finally:
         daemon.stop()
+
+
+def test_ctrl_c_stops_following_not_the_job(denv: dict[str, str]) -> None:
+    job_id = _submit(denv)
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "spotwise.cli", "watch", job_id, "--plain"],
+        env=denv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert "PENDING" in watch.stdout.readline()
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGKILL)
+            watch.wait(timeout=10)
+    assert watch.returncode == 130
+    assert f"stopped following job {job_id}; it keeps running" in err
+    assert "Traceback" not in err
+    assert "PENDING" in run_cli("status", job_id, env=denv).stdout
