@@ -96,7 +96,16 @@ def kill_marked(marker: str, *, timeout_s: float = 10.0) -> list[int]:
     while True:
         pids = scan_marked(marker)
         if not pids:
-            return killed
+            # A SIGKILLed process drops its memory (and so its readable environ) before it
+            # becomes a zombie: the scan no longer sees it while it still runs. Wait for those.
+            dying = [p for p in killed if _alive(p)]
+            if not dying:
+                return killed
+            if time.monotonic() > deadline:
+                raise ProviderError(f"local node {marker}: pids {dying} still exiting "
+                                    f"{timeout_s}s after SIGKILL")
+            time.sleep(0.02)
+            continue
         if time.monotonic() > deadline:
             raise ProviderError(f"local node {marker}: pids {sorted(pids)} survive SIGKILL "
                                 f"after {timeout_s}s")

@@ -51,6 +51,13 @@ from grpc import aio
 
 from spotwise.config import AgentConfig, ConfigError
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
+from spotwise.worker.storage import (
+    AlreadyExists,
+    StorageError,
+    filesystem,
+    parse_uri,
+    write_create_only,
+)
 from spotwise.worker.supervisor import LaunchSpec, Supervisor, SupervisorError
 
 log = logging.getLogger(__name__)
@@ -150,6 +157,30 @@ def wait_for_stamp(host: str, port: int, stamp: str, *, timeout_s: float) -> boo
     return False
 
 
+def write_fence(spec: LaunchSpec) -> bool:
+    """Create generation `spec.generation`'s fence marker in the job's checkpoint location (the
+    runtime's `generations/g-<10 digits>`, see spotwise.worker.checkpoint), if it is not there.
+
+    The new generation's rank 0 writes it too, but only once its process is up; the agent
+    writes it the moment it learns of the generation, before it SIGTERMs the old processes,
+    so that their SIGTERM checkpoint (or a late async commit) is fenced instead of landing
+    after the daemon chose where the new generation restores from. Returns False when the job
+    has no checkpoint location. Raises StorageError/OSError/ValueError when storage fails."""
+    uri = spec.checkpoint_uri
+    if not uri:
+        return False
+    if "://" not in uri and not os.path.isabs(os.path.expanduser(uri)) and spec.working_dir:
+        uri = os.path.join(spec.working_dir, uri)  # relative to where the processes run
+    loc = parse_uri(uri)
+    fs = filesystem(loc)
+    fs.makedirs(loc.join("generations"), exist_ok=True)
+    try:
+        write_create_only(fs, loc.join("generations", f"g-{spec.generation:010d}"), b"")
+    except AlreadyExists:
+        pass
+    return True
+
+
 def launch_spec(a: agent_pb2.Assignment) -> LaunchSpec:
     """The LaunchSpec of an assignment (ValueError if it is inconsistent)."""
     spec = a.spec
@@ -218,8 +249,12 @@ class Agent:
     """One node agent. `run()` until `request_stop()` or a fatal error."""
 
     def __init__(self, config: AgentConfig, *, max_disconnect_s: float = 600.0,
-                 poll_interval_s: float = 0.1, token: str | None = None) -> None:
+                 switch_grace_s: float = 3.0, poll_interval_s: float = 0.1,
+                 token: str | None = None) -> None:
+        """`switch_grace_s`: the grace (at most config.grace_s) when a newer generation of the
+        same job replaces the running one and its fence marker is written."""
         self.config = config
+        self.switch_grace_s = switch_grace_s
         self.log_dir = Path(config.effective_log_dir)
         self.node_id = config.node_id
         self.max_disconnect_s = max_disconnect_s
@@ -429,13 +464,21 @@ class Agent:
             cur_key = (cur.spec.job_id, cur.spec.generation) if cur else None
             if cur_key == self._desired_key:
                 continue
+            desired = self._desired
+            fenced = desired is not None and await self._fence(desired)
             if cur is not None:
                 self.current = None
                 self._start_failed = []
                 self._stopping.append(cur)
+                # A generation that a newer one of its job replaced cannot commit anything any
+                # more (the fence marker is written), so a long grace buys no checkpoint; it
+                # only delays recovery when a process hangs in a collective with a lost peer.
+                grace = self.config.grace_s
+                if fenced and desired.job_id == cur.spec.job_id:
+                    grace = min(grace, self.switch_grace_s)
                 # If this task is cancelled mid-stop, `cur` stays in _stopping and run()'s
                 # shutdown stops it again (stop is idempotent).
-                await cur.stop(self.config.grace_s)
+                await cur.stop(grace)
                 self._stopping.remove(cur)
                 self._collect(cur)
             desired = self._desired
@@ -443,6 +486,18 @@ class Agent:
                 self._wake.set()  # changed again while stopping: look again
                 continue
             await self._start(desired)
+
+    async def _fence(self, a: agent_pb2.Assignment) -> bool:
+        """write_fence for the assignment, bounded; True when the marker is in place. A
+        failure is logged, not fatal (the new generation's rank 0 writes the marker too)."""
+        try:
+            spec = launch_spec(a)
+            return await asyncio.wait_for(asyncio.to_thread(write_fence, spec),
+                                          timeout=2 * self.config.rpc_timeout_s)
+        except (StorageError, OSError, ValueError, asyncio.TimeoutError) as e:
+            log.warning("agent %s: job %s g%d: cannot write the fence marker: %s",
+                        self.node_id, a.job_id, a.generation, e)
+            return False
 
     async def _start(self, a: agent_pb2.Assignment) -> None:
         try:
@@ -609,6 +664,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-disconnect-s", type=float, default=600.0,
                         help="give up (stop processes, exit 1) after the daemon is unreachable "
                              "this long (default 600)")
+    parser.add_argument("--switch-grace-s", type=float, default=3.0,
+                        help="grace when a newer generation of the same job replaces the "
+                             "running one: its checkpoints are fenced anyway (default 3)")
 
 
 _FLAG_FIELDS = ("daemon", "slots", "address", "log_dir", "state_dir", "node_id", "provider_node",
@@ -632,7 +690,8 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = Agent(config, max_disconnect_s=args.max_disconnect_s)
+    agent = Agent(config, max_disconnect_s=args.max_disconnect_s,
+                  switch_grace_s=args.switch_grace_s)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

@@ -38,7 +38,8 @@ def on_usr1(*_):
     with open(f"{out}/usr1.{gen}.{rank}", "w") as f:
         f.write(str(usr1))
 signal.signal(signal.SIGUSR1, on_usr1)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else
+              (lambda *_: sys.exit(143)))
 if mode == "allreduce":
     import torch, torch.distributed as dist
     from datetime import timedelta
@@ -218,6 +219,58 @@ def test_agent_follows_assignments_and_forwards_events(tmp_path: Path) -> None:
             rc = await asyncio.wait_for(task, 30)
             await server.stop(0)
         assert rc == 0
+
+    asyncio.run(scenario())
+
+
+def test_new_generation_is_fenced_before_the_old_one_is_stopped(tmp_path: Path) -> None:
+    """The agent writes the new generation's fence marker at once, and since the old
+    generation can then commit nothing, it stops it with the short switch grace, not the
+    full one (a process stuck in a collective would otherwise hold recovery for grace_s)."""
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+
+    async def scenario() -> None:
+        daemon = ScriptedDaemon()
+        server, port = await _serve(daemon)
+        config = AgentConfig.load(daemon=f"127.0.0.1:{port}", log_dir=tmp_path / "logs",
+                                  grace_s=8.0, state_dir=tmp_path / "state")
+        agent = Agent(config, switch_grace_s=1.0)
+        task = asyncio.create_task(agent.run())
+        try:
+            await _until(lambda: daemon.heartbeats, 30, "heartbeat")
+            node, store_port = daemon.heartbeats[-1].node_id, daemon.registers[0].store_port
+            a1 = _assignment(script, tmp_path, "stubborn", generation=1, store_port=store_port)
+            a1.spec.working_dir = str(tmp_path)
+            a1.spec.checkpoint.uri = "ck"  # relative to working_dir, as the runtime sees it
+            daemon.assignments[node] = a1
+            await _until(lambda: (tmp_path / "pid.1.0").exists(), 30, "g1 process")
+            marker = tmp_path / "ck" / "generations" / "g-0000000002"
+            assert (tmp_path / "ck" / "generations" / "g-0000000001").exists()
+            assert not marker.exists()
+            a2 = agent_pb2.Assignment()
+            a2.CopyFrom(a1)
+            a2.generation = 2
+            t0 = time.monotonic()
+            daemon.assignments[node] = a2
+            await _until(marker.exists, 10, "the g2 fence marker")
+            await _until(lambda: daemon.reports_of("process_exited", 1), 20, "g1 stopped")
+            took = time.monotonic() - t0
+            assert daemon.reports_of("process_exited", 1)[0].process_exited.exit_code == 137
+            assert 1.0 <= took < 6.0, took  # the switch grace, not grace_s=8
+            await _until(lambda: (tmp_path / "pid.2.0").exists(), 30, "g2 process")
+
+            # An empty assignment is not a switch: the full grace applies (SIGKILL after 8s),
+            # so the stubborn process is still there a couple of seconds later.
+            pid2 = int((tmp_path / "pid.2.0").read_text())
+            daemon.assignments[node] = agent_pb2.Assignment()
+            t1 = time.monotonic()
+            await _until(lambda: time.monotonic() - t1 > 2.5, 5, "time to pass")
+            assert _alive(pid2)
+        finally:
+            agent.request_stop()
+            await asyncio.wait_for(task, 90)
+            await server.stop(0)
 
     asyncio.run(scenario())
 
