@@ -19,7 +19,8 @@ The rules, in the order `plan` applies them:
    - a DRAINING member leaves once a checkpoint committed after its notice, or its deadline
      (less a margin) comes; until then every member is asked to checkpoint now;
    - RESCALING -> RUNNING once every member reports running the current generation;
-   - RUNNING below nodes.max with READY nodes free -> grow (generation g+1);
+   - RUNNING below nodes.max with READY nodes free -> ask the members to checkpoint, then
+     grow (generation g+1) once it commits or `grow_checkpoint_timeout_s` passes;
    - PENDING with at least nodes.min READY nodes free -> start.
    Every generation restores from the last committed checkpoint step (-1: start fresh).
 """
@@ -125,6 +126,8 @@ class JobView:
     """Global rank -> exit code, for the current generation's exited processes."""
     failed_at: float | None = None
     """When a rank of the current generation first exited non-zero."""
+    checkpoint_requested_at: float | None = None
+    """When the controller asked the members to checkpoint before growing (None: not asked)."""
 
     @property
     def world_size(self) -> int:
@@ -175,6 +178,8 @@ class Policy:
     """Longest wait for a drain checkpoint when the notice gives no deadline."""
     drain_margin_s: float = 10.0
     """Leave a draining node this long before its deadline."""
+    grow_checkpoint_timeout_s: float = 20.0
+    """Before growing, ask for a checkpoint and wait this long for it (0: grow at once)."""
 
 
 # ---- decisions ------------------------------------------------------------------------------
@@ -207,6 +212,15 @@ class StartGeneration:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RequestCheckpoint:
+    """Ask (`on`) or stop asking the job's members to checkpoint now (before a growth)."""
+
+    job_id: str
+    on: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class SetJobState:
     """Change a job's state; with release, its members are freed and its generation ends."""
 
@@ -216,7 +230,7 @@ class SetJobState:
     reason: str
 
 
-Decision = NodeLost | NodesReady | StartGeneration | SetJobState
+Decision = NodeLost | NodesReady | StartGeneration | RequestCheckpoint | SetJobState
 
 
 # ---- the plan -------------------------------------------------------------------------------
@@ -367,11 +381,29 @@ def _plan_job(
     if not draining and len(job.members) < job.max_nodes and fitting:
         extra = fitting[: job.max_nodes - len(job.members)]
         members = (*job.members, *(n.id for n in extra))
-        return _start(
-            job, members, JobState.RESCALING, count_failure=False,
-            reason=f"grow from {len(job.members)} to {len(members)} node(s): joined "
-            f"{', '.join(n.id for n in extra)}",
-        )
+        grow = f"grow from {len(job.members)} to {len(members)} node(s)"
+        joined = f"joined {', '.join(n.id for n in extra)}"
+        timeout = policy.grow_checkpoint_timeout_s
+        asked = job.checkpoint_requested_at
+        if timeout <= 0:
+            return _start(job, members, JobState.RESCALING, count_failure=False,
+                          reason=f"{grow}: {joined}")
+        # A rescale restarts from the last commit: checkpoint first so that growing loses
+        # (almost) nothing, but do not wait forever for a program that never commits.
+        if asked is None:
+            return RequestCheckpoint(job_id=job.id, on=True,
+                                     reason=f"checkpoint now, then {grow} ({joined})")
+        if job.last_checkpoint_at >= asked and job.last_checkpoint_step >= 0:
+            return _start(job, members, JobState.RESCALING, count_failure=False,
+                          reason=f"{grow} after the checkpoint at step "
+                          f"{job.last_checkpoint_step}: {joined}")
+        if now >= asked + timeout:
+            return _start(job, members, JobState.RESCALING, count_failure=False,
+                          reason=f"{grow}: {joined} (no checkpoint within {timeout:.0f}s)")
+        return None
+    if job.checkpoint_requested_at is not None:
+        return RequestCheckpoint(job_id=job.id, on=False,
+                                 reason="growth no longer possible: checkpoint request withdrawn")
     return None
 
 
@@ -430,9 +462,11 @@ def _drain_done(now: float, job: JobView, node: NodeView, policy: Policy) -> boo
     return now >= node.drain_since + policy.drain_timeout_s
 
 
-def draining(job: JobView, nodes: Mapping[str, NodeView]) -> bool:
-    """Whether any member of the job's generation is draining (then all checkpoint now)."""
-    return any(
+def checkpoint_now(job: JobView, nodes: Mapping[str, NodeView]) -> bool:
+    """Whether the job's members are asked to checkpoint now: while any member drains, and
+    while a growth waits for its checkpoint. Every member is asked, since a checkpoint is
+    collective."""
+    return job.checkpoint_requested_at is not None or any(
         (node := nodes.get(m)) is not None and node.state is NodeState.DRAINING
         for m in job.members
     )

@@ -30,6 +30,7 @@ from spotwise.daemon.controller import (
     NodeState,
     NodeView,
     Policy,
+    RequestCheckpoint,
     SetJobState,
     StartGeneration,
 )
@@ -61,6 +62,7 @@ class JobRecord:
     # Soft state of the current generation, rebuilt from heartbeats after a restart.
     exit_codes: dict[int, int] = field(default_factory=dict)
     failed_at: float | None = None
+    checkpoint_requested_at: float | None = None
 
     @property
     def state(self) -> JobState:
@@ -142,46 +144,49 @@ class Coordinator:
                  self.store.path)
 
     def snapshot(self) -> ClusterState:
-        jobs = []
-        for rec in self.jobs.values():
-            spec = rec.spec
-            jobs.append(
-                JobView(
-                    id=rec.row.id,
-                    state=rec.state,
-                    created_at=rec.row.created_at,
-                    min_nodes=spec.nodes.min,
-                    max_nodes=spec.nodes.max,
-                    nproc_per_node=spec.nproc_per_node,
-                    max_failures=spec.max_failures,
-                    generation=rec.row.generation,
-                    members=tuple(rec.members),
-                    generation_started_at=rec.generation_started_at,
-                    last_checkpoint_step=rec.row.last_checkpoint_step,
-                    last_checkpoint_at=rec.row.last_checkpoint_at,
-                    failures=rec.row.failures,
-                    exit_codes=dict(rec.exit_codes),
-                    failed_at=rec.failed_at,
-                )
-            )
-        jobs.sort(key=lambda j: (j.created_at, j.id))
-        nodes = {
-            rec.row.id: NodeView(
-                id=rec.row.id,
-                state=rec.state,
-                joined_at=rec.row.joined_at,
-                last_seen=rec.last_seen,
-                slots=rec.row.slots,
-                job_id=rec.row.job_id,
-                reported_job_id=rec.reported_job_id,
-                reported_generation=rec.reported_generation,
-                drain_since=rec.row.drain_since,
-                drain_deadline=rec.row.drain_deadline,
-                launched_for=rec.launched_for,
-            )
-            for rec in self.nodes.values()
-        }
+        """The controller's view of every job (oldest first) and node."""
+        jobs = sorted((self.job_view(rec) for rec in self.jobs.values()),
+                      key=lambda j: (j.created_at, j.id))
+        nodes = {rec.row.id: self.node_view(rec) for rec in self.nodes.values()}
         return ClusterState(jobs=tuple(jobs), nodes=nodes)
+
+    @staticmethod
+    def job_view(rec: JobRecord) -> JobView:
+        spec = rec.spec
+        return JobView(
+            id=rec.row.id,
+            state=rec.state,
+            created_at=rec.row.created_at,
+            min_nodes=spec.nodes.min,
+            max_nodes=spec.nodes.max,
+            nproc_per_node=spec.nproc_per_node,
+            max_failures=spec.max_failures,
+            generation=rec.row.generation,
+            members=tuple(rec.members),
+            generation_started_at=rec.generation_started_at,
+            last_checkpoint_step=rec.row.last_checkpoint_step,
+            last_checkpoint_at=rec.row.last_checkpoint_at,
+            failures=rec.row.failures,
+            exit_codes=dict(rec.exit_codes),
+            failed_at=rec.failed_at,
+            checkpoint_requested_at=rec.checkpoint_requested_at,
+        )
+
+    @staticmethod
+    def node_view(rec: NodeRecord) -> NodeView:
+        return NodeView(
+            id=rec.row.id,
+            state=rec.state,
+            joined_at=rec.row.joined_at,
+            last_seen=rec.last_seen,
+            slots=rec.row.slots,
+            job_id=rec.row.job_id,
+            reported_job_id=rec.reported_job_id,
+            reported_generation=rec.reported_generation,
+            drain_since=rec.row.drain_since,
+            drain_deadline=rec.row.drain_deadline,
+            launched_for=rec.launched_for,
+        )
 
     def job(self, job_id: str) -> JobRecord:
         try:
@@ -213,6 +218,11 @@ class Coordinator:
                 log.info("nodes=%s: READY: %s", ",".join(decision.node_ids), decision.reason)
             elif isinstance(decision, StartGeneration):
                 self._start_generation(decision, now, conn)
+            elif isinstance(decision, RequestCheckpoint):
+                job = self.jobs[decision.job_id]
+                job.checkpoint_requested_at = now if decision.on else None
+                log.info("job=%s generation=%d: %s", job.row.id, job.row.generation,
+                         decision.reason)
             elif isinstance(decision, SetJobState):
                 self._set_job_state(decision, now, conn)
             else:  # pragma: no cover - the Decision union is closed
@@ -256,6 +266,7 @@ class Coordinator:
         job.generation_reason = d.reason
         job.exit_codes = {}
         job.failed_at = None
+        job.checkpoint_requested_at = None
         job.row.generation = d.generation
         job.row.world_size = d.world_size
         job.row.state = d.state.value
@@ -291,6 +302,7 @@ class Coordinator:
             for node_id in job.members:
                 self._release(node_id, conn)
             job.members = []
+            job.checkpoint_requested_at = None
             job.row.world_size = 0
         job.row.state = d.state.value
         job.row.message = d.reason
@@ -385,8 +397,7 @@ class Coordinator:
         """
         now = self.clock() if now is None else now
         job = self.job(job_id)
-        view = next(j for j in self.snapshot().jobs if j.id == job_id)
-        self.apply(controller.plan_cancel(now, view), now)
+        self.apply(controller.plan_cancel(now, self.job_view(job)), now)
         return job
 
     # ---- agents' calls ---------------------------------------------------------------------
@@ -628,10 +639,8 @@ class Coordinator:
         nproc = job.spec.nproc_per_node
         rank = job.members.index(node_id)
         master = self.nodes[job.members[0]].row
-        drain = any(
-            (m := self.nodes.get(n)) is not None and m.state is NodeState.DRAINING
-            for n in job.members
-        )
+        members = {n: self.node_view(self.nodes[n]) for n in job.members if n in self.nodes}
+        drain = controller.checkpoint_now(self.job_view(job), members)
         return agent_pb2.Assignment(
             job_id=job.row.id,
             generation=job.row.generation,

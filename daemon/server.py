@@ -59,6 +59,7 @@ def policy_of(config: DaemonConfig) -> Policy:
         settle_max_s=max(3 * config.settle_s, config.settle_s),
         drain_timeout_s=config.drain_timeout_s,
         drain_margin_s=config.drain_margin_s,
+        grow_checkpoint_timeout_s=config.grow_checkpoint_timeout_s,
     )
 
 

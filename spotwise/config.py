@@ -151,6 +151,12 @@ class DaemonConfig(_Config):
     settle_s: float = Field(
         1.0, ge=0, description="Joins are batched: nodes that join within this window rescale once."
     )
+    grow_checkpoint_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        description="Before growing a job, ask for a checkpoint and wait this long for it "
+        "(0: grow at once, replaying the steps since the last commit).",
+    )
     restart_grace_s: float = Field(
         15.0,
         gt=0,

@@ -43,7 +43,7 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float = 10.0) -> 
 
 def config(state_dir: Path) -> DaemonConfig:
     return DaemonConfig(listen="127.0.0.1:0", state_dir=state_dir, heartbeat_interval_s=0.1,
-                        lease_s=1.0, settle_s=0.2, tick_s=0.05)
+                        lease_s=1.0, settle_s=0.2, tick_s=0.05, grow_checkpoint_timeout_s=5.0)
 
 
 @pytest.fixture
@@ -325,7 +325,14 @@ def test_a_heartbeat_of_an_old_generation_gets_the_current_assignment(channel: g
         b = Agent(channel, "10.0.0.2", 5002)
         b.register()
         b.start()
+        # Growth asks a to checkpoint first, and grows from that commit.
+        wait_for("a checkpoint request", lambda: a.assignment.checkpoint_now)
+        assert a.assignment.generation == 1
+        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=4, path="/c/4"))\
+            .accepted
         wait_for("growth to generation 2", lambda: a.assignment.generation == 2)
+        assert a.assignment.restore_step == 4 and a.assignment.world_size == 2
+        assert not a.assignment.checkpoint_now
         b.stop()
         # An agent still running generation 1 is answered with generation 2, so it restarts.
         stale = a.stub.Heartbeat(agent_pb2.HeartbeatRequest(node_id=a.node_id, job_id=job_id,

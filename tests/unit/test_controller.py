@@ -17,16 +17,17 @@ from spotwise.daemon.controller import (
     NodeState,
     NodeView,
     Policy,
+    RequestCheckpoint,
     SetJobState,
     StartGeneration,
     can_transition,
-    draining,
+    checkpoint_now,
     plan,
     plan_cancel,
 )
 
 POLICY = Policy(lease_s=2.0, settle_s=1.0, settle_max_s=3.0, drain_timeout_s=60.0,
-                drain_margin_s=10.0)
+                drain_margin_s=10.0, grow_checkpoint_timeout_s=20.0)
 T = 1000.0
 
 
@@ -236,7 +237,7 @@ def _draining_cluster(now: float = T, **node_kw: object) -> tuple[JobView, list[
 def test_a_draining_member_stays_until_its_checkpoint_commits_and_blocks_growth() -> None:
     j, nodes = _draining_cluster(drain_deadline=T + 115)
     assert not plan(T, cluster([j], nodes), POLICY)  # spare is not added meanwhile
-    assert draining(j, {n.id: n for n in nodes})  # every member is asked to checkpoint now
+    assert checkpoint_now(j, {n.id: n for n in nodes})  # every member is asked to checkpoint
     committed = replace(j, last_checkpoint_step=30, last_checkpoint_at=T - 1)
     start = only(plan(T, cluster([committed], nodes), POLICY), StartGeneration)
     assert start.members == ("a", "spare") and start.restore_step == 30
@@ -272,14 +273,45 @@ def test_rescaling_becomes_running_once_every_member_reports_the_generation() ->
     assert d.state is JobState.RUNNING and not d.release
 
 
-def test_a_running_job_grows_with_ready_nodes_up_to_max() -> None:
-    nodes = [node("a", NodeState.ASSIGNED, job="j1", gen=2), node("x", joined=1),
-             node("y", joined=2), node("z", joined=3)]
-    start = only(plan(T, cluster([running(("a",), gen=2, max_nodes=3,
-                                          last_checkpoint_step=7)], nodes), POLICY),
-                 StartGeneration)
+def _growable(now: float = T, **job_kw: object) -> tuple[JobView, list[NodeView]]:
+    # Every node heartbeats up to `now`.
+    nodes = [node("a", NodeState.ASSIGNED, job="j1", gen=2, seen=now), node("x", joined=1, seen=now),
+             node("y", joined=2, seen=now), node("z", joined=3, seen=now)]
+    return running(("a",), gen=2, max_nodes=3, last_checkpoint_step=7, last_checkpoint_at=T - 30,
+                   **job_kw), nodes
+
+
+def test_a_running_job_grows_up_to_max_right_after_a_checkpoint() -> None:
+    j, nodes = _growable()
+    # First the members are asked to checkpoint (the rescale restarts from the last commit).
+    ask = only(plan(T, cluster([j], nodes), POLICY), RequestCheckpoint)
+    assert ask.on and "then grow from 1 to 3" in ask.reason
+    asked = replace(j, checkpoint_requested_at=T)
+    assert checkpoint_now(asked, {n.id: n for n in nodes})  # the members are asked
+    assert not plan(T, cluster([asked], nodes), POLICY)  # the old commit does not count
+    committed = replace(asked, last_checkpoint_step=9, last_checkpoint_at=T)
+    start = only(plan(T, cluster([committed], nodes), POLICY), StartGeneration)
     assert start.members == ("a", "x", "y") and start.generation == 3
-    assert start.world_size == 6 and start.restore_step == 7 and "grow" in start.reason
+    assert start.world_size == 6 and start.restore_step == 9
+    assert "after the checkpoint at step 9" in start.reason
+
+
+def test_growth_goes_ahead_without_a_checkpoint_after_the_timeout_or_at_once_if_disabled() -> None:
+    j, nodes = _growable(T + 19.9, checkpoint_requested_at=T)
+    assert not plan(T + 19.9, cluster([j], nodes), POLICY)
+    j, nodes = _growable(T + 20, checkpoint_requested_at=T)
+    start = only(plan(T + 20, cluster([j], nodes), POLICY), StartGeneration)
+    assert start.restore_step == 7 and "no checkpoint within 20s" in start.reason
+    eager = replace(POLICY, grow_checkpoint_timeout_s=0)
+    j, nodes = _growable()
+    assert only(plan(T, cluster([j], nodes), eager), StartGeneration).members == ("a", "x", "y")
+
+
+def test_a_checkpoint_request_is_withdrawn_when_the_free_nodes_are_gone() -> None:
+    j, nodes = _growable(checkpoint_requested_at=T)
+    gone = [nodes[0]]
+    withdraw = only(plan(T, cluster([j], gone), POLICY), RequestCheckpoint)
+    assert not withdraw.on
 
 
 def test_joining_nodes_do_not_grow_a_job_until_the_batch_closes() -> None:
