@@ -72,6 +72,9 @@ class CheckpointConfig:
     """Writer threads per rank (one file each)."""
     upload_timeout_s: float = 900.0
     """How long a pending upload may take before it is abandoned as failed."""
+    writer_nice: int = 10
+    """Niceness of the background writer process (async_mode "process"): the upload takes the
+    CPU time training leaves idle rather than slowing the steps. 0 leaves it as it is."""
 
     def __post_init__(self) -> None:
         parse_uri(self.uri)
@@ -165,6 +168,7 @@ class Checkpointer:
         self.on_fenced = on_fenced
         self.fs = filesystem(self.loc)
         self._pending: _Pending | None = None
+        self._reniced = config.writer_nice == 0 or config.async_mode != "process"
         self._stager: DefaultStager | None = None
         self._pg = None
         self.last_saved_step = -1
@@ -283,8 +287,31 @@ class Checkpointer:
             return self.wait() is not None or self.rank != 0
         return True
 
+    def _renice_writer(self) -> None:
+        """Lower the priority of DCP's writer process once it exists.
+
+        DCP spawns it lazily from its own executor thread and keeps it in a module global; there
+        is no public handle, so if that private name moves we only lose the renice (logged once).
+        """
+        from torch.distributed.checkpoint import _async_process_executor as executor
+
+        proc = getattr(getattr(executor, "_CHECKPOINT_PROCESS", None), "_save_process", None)
+        pid = getattr(proc, "pid", None)
+        if pid is None:
+            if not hasattr(executor, "_CHECKPOINT_PROCESS"):
+                log.warning("cannot find DCP's writer process; it runs at normal priority")
+                self._reniced = True
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, self.config.writer_nice)
+        except OSError as exc:  # it may already be gone; nothing depends on its priority
+            log.warning("could not renice checkpoint writer %d: %s", pid, exc)
+        self._reniced = True
+
     def poll(self) -> Manifest | None:
         """Commit the pending save if its upload has finished. Cheap; call at every step."""
+        if not self._reniced:
+            self._renice_writer()
         if self._pending is None or not self._pending.upload.done():
             return None
         return self._finish()
