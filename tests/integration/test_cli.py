@@ -486,16 +486,18 @@ def test_submit_follow_runs_a_job_to_success_on_a_local_agent(
         assert follow_logs.returncode == 0 and follow_logs.stdout == logs.stdout
         cost = run_cli("cost", job_id, "--json", env=env)
         assert json.loads(cost.stdout)["job_id"] == job_id
+        # With the job over, the local fleet stops its agent (found by the test's private log
+        # dir on their command lines); nothing of the job is left running.
+        leftovers = _wait_gone(str(daemon.log_dir), timeout_s=60)
+        assert leftovers == [], "agents or training processes outlived the job"
     finally:
         for proc in started:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate(timeout=10)
         daemon.stop()
-        leftovers = _wait_gone(str(daemon.log_dir), timeout_s=30)
-        for pid in leftovers:
+        for pid in _pids_mentioning(str(daemon.log_dir)):
             os.kill(pid, signal.SIGKILL)
-    assert leftovers == [], "agents or training processes outlived the job and the daemon"
 
 
 def _pids_mentioning(text: str) -> list[int]:
