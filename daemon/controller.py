@@ -6,7 +6,8 @@ the coordinator gathers the snapshot, carries the decisions out and stores them.
 
 The rules, in the order `plan` applies them:
 
-1. A node not heard from for `lease_s` is LOST.
+1. A node not heard from for `lease_s` is LOST; a member of a generation with a failed rank
+   that has not been heard from since the failure, after `failure_lease_s`.
 2. Joins are batched: JOINING nodes become READY together once no node has joined for
    `settle_s` (or the oldest has waited `settle_max_s`).
 3. For each live job, oldest first:
@@ -15,7 +16,8 @@ The rules, in the order `plan` applies them:
      nodes.max), or back to PENDING if fewer than nodes.min remain;
    - a rank failed (non-zero exit) -> wait until every member has been heard from after the
      failure (alive: the program failed; count it, FAILED after max_failures in a row, else
-     restart) or until a member's lease says it died (rule 1, then a loss, not counted);
+     restart) or until a member's failure lease says it died (rule 1, then a loss, not
+     counted);
    - a DRAINING member leaves once a checkpoint committed after its notice, or its deadline
      (less a margin) comes; until then every member is asked to checkpoint now;
    - RESCALING -> RUNNING once every member reports running the current generation;
@@ -170,6 +172,8 @@ class Policy:
 
     lease_s: float = 2.0
     """A node silent this long is LOST."""
+    failure_lease_s: float = 1.25
+    """A member silent this long since its generation reported a failed rank is LOST."""
     settle_s: float = 1.0
     """Quiet period that closes a batch of joins."""
     settle_max_s: float = 3.0
@@ -242,14 +246,26 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
     decisions: list[Decision] = []
     nodes = dict(state.nodes)
 
-    # 1. Leases.
+    # 1. Leases. A member of a generation that reported a failed rank, and that has not been
+    # heard from since, gets the shorter failure lease: the failure already says something
+    # broke, the silence says where.
+    failed_at = {
+        m: j.failed_at for j in state.jobs if j.failed_at is not None for m in j.members
+    }
     for node in sorted(nodes.values(), key=lambda n: n.id):
+        if node.state is NodeState.LOST:
+            continue
         silent = now - node.last_seen
-        if node.state is not NodeState.LOST and silent > policy.lease_s:
+        since_failure = failed_at.get(node.id)
+        if since_failure is not None and node.last_seen <= since_failure:
+            lease, what = min(policy.failure_lease_s, policy.lease_s), "failure lease"
+        else:
+            lease, what = policy.lease_s, "lease"
+        if silent > lease:
             decisions.append(
                 NodeLost(
                     node_id=node.id,
-                    reason=f"node {node.id} silent for {silent:.1f}s > lease {policy.lease_s}s",
+                    reason=f"node {node.id} silent for {silent:.1f}s > {what} {lease}s",
                 )
             )
             nodes[node.id] = _with(node, state=NodeState.LOST)

@@ -55,6 +55,7 @@ def policy_of(config: DaemonConfig) -> Policy:
     """The controller's knobs from the daemon's config."""
     return Policy(
         lease_s=config.lease_s,
+        failure_lease_s=config.effective_failure_lease_s,
         settle_s=config.settle_s,
         settle_max_s=max(3 * config.settle_s, config.settle_s),
         drain_timeout_s=config.drain_timeout_s,

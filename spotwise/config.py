@@ -148,6 +148,12 @@ class DaemonConfig(_Config):
     lease_s: float = Field(
         2.0, gt=0, description="A node silent for this long is LOST; a few heartbeat intervals."
     )
+    failure_lease_s: float | None = Field(
+        None,
+        gt=0,
+        description="Lease of a member silent since its generation reported a failed rank; "
+        "default 2.5 heartbeat intervals (at most lease_s).",
+    )
     settle_s: float = Field(
         1.0, ge=0, description="Joins are batched: nodes that join within this window rescale once."
     )
@@ -223,6 +229,11 @@ class DaemonConfig(_Config):
         _check_host_port(self.listen, "listen")
         if self.metrics_listen:
             _check_host_port(self.metrics_listen, "metrics_listen")
+        if self.failure_lease_s is not None and self.failure_lease_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"failure_lease_s ({self.failure_lease_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s})"
+            )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
         if self.tls_require_client_cert and not self.tls_client_ca_file:
@@ -233,6 +244,12 @@ class DaemonConfig(_Config):
                 f"({self.heartbeat_interval_s}), or every node looks lost"
             )
         return self
+
+    @property
+    def effective_failure_lease_s(self) -> float:
+        """failure_lease_s, or 2.5 heartbeat intervals, never more than lease_s."""
+        value = self.failure_lease_s or 2.5 * self.heartbeat_interval_s
+        return min(value, self.lease_s)
 
     @property
     def db_path(self) -> Path:

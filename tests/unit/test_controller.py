@@ -26,7 +26,7 @@ from spotwise.daemon.controller import (
     plan_cancel,
 )
 
-POLICY = Policy(lease_s=2.0, settle_s=1.0, settle_max_s=3.0, drain_timeout_s=60.0,
+POLICY = Policy(lease_s=2.0, failure_lease_s=1.25, settle_s=1.0, settle_max_s=3.0, drain_timeout_s=60.0,
                 drain_margin_s=10.0, grow_checkpoint_timeout_s=20.0)
 T = 1000.0
 
@@ -192,17 +192,23 @@ def test_all_processes_exited_zero_means_succeeded() -> None:
     assert d.state is JobState.SUCCEEDED and d.release
 
 
-def test_a_rank_failure_waits_for_the_lease_to_confirm_a_dead_node() -> None:
+def test_a_rank_failure_waits_for_the_failure_lease_to_confirm_a_dead_node() -> None:
     # Rank 2 (node b) failed at T-0.3; b has not been heard from since: maybe dead, wait.
     nodes = [node("a", NodeState.ASSIGNED, job="j1", gen=1, seen=T),
              node("b", NodeState.ASSIGNED, job="j1", gen=1, seen=T - 0.5)]
     j = running(("a", "b"), exit_codes={0: 1, 2: -9}, failed_at=T - 0.3)
     assert not plan(T, cluster([j], nodes), POLICY)
-    # When b's lease runs out, it is a loss (not counted as the program's failure).
-    decisions = plan(T + 1.6, cluster([j], [replace(nodes[0], last_seen=T + 1.5), nodes[1]]), POLICY)
-    assert only(decisions, NodeLost).node_id == "b"
+    # Silent 1.25 s (< the 2 s lease) after a failure: lost, and a loss is not counted as
+    # the program's failure.
+    alive_a = replace(nodes[0], last_seen=T + 0.7)
+    decisions = plan(T + 0.8, cluster([j], [alive_a, nodes[1]]), POLICY)
+    lost = only(decisions, NodeLost)
+    assert lost.node_id == "b" and "failure lease 1.25s" in lost.reason
     start = only(decisions, StartGeneration)
     assert start.members == ("a",) and not start.count_failure
+    # Without a failure report, the same silence is within the lease.
+    calm = replace(j, exit_codes={}, failed_at=None)
+    assert not plan(T + 0.8, cluster([calm], [alive_a, nodes[1]]), POLICY)
 
 
 def test_a_rank_failure_with_every_node_alive_restarts_and_counts_a_failure() -> None:
