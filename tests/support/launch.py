@@ -53,3 +53,37 @@ def checked(result: subprocess.CompletedProcess, expect: int | tuple[int, ...] =
     codes = (expect,) if isinstance(expect, int) else expect
     assert result.returncode in codes, f"exit {result.returncode}, wanted {codes}:\n{result.stdout[-6000:]}"
     return result.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(script: Path | str, nproc: int, *args: str, env: dict[str, str] | None = None, logs: Path) -> list[subprocess.Popen]:
+    """Start `nproc` ranks with the torchrun environment, as a node agent does (no torchrun),
+    each in its own session so that tests can signal one rank by pid."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        rank_env = {
+            **os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        }
+        out = open(logs / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=rank_env, cwd=ROOT,
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=30)
