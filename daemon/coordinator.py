@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spotwise.daemon import controller
+from spotwise.daemon.budget import BudgetAction, BudgetJob, Ledger, NodePrice, plan_budget
 from spotwise.daemon.controller import (
     ClusterState,
     Decision,
@@ -100,6 +101,7 @@ class Coordinator:
         policy: Policy,
         heartbeat_interval_s: float,
         restart_grace_s: float = 15.0,
+        accounting_interval_s: float = 5.0,
         events: EventBus | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
@@ -109,6 +111,9 @@ class Coordinator:
         self.policy = policy
         self.heartbeat_interval_s = heartbeat_interval_s
         self.restart_grace_s = restart_grace_s
+        self.accounting_interval_s = accounting_interval_s
+        self.ledgers: dict[str, Ledger] = {}
+        self._next_accounting = 0.0
         self.events = events or EventBus(store)
         self.clock = clock
         self.jobs: dict[str, JobRecord] = {}
@@ -202,6 +207,9 @@ class Coordinator:
         decisions = controller.plan(now, self.snapshot(), self.policy)
         for decision in decisions:
             self.apply(decision, now)
+        if now >= self._next_accounting:
+            self._next_accounting = now + self.accounting_interval_s
+            self.account(now)
         if self.metrics is not None:
             self.metrics.set_jobs_by_state(Counter(j.state.value for j in self.jobs.values()))
         return decisions
@@ -274,6 +282,7 @@ class Coordinator:
         job.row.updated_at = now
         if d.count_failure:
             job.row.failures += 1
+        self._bill(job, now)
         self.store.put_job(job.row, conn)
         self.store.put_generation(
             GenerationRow(
@@ -304,6 +313,7 @@ class Coordinator:
             job.members = []
             job.checkpoint_requested_at = None
             job.row.world_size = 0
+            self._bill(job, now)
         job.row.state = d.state.value
         job.row.message = d.reason
         job.row.updated_at = now
@@ -363,6 +373,70 @@ class Coordinator:
         pending, self._pending = self._pending, []
         for row, final in pending:
             self.events.publish(row, final=final)
+
+    # ---- money (flow 8) -----------------------------------------------------------------
+
+    def _bill(self, job: JobRecord, now: float) -> Ledger:
+        """Charge the job's nodes up to now, and bill its current members from now on."""
+        ledger = self.ledgers.get(job.row.id)
+        if ledger is None:
+            # After a restart the spend so far comes from the store; the gap is not charged.
+            ledger = Ledger(last_tick=now, spent_usd=job.row.cost_usd,
+                            on_demand_equivalent_usd=job.row.cost_usd)
+        prices = {
+            n: NodePrice(usd_per_hour=self.nodes[n].row.price_per_hour)
+            for n in job.members
+            if n in self.nodes and self.nodes[n].state is not NodeState.LOST
+        }
+        ledger = ledger.tick(now, prices)
+        self.ledgers[job.row.id] = ledger
+        job.row.cost_usd = ledger.spent_usd
+        if self.metrics is not None:
+            self.metrics.set_cost_total(job.row.id, ledger.spent_usd)
+        return ledger
+
+    def account(self, now: float) -> None:
+        """An accounting tick: charge every live job, and stop those the budget cannot carry
+        for one more tick (BUDGET_EXHAUSTED; their agents' SIGTERM takes the final checkpoint)."""
+        stops = []
+        with self.store.transaction() as conn:
+            for job in self.jobs.values():
+                if job.state.terminal:
+                    continue
+                ledger = self._bill(job, now)
+                self.store.put_job(job.row, conn)
+                decision = plan_budget(
+                    now,
+                    BudgetJob(job_id=job.row.id, budget_usd=job.spec.budget_usd,
+                              remaining_samples=0,  # unknown to the daemon: no projection
+                              samples_per_second=job.row.samples_per_second,
+                              nodes=len(job.members)),
+                    ledger,
+                    tick_s=self.accounting_interval_s,
+                )
+                if decision.action is BudgetAction.STOP:
+                    stops.append(controller.SetJobState(
+                        job_id=job.row.id, state=JobState.BUDGET_EXHAUSTED, release=True,
+                        reason=decision.reason))
+        for stop in stops:
+            self.apply(stop, now)
+
+    def cost_report(self, job: JobRecord, now: float | None = None) -> jobs_pb2.CostReport:
+        now = self.clock() if now is None else now
+        ledger = self.ledgers.get(job.row.id)
+        spent = ledger.spent_at(now) if ledger is not None and not job.state.terminal else (
+            job.row.cost_usd)
+        rate = ledger.rate_usd_per_hour if ledger is not None and not job.state.terminal else 0.0
+        on_demand = ledger.on_demand_equivalent_usd if ledger is not None else spent
+        return jobs_pb2.CostReport(
+            job_id=job.row.id,
+            spent_usd=spent,
+            rate_usd_per_hour=rate,
+            budget_usd=job.spec.budget_usd,
+            on_demand_equivalent_usd=max(on_demand, spent),
+            savings_usd=max(0.0, on_demand - spent),
+            price_source="agents (price_per_hour at Register)",
+        )
 
     # ---- users' requests ----------------------------------------------------------------
 

@@ -167,6 +167,7 @@ class Daemon:
             policy=policy_of(config),
             heartbeat_interval_s=config.heartbeat_interval_s,
             restart_grace_s=config.restart_grace_s,
+            accounting_interval_s=config.accounting_interval_s,
             metrics=self.metrics,
             clock=self._clock,
         )

@@ -119,16 +119,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             job = self._c.job(request.job_id)
         except UnknownJob:
             await _abort_unknown(context, request.job_id)
-        rate = sum(
-            self._c.nodes[n].row.price_per_hour for n in job.members if n in self._c.nodes
-        )
-        return jobs_pb2.CostReport(
-            job_id=job.row.id,
-            spent_usd=job.row.cost_usd,
-            rate_usd_per_hour=rate,
-            budget_usd=job.spec.budget_usd,
-            price_source="agents",
-        )
+        return self._c.cost_report(job)
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):

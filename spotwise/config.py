@@ -172,6 +172,12 @@ class DaemonConfig(_Config):
     tick_s: float = Field(
         0.1, gt=0, le=5, description="How often the control loop runs the controller."
     )
+    accounting_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often jobs are charged and budgets checked (a job never overspends by "
+        "more than one interval's cost).",
+    )
     drain_timeout_s: float = Field(
         90.0,
         gt=0,

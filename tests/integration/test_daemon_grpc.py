@@ -69,10 +69,12 @@ def spec(**kw: object) -> jobs_pb2.JobSpec:
 class Agent:
     """The agent side of the protocol, heartbeating in a thread like the real agent."""
 
-    def __init__(self, channel: grpc.Channel, address: str, store_port: int) -> None:
+    def __init__(self, channel: grpc.Channel, address: str, store_port: int, *,
+                 price_per_hour: float = 0.0) -> None:
         self.stub = agent_pb2_grpc.AgentServiceStub(channel)
         self.address = address
         self.store_port = store_port
+        self.price_per_hour = price_per_hour
         self.node_id = ""
         self.job_id = ""
         self.generation = 0
@@ -84,6 +86,7 @@ class Agent:
         resp = self.stub.Register(
             agent_pb2.RegisterRequest(node_id=self.node_id, address=self.address,
                                       store_port=self.store_port, slots=2,
+                                      price_per_hour=self.price_per_hour,
                                       current_job_id=self.job_id,
                                       current_generation=self.generation),
             timeout=RPC_TIMEOUT_S,
@@ -420,6 +423,31 @@ def test_a_restarted_daemon_reloads_its_state_and_reconciles_re_registering_agen
             assert get(jobs, job_id).generation == 1
         finally:
             back.stop()
+
+
+def test_a_job_is_charged_and_stopped_before_it_overspends_its_budget(tmp_path: Path) -> None:
+    # $3600/h is $1/s; with a $3 budget and 0.2 s accounting ticks the job must stop once
+    # one more tick would pass $3, so it never spends more than $3.
+    cfg = config(tmp_path / "state").model_copy(update={"accounting_interval_s": 0.2})
+    with DaemonThread(cfg) as d, grpc.insecure_channel(d.address) as ch:
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        job_id = submit(jobs, nodes={"min": 1, "max": 1}, nproc_per_node=1, budget_usd=3.0)
+        agent = Agent(ch, "10.0.0.1", 5001, price_per_hour=3600.0)
+        agent.register()
+        agent.start()
+        try:
+            wait_for("generation 1", lambda: agent.assignment.generation == 1)
+            cost = jobs.GetCost(jobs_pb2.GetCostRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+            assert cost.rate_usd_per_hour == 3600.0 and cost.budget_usd == 3.0
+            job = wait_for("BUDGET_EXHAUSTED", lambda: (j := get(jobs, job_id)).state
+                           == jobs_pb2.JOB_STATE_BUDGET_EXHAUSTED and j)
+            assert 2.0 < job.cost_usd <= 3.0, job.cost_usd
+            assert "budget" in job.message
+            wait_for("the node told to stop", lambda: not agent.assignment.job_id)
+            final = jobs.GetCost(jobs_pb2.GetCostRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)
+            assert final.spent_usd == pytest.approx(job.cost_usd) and final.rate_usd_per_hour == 0
+        finally:
+            agent.stop()
 
 
 # ---- health and reflection ------------------------------------------------------------------------
