@@ -12,10 +12,12 @@ respect to the others, which is what keeps a heartbeat from seeing half a rescal
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -199,6 +201,20 @@ class Coordinator:
         except KeyError:
             raise UnknownJob(job_id) from None
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A store transaction; if it fails, memory is reloaded from the store, so that a
+        change that was not stored did not happen (and its events are not published)."""
+        try:
+            with self.store.transaction() as conn:
+                yield conn
+        except BaseException:
+            self._pending.clear()
+            log.exception("a store transaction failed: reloading the state from %s",
+                          self.store.path)
+            self.load()
+            raise
+
     # ---- the control loop ----------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> list[Decision]:
@@ -215,7 +231,7 @@ class Coordinator:
         return decisions
 
     def apply(self, decision: Decision, now: float) -> None:
-        with self.store.transaction() as conn:
+        with self._transaction() as conn:
             if isinstance(decision, NodeLost):
                 self._node_lost(decision, now, conn)
             elif isinstance(decision, NodesReady):
@@ -237,7 +253,7 @@ class Coordinator:
                 raise AssertionError(f"unknown decision {decision!r}")
         self._flush()
 
-    def _node_lost(self, d: NodeLost, now: float, conn) -> None:  # noqa: ANN001
+    def _node_lost(self, d: NodeLost, now: float, conn: sqlite3.Connection) -> None:
         rec = self.nodes[d.node_id]
         rec.row.state = NodeState.LOST.value
         self.store.put_node(rec.row, conn)
@@ -248,7 +264,7 @@ class Coordinator:
             if self.metrics is not None:
                 self.metrics.inc_preemptions(job.row.id)
 
-    def _start_generation(self, d: StartGeneration, now: float, conn) -> None:  # noqa: ANN001
+    def _start_generation(self, d: StartGeneration, now: float, conn: sqlite3.Connection) -> None:
         job = self.jobs[d.job_id]
         old_state = job.state
         assert d.state is old_state or controller.can_transition(old_state, d.state), (
@@ -303,7 +319,7 @@ class Coordinator:
             self.metrics.set_job_world_size(job.row.id, d.world_size)
         self._event(conn, job, now, "generation", d.reason)
 
-    def _set_job_state(self, d: SetJobState, now: float, conn) -> None:  # noqa: ANN001
+    def _set_job_state(self, d: SetJobState, now: float, conn: sqlite3.Connection) -> None:
         job = self.jobs[d.job_id]
         assert controller.can_transition(job.state, d.state), f"{job.state} -> {d.state}"
         if d.release:
@@ -328,7 +344,7 @@ class Coordinator:
         self._event(conn, job, now, "state", f"{d.state.value}: {d.reason}",
                     final=d.state.terminal)
 
-    def _end_generation(self, job: JobRecord, now: float, conn) -> None:  # noqa: ANN001
+    def _end_generation(self, job: JobRecord, now: float, conn: sqlite3.Connection) -> None:
         if job.row.generation == 0 or not job.members:
             return
         self.store.put_generation(
@@ -346,7 +362,7 @@ class Coordinator:
             conn,
         )
 
-    def _release(self, node_id: str, conn) -> None:  # noqa: ANN001
+    def _release(self, node_id: str, conn: sqlite3.Connection) -> None:
         node = self.nodes.get(node_id)
         if node is None:
             return
@@ -356,8 +372,8 @@ class Coordinator:
         node.row.node_rank = 0
         self.store.put_node(node.row, conn)
 
-    def _event(self, conn, job: JobRecord, now: float, kind: str, message: str,  # noqa: ANN001
-               *, final: bool = False) -> None:
+    def _event(self, conn: sqlite3.Connection, job: JobRecord, now: float, kind: str,
+               message: str, *, final: bool = False) -> None:
         row = EventRow(
             job_id=job.row.id,
             time=now,
@@ -399,7 +415,7 @@ class Coordinator:
         """An accounting tick: charge every live job, and stop those the budget cannot carry
         for one more tick (BUDGET_EXHAUSTED; their agents' SIGTERM takes the final checkpoint)."""
         stops = []
-        with self.store.transaction() as conn:
+        with self._transaction() as conn:
             for job in self.jobs.values():
                 if job.state.terminal:
                     continue
@@ -454,12 +470,12 @@ class Coordinator:
             message="waiting for nodes",
         )
         job = JobRecord(row=row, spec=spec)
-        with self.store.transaction() as conn:
+        with self._transaction() as conn:
             self.store.put_job(row, conn)
-            self.jobs[job_id] = job
             self._event(conn, job, now, "state",
                         f"PENDING: submitted, wants {spec.nodes.min}-{spec.nodes.max} node(s) "
                         f"x {spec.nproc_per_node} process(es)")
+        self.jobs[job_id] = job
         self._flush()
         log.info("job=%s: submitted (%s)", job_id, spec.name or "unnamed")
         return job
@@ -532,7 +548,8 @@ class Coordinator:
             rec.last_seen = now
         rec.reported_job_id = req.current_job_id
         rec.reported_generation = req.current_generation
-        self.store.put_node(rec.row)
+        with self._transaction() as conn:
+            self.store.put_node(rec.row, conn)
         log.info("node=%s job=%s generation=%d address=%s:%d: %s", node_id,
                  req.current_job_id or "-", req.current_generation, req.address, req.store_port,
                  reason)
@@ -584,7 +601,7 @@ class Coordinator:
                     "job=%s generation=%d node=%s: %s", job.row.id, job.row.generation, node_id,
                     detail)
             if failed:
-                with self.store.transaction() as conn:
+                with self._transaction() as conn:
                     self._event(conn, job, now, "node", f"{node_id}: {detail}")
                 self._flush()
         return failed
@@ -651,7 +668,7 @@ class Coordinator:
                 notice: agent_pb2.InterruptionNotice, now: float) -> None:
         message = (f"node {rec.row.id}: interruption notice {notice.action or '?'}"
                    + (f", gone in {notice.deadline - now:.0f}s" if notice.deadline else ""))
-        with self.store.transaction() as conn:
+        with self._transaction() as conn:
             if rec.state is not NodeState.DRAINING:
                 rec.row.state = NodeState.DRAINING.value
                 rec.row.drain_since = now
@@ -667,7 +684,7 @@ class Coordinator:
 
     def _checkpoint(self, job: JobRecord, req: agent_pb2.ReportEventRequest, now: float) -> None:
         c = req.checkpoint_committed
-        with self.store.transaction() as conn:
+        with self._transaction() as conn:
             self.store.add_checkpoint(
                 CheckpointRow(job_id=job.row.id, generation=req.generation, step=c.step,
                               path=c.path, bytes=c.bytes, cursor=c.cursor, committed_at=now),
@@ -688,7 +705,7 @@ class Coordinator:
                  job.row.generation, c.step, c.path)
 
     def _progress(self, job: JobRecord, p: agent_pb2.Progress, now: float) -> None:
-        with self.store.transaction() as conn:
+        with self._transaction() as conn:
             job.row.step = p.step
             job.row.loss = p.loss
             job.row.samples_per_second = p.samples_per_second

@@ -1,0 +1,89 @@
+"""The coordinator on a real SQLite store with a fake clock: decisions carried out and stored."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from spotwise.daemon.controller import JobState, NodeState, Policy
+from spotwise.daemon.coordinator import Coordinator
+from spotwise.daemon.store import Store
+from spotwise.proto.v1 import agent_pb2
+from spotwise.spec import JobSpec
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(tmp_path: Path, clock: Clock) -> Coordinator:
+    policy = Policy(lease_s=2.0, settle_s=0.5, settle_max_s=1.5, grow_checkpoint_timeout_s=0)
+    return Coordinator(Store(tmp_path / "db"), policy=policy, heartbeat_interval_s=0.5,
+                       clock=clock)
+
+
+def spec(**kw: object) -> JobSpec:
+    base: dict[str, object] = {"entrypoint": ["python", "t.py"], "checkpoint": {"uri": "/c"},
+                               "global_batch_size": 4, "nodes": {"min": 1, "max": 2}}
+    base.update(kw)
+    return JobSpec.model_validate(base)
+
+
+def join(coord: Coordinator, address: str) -> str:
+    return coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1)
+                          ).node_id
+
+
+def test_lost_steps_count_the_work_replayed_from_the_last_commit(tmp_path: Path) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec().to_proto())
+    a, b = join(coord, "10.0.0.1"), join(coord, "10.0.0.2")
+    clock.now += 1
+    coord.tick()
+    assert job.row.generation == 1 and sorted(job.members) == sorted([a, b])
+    report = agent_pb2.ReportEventRequest(node_id=a, job_id=job.row.id, generation=1)
+    report.checkpoint_committed.step = 10
+    assert coord.report(report).accepted
+    report = agent_pb2.ReportEventRequest(node_id=a, job_id=job.row.id, generation=1)
+    report.progress.step = 14
+    assert coord.report(report).accepted
+    # b goes silent; a keeps heartbeating.
+    clock.now += 2.5
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=a, job_id=job.row.id, generation=1))
+    coord.tick()
+    assert coord.nodes[b].state is NodeState.LOST
+    assert job.row.generation == 2 and job.members == [a]
+    assert job.row.lost_steps == 4 and job.row.step == 10
+    # What was decided is what is stored.
+    again = make(tmp_path, clock)
+    stored = again.jobs[job.row.id]
+    assert stored.members == [a] and stored.row.lost_steps == 4
+    assert stored.state is JobState.RESCALING and again.nodes[b].state is NodeState.LOST
+
+
+def test_a_failed_store_write_leaves_memory_as_stored(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec().to_proto())
+    join(coord, "10.0.0.1")
+    clock.now += 1
+
+    def disk_full(*args: object, **kwargs: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(coord.store, "add_event", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        coord.tick()  # starting generation 1 stores an event, which fails
+    job = coord.jobs[job.row.id]
+    assert job.state is JobState.PENDING and job.row.generation == 0 and not job.members
+    monkeypatch.undo()
+    coord.tick()  # the disk has room again: the same decision goes through
+    assert coord.jobs[job.row.id].row.generation == 1
