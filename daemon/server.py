@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.fleet import FleetLoop
 from spotwise.daemon.metrics import Metrics, MetricsExporter, start_exporter
 from spotwise.daemon.servicers import AgentServicer, JobServicer
-from spotwise.daemon.store import Store
+from spotwise.daemon.store import Store, StoreError
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,13 @@ class Daemon:
             except OSError as exc:
                 raise RuntimeError(f"cannot serve metrics on {config.metrics_listen}: {exc}"
                                    ) from exc
-        self.store = Store(config.db_path)
+        try:
+            self.store = Store(config.db_path)
+        except (OSError, sqlite3.Error, StoreError) as exc:
+            if self.metrics_exporter is not None:
+                self.metrics_exporter.close()
+                self.metrics_exporter = None
+            raise RuntimeError(f"cannot open the state database {config.db_path}: {exc}") from exc
         self.coordinator = Coordinator(
             self.store,
             policy=policy_of(config),

@@ -495,10 +495,14 @@ def test_tokens_from_the_config_are_checked_by_role(tmp_path: Path) -> None:
                               metadata=bearer_metadata(client.token)).job_id
 
 
-def test_the_daemon_refuses_plaintext_beyond_loopback_and_a_taken_port(tmp_path: Path) -> None:
+def test_the_daemon_refuses_plaintext_beyond_loopback_a_bad_state_dir_and_a_taken_port(tmp_path: Path) -> None:
     wide = config(tmp_path / "a").model_copy(update={"listen": "0.0.0.0:0"})
     with pytest.raises(RuntimeError, match="without TLS"):
         DaemonThread(wide).start()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RuntimeError, match="state database"):
+        DaemonThread(config(blocker / "state")).start()
     with DaemonThread(config(tmp_path / "b")) as first:
         taken = config(tmp_path / "c").model_copy(update={"listen": first.address})
         with pytest.raises(RuntimeError, match="cannot listen"):
