@@ -30,11 +30,12 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+from spotwise.worker.dcp_reader import LocalReader, RemoteReader
 from spotwise.worker.storage import (
     AlreadyExists,
     StorageError,
@@ -228,8 +229,8 @@ class Checkpointer:
 
     def _reader(self, data_url: str):
         if self.loc.scheme == "s3":
-            return FsspecReader(data_url, **storage_options(self.loc))
-        return dcp.FileSystemReader(data_url)
+            return RemoteReader(data_url, **storage_options(self.loc))
+        return LocalReader(data_url)
 
     @property
     def pending_step(self) -> int | None:

@@ -1,0 +1,63 @@
+import io
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from spotwise.worker.dcp_reader import load_tensor
+
+
+def _saved(t):
+    b = io.BytesIO()
+    torch.save(t, b)
+    b.seek(0)
+    return b
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.arange(12.0).view(3, 4)[1:],  # a view with a storage offset
+        torch.randn(5, 7).t(),  # non-contiguous strides
+        torch.zeros(5, dtype=torch.bfloat16),
+        torch.tensor(3.5),  # 0-d
+        torch.empty(0, 4),
+        torch.arange(10, dtype=torch.int64)[2:9:3],
+        torch.randint(0, 255, (33,), dtype=torch.uint8),
+    ],
+)
+def test_round_trips_exactly(tensor):
+    got = load_tensor(_saved(tensor))
+    assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_that_calls_anything_else_is_not_executed(tmp_path, monkeypatch):
+    # Build a torch.save-shaped archive whose data.pkl calls os.system.
+    b = _saved(torch.zeros(2))
+    src = zipfile.ZipFile(b)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name in src.namelist():
+            data = pickle.dumps(_Evil(), protocol=2) if name.endswith("data.pkl") else src.read(name)
+            z.writestr(name, data)
+    out.seek(0)
+    called = []
+    monkeypatch.setattr("os.system", lambda cmd: called.append(cmd))
+    # The restricted unpickler refuses; torch.load (weights_only) refuses too.
+    with pytest.raises(pickle.UnpicklingError):
+        load_tensor(out)
+    assert called == []
+
+
+def test_not_an_archive_falls_back_to_torch_load_which_refuses():
+    with pytest.raises(Exception) as err:
+        load_tensor(io.BytesIO(b"\0" * 64))
+    assert not isinstance(err.value, AssertionError)
