@@ -85,6 +85,13 @@ class NodeRecord:
         return NodeState(self.row.state)
 
 
+def _set_node_state(rec: NodeRecord, state: NodeState) -> None:
+    """Change a node's state along controller.NODE_TRANSITIONS (a programmer error otherwise)."""
+    if rec.state is not state:
+        assert state in controller.NODE_TRANSITIONS[rec.state], f"{rec.state} -> {state}"
+        rec.row.state = state.value
+
+
 def job_state_proto(state: JobState) -> int:
     return jobs_pb2.JobState.Value(f"JOB_STATE_{state.value}")
 
@@ -237,7 +244,7 @@ class Coordinator:
             elif isinstance(decision, NodesReady):
                 for node_id in decision.node_ids:
                     rec = self.nodes[node_id]
-                    rec.row.state = NodeState.READY.value
+                    _set_node_state(rec, NodeState.READY)
                     self.store.put_node(rec.row, conn)
                 log.info("nodes=%s: READY: %s", ",".join(decision.node_ids), decision.reason)
             elif isinstance(decision, StartGeneration):
@@ -255,7 +262,7 @@ class Coordinator:
 
     def _node_lost(self, d: NodeLost, now: float, conn: sqlite3.Connection) -> None:
         rec = self.nodes[d.node_id]
-        rec.row.state = NodeState.LOST.value
+        _set_node_state(rec, NodeState.LOST)
         self.store.put_node(rec.row, conn)
         log.warning("node=%s job=%s: LOST: %s", d.node_id, rec.row.job_id or "-", d.reason)
         job = self.jobs.get(rec.row.job_id)
@@ -280,7 +287,7 @@ class Coordinator:
         for rank, node_id in enumerate(d.members):
             node = self.nodes[node_id]
             if node.state is not NodeState.DRAINING:
-                node.row.state = NodeState.ASSIGNED.value
+                _set_node_state(node, NodeState.ASSIGNED)
             node.row.job_id = job.row.id
             node.row.node_rank = rank
             self.store.put_node(node.row, conn)
@@ -367,7 +374,7 @@ class Coordinator:
         if node is None:
             return
         if node.state is NodeState.ASSIGNED:
-            node.row.state = NodeState.READY.value
+            _set_node_state(node, NodeState.READY)
         node.row.job_id = ""
         node.row.node_rank = 0
         self.store.put_node(node.row, conn)
@@ -534,15 +541,17 @@ class Coordinator:
             if member and req.current_job_id == rec.row.job_id:
                 reason = (f"re-registered running generation {req.current_generation} of "
                           f"{req.current_job_id}: kept")
-            elif rec.state is NodeState.DRAINING and not member:
+            elif rec.state is NodeState.DRAINING:
+                # Under notice it never gets work again; if it was a member, its job sees a loss.
                 reason = "re-registered while draining: stays out"
+                rec.row.job_id = ""
             else:
                 if member:
                     reason = (f"re-registered without its processes (runs "
                               f"{req.current_job_id or 'nothing'}): rejoins, its job sees a loss")
                 else:
                     reason = "re-registered: joins again"
-                rec.row.state = NodeState.JOINING.value
+                _set_node_state(rec, NodeState.JOINING)
                 rec.row.job_id = ""
                 rec.row.joined_at = now
             rec.last_seen = now
@@ -670,7 +679,7 @@ class Coordinator:
                    + (f", gone in {notice.deadline - now:.0f}s" if notice.deadline else ""))
         with self._transaction() as conn:
             if rec.state is not NodeState.DRAINING:
-                rec.row.state = NodeState.DRAINING.value
+                _set_node_state(rec, NodeState.DRAINING)
                 rec.row.drain_since = now
                 rec.row.drain_deadline = notice.deadline or None
                 self.store.put_node(rec.row, conn)
