@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -98,10 +101,15 @@ def make_provider(config: DaemonConfig) -> Provider | None:
     if config.provider == "local":
         from spotwise.cloud.local import LocalProvider
 
+        # Training entrypoints say "python": make it this interpreter (the one with torch and
+        # spotwise) even when the daemon was started without activating its virtualenv.
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return LocalProvider(
             log_dir=config.effective_log_dir,
             grace_s=config.grace_s,
             max_nodes=config.local_max_nodes,
+            env=env,
         )
     return None
 

@@ -194,9 +194,6 @@ class DaemonConfig(_Config):
     local_max_nodes: int = Field(
         3, ge=0, description="local provider: the most agent subprocesses it runs at once."
     )
-    local_slots: int = Field(
-        1, ge=1, description="local provider: training processes each local agent can run."
-    )
     fleet_interval_s: float = Field(
         2.0, gt=0, description="How often the fleet reconciler compares wanted and existing nodes."
     )
