@@ -673,6 +673,23 @@ class Coordinator:
             return agent_pb2.ReportEventResponse(accepted=False, reason="no event in the report")
         return agent_pb2.ReportEventResponse(accepted=True)
 
+    def cloud_notice(self, instance_id: str, action: str, deadline: float,
+                     now: float | None = None) -> bool:
+        """A notice the cloud sent about an instance (read from a queue, not from its agent).
+        Drains the node running on it; False if no live node has this instance id."""
+        now = self.clock() if now is None else now
+        rec = next((r for r in self.nodes.values()
+                    if instance_id and r.row.instance_id == instance_id
+                    and r.state is not NodeState.LOST), None)
+        if rec is None:
+            log.info("instance=%s: interruption notice %s for no known node", instance_id, action)
+            return False
+        job = self.jobs.get(rec.row.job_id) if rec.row.job_id else None
+        if job is not None and (rec.row.id not in job.members or job.state.terminal):
+            job = None
+        self._notice(rec, job, agent_pb2.InterruptionNotice(action=action, deadline=deadline), now)
+        return True
+
     def _notice(self, rec: NodeRecord, job: JobRecord | None,
                 notice: agent_pb2.InterruptionNotice, now: float) -> None:
         message = (f"node {rec.row.id}: interruption notice {notice.action or '?'}"

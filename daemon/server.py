@@ -39,6 +39,7 @@ from spotwise.daemon.controller import Policy
 from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.fleet import FleetLoop
 from spotwise.daemon.metrics import Metrics, MetricsExporter, start_exporter
+from spotwise.daemon.notices import NoticeLoop
 from spotwise.daemon.servicers import AgentServicer, JobServicer
 from spotwise.daemon.store import Store, StoreError
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -229,8 +230,24 @@ class Daemon:
                 max_nodes=config.local_max_nodes if config.provider == "local" else 0,
             )
             self._tasks.append(asyncio.create_task(fleet.run(self._stop), name="fleet-loop"))
+        if config.notice_queue_url:
+            self._tasks.append(asyncio.create_task(
+                self._notice_loop().run(self._stop), name="notice-loop"))
         log.info("daemon serving on %s (state %s, provider %s)", self.address, config.db_path,
                  self.provider.name if self.provider else "none")
+
+    def _notice_loop(self) -> NoticeLoop:
+        from spotwise.cloud.sqs_events import SqsEventsConfig, SqsNoticeReader
+
+        config = self.config
+        assert self.coordinator is not None
+        reader = SqsNoticeReader(SqsEventsConfig(
+            queue_url=config.notice_queue_url,
+            region=config.notice_queue_region,
+            endpoint_url=config.notice_queue_endpoint_url or None,
+            wait_time_s=config.notice_queue_wait_s,
+        ))
+        return NoticeLoop(reader, self.coordinator, wait_time_s=config.notice_queue_wait_s)
 
     async def _control_loop(self) -> None:
         assert self.coordinator is not None

@@ -223,6 +223,16 @@ class DaemonConfig(_Config):
     checkpoint_prefixes: list[str] = Field(
         default_factory=list, description="Jobs may checkpoint only under these (empty: anywhere)."
     )
+    notice_queue_url: str = Field(
+        "", description="SQS queue of EventBridge spot interruption events; empty = none."
+    )
+    notice_queue_region: str = Field("us-east-1", description="Region of notice_queue_url.")
+    notice_queue_endpoint_url: str = Field(
+        "", description="SQS endpoint override (a local test server); empty = AWS."
+    )
+    notice_queue_wait_s: int = Field(
+        10, ge=0, le=20, description="Long-poll wait of each read of the notice queue."
+    )
     metrics_listen: str = Field(
         "", description="host:port of the Prometheus exporter; empty = no exporter."
     )
