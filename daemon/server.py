@@ -1,4 +1,4 @@
-"""The daemon process: the gRPC server, the control loop and the fleet loop.
+"""The daemon process: the gRPC server, the control loop, the fleet loop and the notice loop.
 
     await serve(config)              # `spotwise daemon`: runs until SIGTERM/SIGINT
 
@@ -12,6 +12,9 @@ The server carries JobService, AgentService, standard health checking (spotwise.
 spotwise.v1.AgentService and "" report SERVING while the daemon runs, NOT_SERVING while it
 stops) and server reflection. The control loop runs the controller every `tick_s`; agents'
 reports that need an answer at once (a failed rank, a commit, a notice) run it immediately.
+With a provider, the fleet loop launches and terminates nodes; with `notice_queue_url`, the
+notice loop drains nodes on the interruption notices it reads from SQS. Security (tokens,
+TLS, the loopback rule) and the Prometheus exporter come from the config.
 """
 
 from __future__ import annotations
