@@ -278,11 +278,19 @@ def test_frozen_node_comes_back_fenced(cluster: Cluster) -> None:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-    t_cont = time.time()
     # The revived node's old-generation processes are stopped by its agent.
     frozen_trainers = [p for p in pids if p in _job_pids(job_id)]
     _until(lambda: not any(_alive(p) for p in frozen_trainers), 30,
            "the frozen generation's processes to go")
+    # Back, the agent registers again and is told to drop its old ranks; it may only join a
+    # newer generation.
+    agent_log = cluster.log_dir / "agents" / f"{victim}.log"
+    text = _until(lambda: (t := agent_log.read_text()) and "registering again" in t and
+                  re.search(r"assignment \S+ g\d+ -> nothing", t.split("registering again")[1])
+                  and t, 30, "the revived agent to drop its old assignment")
+    after = text.split("registering again", 1)[1]
+    taken = [int(g) for g in re.findall(r"assignment (?:\S+ g\d+|nothing) -> \S+ g(\d+)", after)]
+    assert all(g > moved.generation for g in taken), (taken, moved.generation)
     final = _until(lambda: (j := cluster.job(job_id)) and
                    state_name(j.state) in ("SUCCEEDED", "FAILED", "CANCELLED") and j, 240,
                    "the job to end")
@@ -298,4 +306,3 @@ def test_frozen_node_comes_back_fenced(cluster: Cluster) -> None:
     verify_ledger(str(ledger), dataset_size=DATASET_SIZE, global_batch_size=GLOBAL_BATCH)
     # Later generations may take the node back, but only as a newer generation's member.
     assert final.generation > moved.generation or final.world_size == 1
-    assert t_cont > 0
