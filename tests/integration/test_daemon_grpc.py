@@ -42,8 +42,10 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float = 10.0) -> 
 
 
 def config(state_dir: Path) -> DaemonConfig:
+    # Fast, but with leases long enough that a loaded 2-core machine does not lose nodes.
     return DaemonConfig(listen="127.0.0.1:0", state_dir=state_dir, heartbeat_interval_s=0.1,
-                        lease_s=1.0, settle_s=0.2, tick_s=0.05, grow_checkpoint_timeout_s=5.0)
+                        lease_s=2.0, failure_lease_s=1.0, settle_s=0.2, tick_s=0.05,
+                        grow_checkpoint_timeout_s=5.0)
 
 
 @pytest.fixture

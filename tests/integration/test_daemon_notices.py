@@ -49,7 +49,7 @@ def test_a_queued_spot_warning_drains_the_node_on_that_instance(tmp_path: Path,
                                                                 queue: tuple[str, str]) -> None:
     endpoint, url = queue
     cfg = DaemonConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state", heartbeat_interval_s=0.1,
-                       lease_s=1.0, settle_s=0.1, tick_s=0.05, notice_queue_url=url,
+                       lease_s=2.0, settle_s=0.1, tick_s=0.05, notice_queue_url=url,
                        notice_queue_endpoint_url=endpoint, notice_queue_wait_s=1)
     with DaemonThread(cfg) as d, grpc.insecure_channel(d.address) as ch:
         jobs = jobs_pb2_grpc.JobServiceStub(ch)
