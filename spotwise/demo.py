@@ -184,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.kill_at < args.add_at < 1:
         console.print("spotwise demo: need 0 < --kill-at < --add-at < 1")
         return 2
+    if not 2 <= args.nodes <= 3:
+        console.print("spotwise demo: --nodes must be 2 or 3 (the job runs on 1 to 3 nodes)")
+        return 2
     try:
         script = _find_script(args.script)
     except ValueError as e:
@@ -258,7 +261,8 @@ def _drive(client: Client, provider, request, job_id: str, view: LiveView,
             timeline.add(f"daemon call failed: {e}")
             time.sleep(0.5)
             continue
-        view.set_job(job) if view.job is None or job.updated_at >= view.job.updated_at else None
+        if view.job is None or job.updated_at >= view.job.updated_at:
+            view.set_job(job)
         if job.generation != last_gen:
             last_gen = job.generation
             timeline.add(f"generation {job.generation}: world size {job.world_size}")

@@ -255,7 +255,7 @@ class Agent:
         same job replaces the running one and its fence marker is written."""
         self.config = config
         self.switch_grace_s = switch_grace_s
-        self.log_dir = Path(config.effective_log_dir)
+        self.log_dir = Path(config.effective_log_dir).absolute()
         self.node_id = config.node_id
         self.max_disconnect_s = max_disconnect_s
         self.poll_interval_s = poll_interval_s
@@ -290,6 +290,7 @@ class Agent:
     async def run(self) -> int:
         """Serve until stopped. Returns 0 on a requested stop; raises AgentError when the
         daemon refuses the node or stays unreachable for max_disconnect_s."""
+        self._kill_orphans()
         self.store = StoreHost()
         log.info("agent %s: store on port %d, daemon %s, log dir %s",
                  self.config.provider_node or "-", self.store.port, self.config.daemon,
@@ -311,12 +312,58 @@ class Agent:
             await channel.close()
             self.store.close()
 
+    # ---- orphans of an earlier life --------------------------------------------------------
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the agent lists its training processes' pids, so that an agent restarted
+        after a crash can kill the ones its previous life left behind (they run in sessions
+        of their own, so the agent's death does not take them along)."""
+        name = self.config.provider_node or self.config.node_id or "agent"
+        return Path(self.config.state_dir) / "agents" / f"{name}.pids"
+
+    def _save_pids(self) -> None:
+        pids = [p.pid for s in (self.current, *self._stopping) if s is not None
+                for p in s.processes if p.running]
+        path = self.pid_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pids))
+        os.replace(tmp, path)
+
+    def _kill_orphans(self) -> None:
+        try:
+            pids = json.loads(self.pid_file.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("agent: unreadable pid file %s: %s", self.pid_file, e)
+            return
+        for pid in pids:
+            # Guard against pid reuse: only a process that carries a spotwise job's
+            # environment and writes its events under our log dir is one of ours.
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            events = next((v for v in environ if v.startswith(b"SPOTWISE_EVENTS_FILE=")), b"")
+            if not events.startswith(b"SPOTWISE_EVENTS_FILE=" + bytes(self.log_dir)):
+                continue
+            log.warning("agent: killing pid %d (and its group), left running by an earlier "
+                        "life of this agent", pid)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.pid_file.unlink(missing_ok=True)
+
     async def _stop_all(self) -> None:
         sups = [s for s in (self.current, *self._stopping) if s is not None]
         await asyncio.gather(*(s.stop(self.config.grace_s) for s in sups))
         for s in sups:
             self._collect(s)
         self.current = None
+        self._save_pids()
 
     # ---- daemon calls ---------------------------------------------------------------------
 
@@ -481,6 +528,7 @@ class Agent:
                 await cur.stop(grace)
                 self._stopping.remove(cur)
                 self._collect(cur)
+                self._save_pids()
             desired = self._desired
             if desired is None or (desired.job_id, desired.generation) != self._desired_key:
                 self._wake.set()  # changed again while stopping: look again
@@ -534,6 +582,7 @@ class Agent:
             return
         for p in sup.processes:
             self._tails[p.events_path] = EventsTail(p.events_path)
+        self._save_pids()
 
     # ---- watching processes ---------------------------------------------------------------
 

@@ -385,3 +385,49 @@ def test_agent_cli_flags_build_the_config(tmp_path: Path) -> None:
     assert (c.daemon, c.slots, c.effective_log_dir, c.provider_node, c.lifecycle,
             c.price_per_hour, c.grace_s) == ("127.0.0.1:9", 3, tmp_path, "local-4", "on-demand",
                                              0.5, 7.0)
+
+
+def test_restarted_agent_kills_what_its_crashed_life_left_running(tmp_path: Path) -> None:
+    """Training processes run in sessions of their own, so an agent that dies (SIGKILL, a
+    crash) leaves them running; the agent started again on the node kills them first."""
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+
+    def start_agent(port: int, name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "spotwise.worker.agent", "--daemon", f"127.0.0.1:{port}",
+             "--log-dir", str(tmp_path / "logs"), "--state-dir", str(tmp_path / "state"),
+             "--grace-s", "5", "--provider-node", "local-5"],
+            stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    async def scenario() -> None:
+        daemon = ScriptedDaemon()
+        server, port = await _serve(daemon)
+        first = start_agent(port, "first")
+        second = None
+        try:
+            await _until(lambda: daemon.heartbeats, 30, "first heartbeat")
+            node = daemon.heartbeats[-1].node_id
+            daemon.assignments[node] = _assignment(script, tmp_path, "wait", generation=1,
+                                                   store_port=daemon.registers[0].store_port)
+            await _until(lambda: (tmp_path / "pid.1.0").exists(), 30, "process")
+            orphan = int((tmp_path / "pid.1.0").read_text())
+            os.kill(first.pid, signal.SIGKILL)  # the agent only, not its training process
+            first.wait(timeout=10)
+            assert _alive(orphan)
+            daemon.assignments.clear()
+            second = start_agent(port, "second")
+            await _until(lambda: not _alive(orphan), 30, "the orphan to be killed")
+            assert "left running by an earlier life" in (tmp_path / "second.log").read_text()
+        finally:
+            for proc in (first, second):
+                if proc is not None and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+            pid_file = tmp_path / "pid.1.0"
+            if pid_file.exists() and _alive(pid := int(pid_file.read_text())):
+                os.killpg(pid, signal.SIGKILL)
+            await server.stop(0)
+
+    asyncio.run(scenario())
