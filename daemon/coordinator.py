@@ -12,6 +12,7 @@ respect to the others, which is what keeps a heartbeat from seeing half a rescal
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -733,7 +734,10 @@ class Coordinator:
     def _progress(self, job: JobRecord, p: agent_pb2.Progress, now: float) -> None:
         with self._transaction() as conn:
             job.row.step = p.step
-            job.row.loss = p.loss
+            # SQLite stores NaN as NULL (the column is NOT NULL): a diverged loss shows in the
+            # event text and leaves the row's last finite loss.
+            if math.isfinite(p.loss):
+                job.row.loss = p.loss
             job.row.samples_per_second = p.samples_per_second
             job.row.updated_at = now
             self.store.put_job(job.row, conn)

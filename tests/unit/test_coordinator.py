@@ -87,3 +87,19 @@ def test_a_failed_store_write_leaves_memory_as_stored(tmp_path: Path,
     monkeypatch.undo()
     coord.tick()  # the disk has room again: the same decision goes through
     assert coord.jobs[job.row.id].row.generation == 1
+
+
+def test_a_nan_loss_is_reported_without_breaking_the_store(tmp_path: Path) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec(nodes={"min": 1, "max": 1}).to_proto())
+    a = join(coord, "10.0.0.1")
+    clock.now += 1
+    coord.tick()
+    for step, loss in ((3, 2.5), (4, float("nan"))):
+        report = agent_pb2.ReportEventRequest(node_id=a, job_id=job.row.id, generation=job.row.generation)
+        report.progress.step, report.progress.loss = step, loss
+        assert coord.report(report).accepted
+    assert (job.row.step, job.row.loss) == (4, 2.5)
+    reloaded = Coordinator(Store(tmp_path / "db"), policy=Policy(), heartbeat_interval_s=0.5, clock=clock)
+    assert reloaded.jobs[job.row.id].row.step == 4
