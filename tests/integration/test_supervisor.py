@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from spotwise.worker.supervisor import LaunchSpec, Supervisor
 
 CONTRACT_VARS = {
