@@ -134,7 +134,7 @@ def _spec(script: Path, args: argparse.Namespace, checkpoint_dir: Path) -> dict:
         "working_dir": str(script.parent.parent),
         "nodes": {"min": 1, "max": 3},
         "nproc_per_node": 1,
-        "checkpoint": {"uri": str(checkpoint_dir), "every_steps": 10, "keep": 2},
+        "checkpoint": {"uri": str(checkpoint_dir), "every_steps": 10, "keep": 5},
         "global_batch_size": 24,
         "market": "spot",
         "max_failures": 3,

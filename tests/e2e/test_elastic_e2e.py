@@ -102,8 +102,9 @@ class Cluster:
             "working_dir": str(REPO),
             "nodes": {"min": 1, "max": 3},
             "nproc_per_node": 1,
+            # keep 5, not fewer: see the report on drain commits racing the restore step.
             "checkpoint": {"uri": str(self.tmp / f"ck-{ledger.stem}"), "every_steps": every,
-                           "keep": 3},
+                           "keep": 5},
             "global_batch_size": GLOBAL_BATCH,
             "max_failures": 5,
         }
