@@ -102,7 +102,9 @@ class Cluster:
             "working_dir": str(REPO),
             "nodes": {"min": 1, "max": 3},
             "nproc_per_node": 1,
-            # keep 5, not fewer: see the report on drain commits racing the restore step.
+            # keep 5: a drain before a grow makes the old generation commit one to three more
+            # checkpoints before the fence stops it, and with a small keep they can prune the
+            # step the daemon chose to restore (a known daemon/runtime race).
             "checkpoint": {"uri": str(self.tmp / f"ck-{ledger.stem}"), "every_steps": every,
                            "keep": 5},
             "global_batch_size": GLOBAL_BATCH,
