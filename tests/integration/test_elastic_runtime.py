@@ -15,6 +15,8 @@ from spotwise.worker.ledger import verify_ledger
 from tests.support.launch import TINY, checked, torchrun
 
 STEPS, EVERY, GLOBAL, DATASET = 20, 3, 24, 100
+pytestmark = pytest.mark.slow  # four process groups, about a minute
+
 SEED = int(os.environ.get("SPOTWISE_TEST_SEED", random.randrange(1 << 30)))
 
 
