@@ -291,6 +291,7 @@ class Agent:
         """Serve until stopped. Returns 0 on a requested stop; raises AgentError when the
         daemon refuses the node or stays unreachable for max_disconnect_s."""
         self._kill_orphans()
+        await self._identity_from_imds()
         self.store = StoreHost()
         log.info("agent %s: store on port %d, daemon %s, log dir %s",
                  self.config.provider_node or "-", self.store.port, self.config.daemon,
@@ -300,6 +301,8 @@ class Agent:
         tasks = [asyncio.create_task(self._reconcile_loop(), name="reconcile"),
                  asyncio.create_task(self._watch_loop(), name="watch"),
                  asyncio.create_task(self._report_loop(), name="report")]
+        if self.config.imds_endpoint:
+            tasks.append(asyncio.create_task(self._notice_loop(), name="imds"))
         try:
             await self._heartbeat_loop()
             return 0
@@ -311,6 +314,73 @@ class Agent:
             await self._flush_reports(timeout_s=2.0)
             await channel.close()
             self.store.close()
+
+    # ---- the instance metadata service (interruption notices) -----------------------------
+
+    def _imds_client(self) -> Any:
+        from spotwise.cloud.imds import ImdsClient, ImdsConfig
+
+        interval = min(max(self.config.imds_poll_s, 1.0), 5.0)
+        return ImdsClient(ImdsConfig(endpoint=self.config.imds_endpoint,
+                                     poll_interval_s=interval))
+
+    async def _identity_from_imds(self) -> None:
+        """Fill instance id, type, zone and lifecycle that the config leaves empty from IMDS
+        (when an endpoint is configured); a metadata service that does not answer is logged
+        and the fields stay empty."""
+        if not self.config.imds_endpoint:
+            return
+        from spotwise.cloud.imds import ImdsError
+
+        client = self._imds_client()
+        wanted = {"instance_id": "instance-id", "instance_type": "instance-type",
+                  "zone": "placement/availability-zone", "lifecycle": "instance-life-cycle"}
+        found: dict[str, str] = {}
+        for attr, name in wanted.items():
+            if getattr(self.config, attr) and attr != "lifecycle":
+                continue
+            try:
+                value = await asyncio.wait_for(asyncio.to_thread(client.metadata, name), 10)
+            except (ImdsError, asyncio.TimeoutError) as e:
+                log.warning("agent: cannot read %s from IMDS %s: %s", name,
+                            self.config.imds_endpoint, e)
+                return
+            if value:
+                found[attr] = value.strip()
+        if found.get("lifecycle") not in ("spot", "on-demand"):
+            # IMDS says "spot" or "on-demand" (older instances: "scheduled"); keep the config's.
+            found.pop("lifecycle", None)
+        if found:
+            self.config = self.config.model_copy(update=found)
+            log.info("agent: identity from IMDS: %s", found)
+
+    async def _notice_loop(self) -> None:
+        """Poll IMDS for spot interruption and rebalance notices; report each one once."""
+        from spotwise.cloud.imds import NoticePoller
+
+        client = self._imds_client()
+        poller = NoticePoller(client)
+        interval = client.config.poll_interval_s
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                # Two HTTP calls of at most timeout_s each (plus a token refresh).
+                notices = await asyncio.wait_for(asyncio.to_thread(poller.poll_once),
+                                                 timeout=6 * client.config.timeout_s)
+            except asyncio.TimeoutError:
+                notices = []
+            for n in notices:
+                job_id, generation = self._desired_key or ("", 0)
+                log.warning("agent %s: interruption notice %s (deadline %s) for job %s g%d",
+                            self.node_id, n.action, n.deadline or "unknown", job_id or "-",
+                            generation)
+                # Tagged with the assignment the daemon gave, which is what it checks against.
+                self._reports.append(agent_pb2.ReportEventRequest(
+                    job_id=job_id, generation=generation, time=n.notice_time or time.time(),
+                    interruption_notice=agent_pb2.InterruptionNotice(action=n.action,
+                                                                     deadline=n.deadline)))
+                self._reports_ready.set()
+            await self._sleep(max(0.0, interval - (time.monotonic() - t0)))
 
     # ---- orphans of an earlier life --------------------------------------------------------
 
@@ -710,6 +780,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--price-per-hour", type=float, help="USD per hour this node costs")
     parser.add_argument("--grace-s", type=float,
                         help="SIGTERM-to-SIGKILL grace when stopping a generation (default 30)")
+    parser.add_argument("--imds-endpoint",
+                        help="instance metadata service URL to poll for spot interruption "
+                             "notices (on EC2: http://169.254.169.254; default: none)")
     parser.add_argument("--max-disconnect-s", type=float, default=600.0,
                         help="give up (stop processes, exit 1) after the daemon is unreachable "
                              "this long (default 600)")
@@ -719,7 +792,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("daemon", "slots", "address", "log_dir", "state_dir", "node_id", "provider_node",
-                "instance_type", "lifecycle", "price_per_hour", "grace_s")
+                "instance_type", "lifecycle", "price_per_hour", "grace_s", "imds_endpoint")
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:

@@ -431,3 +431,47 @@ def test_restarted_agent_kills_what_its_crashed_life_left_running(tmp_path: Path
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_imds_identity_and_interruption_notice_reach_the_daemon(tmp_path: Path) -> None:
+    """With an IMDS endpoint (a real HTTP metadata server here), the agent registers with the
+    instance's identity and reports a spot interruption notice once, tagged with its job."""
+    from spotwise.cloud.fake_imds import FakeImds
+
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+
+    async def scenario(imds: FakeImds) -> None:
+        daemon = ScriptedDaemon()
+        server, port = await _serve(daemon)
+        config = AgentConfig.load(daemon=f"127.0.0.1:{port}", log_dir=tmp_path / "logs",
+                                  state_dir=tmp_path / "state", grace_s=5.0,
+                                  imds_endpoint=imds.url, imds_poll_s=1.0)
+        agent = Agent(config)
+        task = asyncio.create_task(agent.run())
+        try:
+            await _until(lambda: daemon.heartbeats, 30, "heartbeat")
+            reg = daemon.registers[0]
+            assert (reg.instance_id, reg.instance_type, reg.zone, reg.lifecycle) == (
+                "i-0123", "g5.xlarge", "us-west-2b", "spot")
+            node = daemon.heartbeats[-1].node_id
+            daemon.assignments[node] = _assignment(script, tmp_path, "wait", generation=7,
+                                                   store_port=reg.store_port)
+            await _until(lambda: (tmp_path / "pid.7.0").exists(), 30, "process")
+            deadline = imds.schedule_instance_action("terminate", after_s=0, lead_s=120)
+            await _until(lambda: daemon.reports_of("interruption_notice"), 10, "the notice")
+            n = len(daemon.heartbeats)
+            await _until(lambda: len(daemon.heartbeats) >= n + 25, 10, "more polls")
+            notices = daemon.reports_of("interruption_notice")
+            assert len(notices) == 1  # reported once, though IMDS keeps showing it
+            r = notices[0]
+            assert (r.job_id, r.generation, r.interruption_notice.action) == ("job-a", 7,
+                                                                               "terminate")
+            assert abs(r.interruption_notice.deadline - deadline) < 1.0
+        finally:
+            agent.request_stop()
+            await asyncio.wait_for(task, 30)
+            await server.stop(0)
+
+    with FakeImds(instance_id="i-0123", instance_type="g5.xlarge", zone="us-west-2b") as imds:
+        asyncio.run(scenario(imds))
