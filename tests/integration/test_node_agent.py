@@ -177,6 +177,8 @@ def test_agent_follows_assignments_and_forwards_events(tmp_path: Path) -> None:
             assert _store_get(reg.store_port, STAMP_KEY) == "job-a:1"
             await _until(lambda: (tmp_path / "pid.1.0").exists(), 10, "pid file")
             pid1 = int((tmp_path / "pid.1.0").read_text())
+            # (A heartbeat built just before the start may still be in flight: wait for one.)
+            await _until(lambda: daemon.heartbeats[-1].job_id, 10, "a heartbeat with the job")
             hb = daemon.heartbeats[-1]
             assert (hb.job_id, hb.generation) == ("job-a", 1)
             assert [(p.rank, p.pid, p.running) for p in hb.processes] == [(0, pid1, True)]
