@@ -76,6 +76,18 @@ class Cluster:
     provider: LocalProvider
     client: Client
     tmp: Path
+    daemon: subprocess.Popen[bytes]
+    env: dict[str, str]
+
+    def restart_daemon(self, down_s: float) -> None:
+        """SIGKILL the daemon, keep it down for `down_s`, start it again on the same port
+        with the same state directory."""
+        _stop_daemon(self.daemon, signal.SIGKILL)
+        t0 = time.monotonic()
+        _until(lambda: time.monotonic() - t0 >= down_s, down_s + 5, "the outage")
+        self.daemon, addr = _start_daemon(self.state_dir, self.log_dir, self.address,
+                                          self.tmp / "daemon2.log", self.env)
+        assert addr == self.address
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "spotwise.cli", "--address", self.address,
@@ -132,38 +144,54 @@ class Cluster:
         return [by_node[n] for n in job.node_ids if n in by_node]
 
 
+def _start_daemon(state_dir: Path, log_dir: Path, listen: str, log_path: Path,
+                  env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """`spotwise daemon` as a user starts it; returns it and the address it serves on."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", listen,
+         "--state-dir", str(state_dir), "--provider", "none", "--log-dir", str(log_dir)],
+        stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), env=env,
+        start_new_session=True, cwd=REPO)
+
+    def address() -> str | None:
+        m = re.search(r"daemon serving on (\S+)", log_path.read_text())
+        assert daemon.poll() is None, log_path.read_text()
+        return m.group(1) if m else None
+
+    try:
+        return daemon, _until(address, 60, "the daemon to serve")
+    except BaseException:
+        _stop_daemon(daemon)
+        raise
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(daemon.pid, sig)
+        daemon.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=10)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     state_dir, log_dir = tmp_path / "state", tmp_path / "logs"
-    daemon_log = tmp_path / "daemon.log"
     env = dict(os.environ, SPOTWISE_STATE_DIR=str(state_dir))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", "127.0.0.1:0",
-         "--state-dir", str(state_dir), "--provider", "none", "--log-dir", str(log_dir)],
-        stdout=subprocess.DEVNULL, stderr=open(daemon_log, "wb"), env=env,
-        start_new_session=True, cwd=REPO)
+    daemon, addr = _start_daemon(state_dir, log_dir, "127.0.0.1:0", tmp_path / "daemon.log", env)
     provider = LocalProvider(log_dir=log_dir, cluster=f"e2e-{uuid.uuid4().hex[:8]}",
                              grace_s=5.0, env=env, cwd=str(REPO))
-    client = None
+    client = Client(addr, timeout=10)
+    c = Cluster(address=addr, state_dir=state_dir, log_dir=log_dir, provider=provider,
+                client=client, tmp=tmp_path, daemon=daemon, env=env)
     try:
-        def address() -> str | None:
-            m = re.search(r"daemon serving on (\S+)", daemon_log.read_text())
-            assert daemon.poll() is None, daemon_log.read_text()
-            return m.group(1) if m else None
-        addr = _until(address, 60, "the daemon to serve")
-        client = Client(addr, timeout=10)
-        yield Cluster(address=addr, state_dir=state_dir, log_dir=log_dir, provider=provider,
-                      client=client, tmp=tmp_path)
+        yield c
     finally:
-        if client is not None:
-            client.close()
+        client.close()
         provider.shutdown()
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait(timeout=10)
+        _stop_daemon(c.daemon)
         assert scan_marked(provider.cluster + "/") == {}
 
 
@@ -309,3 +337,28 @@ def test_frozen_node_comes_back_fenced(cluster: Cluster) -> None:
     verify_ledger(str(ledger), dataset_size=DATASET_SIZE, global_batch_size=GLOBAL_BATCH)
     # Later generations may take the node back, but only as a newer generation's member.
     assert final.generation > moved.generation or final.world_size == 1
+
+
+def test_daemon_restart_does_not_stop_training(cluster: Cluster) -> None:
+    """Flow 9: the daemon dies (SIGKILL) and comes back from SQLite; training keeps stepping
+    meanwhile, the agents re-register with their generation, and the job goes on in it."""
+    cluster.add_nodes(2)
+    job_id, ledger = cluster.submit(steps=80, step_sleep=0.1)
+    job = _until(lambda: (j := cluster.job(job_id)).world_size == 2 and j.step >= 5 and j,
+                 120, "world 2")
+    gen = job.generation
+    loss_log = ledger.with_suffix(".loss")
+    before = len(loss_log.read_text().splitlines())
+    cluster.restart_daemon(down_s=4.0)  # twice the lease
+    during = len(loss_log.read_text().splitlines())
+    assert during > before + 5, (before, during)  # steps went on while it was down
+    final = _until(lambda: (j := cluster.job(job_id)) and
+                   state_name(j.state) in ("SUCCEEDED", "FAILED", "CANCELLED") and j, 240,
+                   "the job to end")
+    assert state_name(final.state) == "SUCCEEDED", final
+    assert final.generation == gen  # reconciled, not restarted
+    assert final.step == 80
+    verify_ledger(str(ledger), dataset_size=DATASET_SIZE, global_batch_size=GLOBAL_BATCH)
+    for handle in [n.handle for n in cluster.provider.list_nodes()]:
+        text = (cluster.log_dir / "agents" / f"{handle}.log").read_text()
+        assert re.search(rf"registered as node \S+ \(job {job_id} g{gen}\)", text), handle
