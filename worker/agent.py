@@ -230,6 +230,9 @@ class EventsTail:
                 data = f.read(1 << 20)
         except FileNotFoundError:
             return []
+        except OSError as e:  # unreadable for now (permissions, a full disk): try again later
+            log.warning("events file %s: cannot read: %s", self.path, e)
+            return []
         self._offset += len(data)
         data = self._partial + data
         lines = data.split(b"\n")
@@ -278,6 +281,7 @@ class Agent:
         self._reports: collections.deque[agent_pb2.ReportEventRequest] = collections.deque()
         self._reports_ready = asyncio.Event()
         self._stub: agent_pb2_grpc.AgentServiceStub | None = None
+        self._fatal: BaseException | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -303,8 +307,12 @@ class Agent:
                  asyncio.create_task(self._report_loop(), name="report")]
         if self.config.imds_endpoint:
             tasks.append(asyncio.create_task(self._notice_loop(), name="imds"))
+        for t in tasks:
+            t.add_done_callback(self._on_task_done)
         try:
             await self._heartbeat_loop()
+            if self._fatal is not None:
+                raise AgentError(f"internal error: {self._fatal!r}") from self._fatal
             return 0
         finally:
             for t in tasks:
@@ -314,6 +322,16 @@ class Agent:
             await self._flush_reports(timeout_s=2.0)
             await channel.close()
             self.store.close()
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """A background loop that dies stops the agent (and so its processes) rather than
+        leaving a node that heartbeats but no longer follows its assignments."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("agent %s: the %s loop failed", self.node_id or "-", task.get_name(),
+                  exc_info=task.exception())
+        self._fatal = task.exception()
+        self.request_stop()
 
     # ---- the instance metadata service (interruption notices) -----------------------------
 
