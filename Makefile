@@ -29,6 +29,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/checkpoint.py
+	$(PY) bench/recovery.py
 
 proto: setup
 	$(PY) -m spotwise.proto.build

@@ -55,6 +55,7 @@ from spotwise.worker.storage import (
     AlreadyExists,
     StorageError,
     filesystem,
+    job_uri,
     parse_uri,
     write_create_only,
 )
@@ -190,7 +191,8 @@ def launch_spec(a: agent_pb2.Assignment) -> LaunchSpec:
         working_dir=spec.working_dir, spec_env=dict(spec.env), world_size=a.world_size,
         node_rank=a.node_rank, num_nodes=a.num_nodes, rank_start=a.rank_start,
         nproc=a.nproc or spec.nproc_per_node, master_addr=a.master_addr,
-        master_port=a.master_port, restore_step=a.restore_step, checkpoint_uri=ck.uri,
+        master_port=a.master_port, restore_step=a.restore_step,
+        checkpoint_uri=job_uri(ck.uri, a.job_id) if ck.uri else "",
         checkpoint_every=ck.every_steps, checkpoint_keep=ck.keep,
         global_batch_size=spec.global_batch_size)
 

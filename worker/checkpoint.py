@@ -57,6 +57,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: torn, unreadable, or not there."""
 
 
+class CheckpointMissing(CheckpointError):
+    """No manifest for the requested step (never committed, or pruned)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """Where and how often to checkpoint."""
@@ -397,6 +401,8 @@ class Checkpointer:
     def _prune(self) -> None:
         """Delete committed checkpoints beyond the newest `keep`, and abandoned data below them."""
         try:
+            if self._newest_fence() > self.generation:
+                return  # the job moved on; what to keep is the newer generation's business
             committed = self.committed()
             for m in committed[: -self.config.keep]:
                 # Manifest first: from then on the data is no checkpoint, whatever remains of it.
@@ -441,7 +447,7 @@ class Checkpointer:
         try:
             raw = self.fs.cat_file(path)
         except FileNotFoundError as exc:
-            raise CheckpointError(f"no manifest at {self.loc.url(path)}") from exc
+            raise CheckpointMissing(f"no manifest at {self.loc.url(path)}") from exc
         return Manifest.from_json(raw, where=self.loc.url(path))
 
     def validate(self, m: Manifest) -> None:
@@ -461,7 +467,23 @@ class Checkpointer:
         if step is not None:
             if step < 0:
                 return None
-            m = self.read_manifest(self._manifest_path(step))
+            try:
+                m = self.read_manifest(self._manifest_path(step))
+            except CheckpointMissing:
+                # The generation being replaced may commit a newer step after the daemon chose
+                # this one, and its pruning may then delete this one. A newer commit of the
+                # same job is as good a restore point (the cursor travels with it); an older
+                # one or none would silently lose or repeat work, so that stays an error.
+                for newer in reversed(self.committed()):
+                    if newer.step <= step:
+                        break
+                    try:
+                        self.validate(newer)
+                    except CheckpointError:
+                        continue
+                    log.warning("checkpoint step %d is gone; restoring the newer committed step %d", step, newer.step)
+                    return newer
+                raise
             self.validate(m)
             return m
         for m in reversed(self.committed()):

@@ -95,6 +95,17 @@ def parse_uri(uri: str) -> StorageURI:
     return StorageURI(uri=uri, scheme="file", root=os.path.abspath(os.path.expanduser(path)))
 
 
+def job_uri(uri: str, job_id: str) -> str:
+    """A job's own location under the spec's checkpoint URI: ``<uri>/<job_id>``.
+
+    Generations, steps and fence markers count per job; two jobs (or the same spec submitted
+    twice) sharing one location would fence or overwrite each other.
+    """
+    if not job_id or "/" in job_id or job_id in (".", ".."):
+        raise ValueError(f"job id {job_id!r} cannot name a checkpoint directory")
+    return f"{uri.rstrip('/')}/{job_id}"
+
+
 def filesystem(loc: StorageURI) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for a location, with bounded timeouts."""
     if loc.scheme == "s3":

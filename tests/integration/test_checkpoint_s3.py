@@ -106,3 +106,15 @@ def test_missing_bucket_is_a_clear_error(s3):
     r = torchrun(TINY, 1, "--steps", "1", env={"SPOTWISE_CHECKPOINT_URI": "s3://no-such-bucket/x"})
     assert r.returncode != 0
     assert "spotwise: error: S3 bucket 'no-such-bucket' does not exist" in r.stdout
+
+
+def test_a_pruned_restore_point_falls_back_only_to_a_newer_commit(s3):
+    ck = _checkpointer("s3://ckpt/pruned", keep=5)
+    for step in (2, 4):
+        ck.save(step, _state(step), cursor=10 * step, blocking=True)
+    # The daemon chose step 2; the old generation then committed 4 and its pruning removed 2.
+    ck.fs.rm(ck._manifest_path(2))
+    assert ck.choose(2).step == 4
+    # Nothing newer than what was asked: an error, never a silent fresh start or an older step.
+    with pytest.raises(CheckpointError, match="no manifest at .*step-0000000006"):
+        ck.choose(6)

@@ -247,8 +247,8 @@ def test_new_generation_is_fenced_before_the_old_one_is_stopped(tmp_path: Path) 
             a1.spec.checkpoint.uri = "ck"  # relative to working_dir, as the runtime sees it
             daemon.assignments[node] = a1
             await _until(lambda: (tmp_path / "pid.1.0").exists(), 30, "g1 process")
-            marker = tmp_path / "ck" / "generations" / "g-0000000002"
-            assert (tmp_path / "ck" / "generations" / "g-0000000001").exists()
+            marker = tmp_path / "ck" / "job-a" / "generations" / "g-0000000002"
+            assert (tmp_path / "ck" / "job-a" / "generations" / "g-0000000001").exists()
             assert not marker.exists()
             a2 = agent_pb2.Assignment()
             a2.CopyFrom(a1)

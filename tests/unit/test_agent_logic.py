@@ -70,7 +70,7 @@ def test_launch_spec_from_an_assignment() -> None:
     assert (ls.world_size, ls.node_rank, ls.num_nodes, ls.rank_start, ls.nproc) == (6, 1, 3, 2, 2)
     assert (ls.master_addr, ls.master_port, ls.restore_step) == ("10.0.0.1", 1234, -1)
     assert (ls.checkpoint_uri, ls.checkpoint_every, ls.checkpoint_keep,
-            ls.global_batch_size) == ("s3://b/p", 5, 2, 48)
+            ls.global_batch_size) == ("s3://b/p/j", 5, 2, 48)  # checkpoints live under <uri>/<job_id>
     a.rank_start = 5  # ranks 5..6 do not fit a world of 6
     with pytest.raises(ValueError):
         launch_spec(a)
