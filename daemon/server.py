@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from spotwise.cloud.provider import Provider
 from spotwise.config import DaemonConfig
+from spotwise.daemon.auth import TokenAuthInterceptor, TokenStore
 from spotwise.daemon.controller import Policy
 from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.fleet import FleetLoop
@@ -144,6 +145,7 @@ class Daemon:
         self._credentials = server_credentials
         self._clock = clock
         self.metrics: Metrics | None = None
+        self.token_store: TokenStore | None = None
         self.metrics_exporter: MetricsExporter | None = None
         self.store: Store | None = None
         self.coordinator: Coordinator | None = None
@@ -167,6 +169,8 @@ class Daemon:
             interceptors, credentials = security_of(config)
         else:
             interceptors, credentials = list(self._interceptors or ()), self._credentials
+        self.token_store = next((i.store for i in interceptors
+                                 if isinstance(i, TokenAuthInterceptor)), None)
         self.metrics = Metrics()
         if config.metrics_listen:
             try:
@@ -266,11 +270,15 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
 
+    async def mark_not_serving(self) -> None:
+        """Turn every health status NOT_SERVING for good (the first step of a stop)."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop serving and the loops; the nodes keep running (a restarted daemon reconciles)."""
         self._stop.set()
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+        await self.mark_not_serving()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
@@ -289,6 +297,21 @@ class Daemon:
             self.store.close()
             self.store = None
 
+    def reload_tokens(self) -> bool:
+        """Re-read the tokens file (SIGHUP): added tokens work and removed ones stop working
+        from the next call. On an unreadable or malformed file the old tokens stay; returns
+        whether the new file took effect."""
+        if self.token_store is None or self.token_store.path is None:
+            log.info("reload: no tokens file to re-read")
+            return False
+        try:
+            self.token_store.reload()
+        except (OSError, ValueError) as exc:
+            log.error("reload: kept the old tokens: %s", exc)
+            return False
+        log.info("reload: %d tokens from %s", len(self.token_store), self.token_store.path)
+        return True
+
     async def wait_stopped(self) -> None:
         """Wait until `stop()` is called."""
         await self._stop.wait()
@@ -296,7 +319,7 @@ class Daemon:
 
 async def serve(config: DaemonConfig) -> None:
     """Run the daemon until SIGTERM or SIGINT (what `spotwise daemon` calls)."""
-    from spotwise.daemon.sdnotify import Notifier, start_watchdog
+    from spotwise.daemon.sdnotify import Notifier, NotifyError, start_watchdog
 
     daemon = Daemon(config, provider=make_provider(config))
     await daemon.start()
@@ -307,14 +330,19 @@ async def serve(config: DaemonConfig) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_tokens)
     try:
         await stopping.wait()
     finally:
         log.info("daemon stopping")
-        notifier.stopping(status="stopping")
+        # Health turns NOT_SERVING before anything else, so that load balancers and watchers
+        # move away while in-flight calls still finish.
+        await daemon.mark_not_serving()
+        with contextlib.suppress(NotifyError):
+            notifier.stopping(status="stopping")
         if watchdog is not None:
             watchdog.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await daemon.stop()
 
