@@ -252,6 +252,12 @@ class JobSpec(_Model):
         le=UINT32_MAX,
         description="Failed generations in a row tolerated before the job is FAILED.",
     )
+    total_steps: int = Field(
+        0,
+        ge=0,
+        le=2**64 - 1,
+        description="The job's planned optimizer steps, for cost projection; 0 = unknown.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -365,6 +371,7 @@ class JobSpec(_Model):
             instance_types=list(self.instance_types),
             market=self.market,
             max_failures=self.max_failures,
+            total_steps=self.total_steps,
         )
 
     @classmethod
@@ -391,6 +398,7 @@ def proto_to_dict(msg: jobs_pb2.JobSpec) -> dict[str, Any]:
         "budget_usd": msg.budget_usd,
         "instance_types": list(msg.instance_types),
         "max_failures": msg.max_failures,
+        "total_steps": msg.total_steps,
     }
     if msg.market:
         data["market"] = msg.market

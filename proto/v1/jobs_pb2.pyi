@@ -45,7 +45,7 @@ class CheckpointSpec(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., every_steps: _Optional[int] = ..., keep: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "entrypoint", "env", "working_dir", "nodes", "nproc_per_node", "checkpoint", "global_batch_size", "budget_usd", "instance_types", "market", "max_failures")
+    __slots__ = ("name", "entrypoint", "env", "working_dir", "nodes", "nproc_per_node", "checkpoint", "global_batch_size", "budget_usd", "instance_types", "market", "max_failures", "total_steps")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class JobSpec(_message.Message):
     INSTANCE_TYPES_FIELD_NUMBER: _ClassVar[int]
     MARKET_FIELD_NUMBER: _ClassVar[int]
     MAX_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     entrypoint: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -77,7 +78,8 @@ class JobSpec(_message.Message):
     instance_types: _containers.RepeatedScalarFieldContainer[str]
     market: str
     max_failures: int
-    def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., nodes: _Optional[_Union[NodeRange, _Mapping]] = ..., nproc_per_node: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., global_batch_size: _Optional[int] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., market: _Optional[str] = ..., max_failures: _Optional[int] = ...) -> None: ...
+    total_steps: int
+    def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., nodes: _Optional[_Union[NodeRange, _Mapping]] = ..., nproc_per_node: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., global_batch_size: _Optional[int] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., market: _Optional[str] = ..., max_failures: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "state", "generation", "world_size", "step", "last_checkpoint_step", "last_checkpoint_path", "samples_per_second", "loss", "cost_usd", "message", "created_at", "updated_at", "node_ids", "lost_steps")
