@@ -9,6 +9,12 @@ taken as the one section asked for:
     listen = "127.0.0.1:7450"
     lease_s = 2.0
 
+    [daemon.pricing]          # where node prices come from (PricingSettings)
+    offline = true
+
+    [daemon.ec2]              # provider = "ec2" (Ec2Settings)
+    launch_template = "lt-0123456789abcdef0"
+
     [agent]
     daemon = "127.0.0.1:7450"
     slots = 2
@@ -25,7 +31,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from typing_extensions import Self
@@ -128,6 +134,99 @@ def _check_host_port(value: str, what: str) -> str:
     return value
 
 
+class PricingSettings(BaseModel):
+    """Where the daemon's prices come from (the `[daemon.pricing]` table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offline: bool | None = Field(
+        None,
+        description="Use only the dated offline price table shipped with spotwise (no AWS calls); "
+        "default: offline unless provider is ec2.",
+    )
+    region: str = Field(
+        "", description="Region whose prices count; empty = the [daemon.ec2] region."
+    )
+    pricing_region: str = Field(
+        "us-east-1",
+        description="Region of the Pricing API endpoint (us-east-1, eu-central-1 or ap-south-1).",
+    )
+    ec2_endpoint_url: str = Field(
+        "",
+        description="EC2 endpoint for the spot price history (a test server); empty = the "
+        "[daemon.ec2] endpoint_url, or AWS.",
+    )
+    pricing_endpoint_url: str = Field(
+        "", description="Pricing API endpoint override (a test server); empty = AWS."
+    )
+    spot_max_age_s: float = Field(
+        300.0, gt=0, description="A cached spot price older than this is fetched again."
+    )
+    on_demand_max_age_s: float = Field(
+        86400.0, gt=0, description="A cached on-demand price older than this is fetched again."
+    )
+    refresh_s: float = Field(
+        60.0, gt=0, description="How often the daemon asks the price book for its nodes' prices."
+    )
+    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of each pricing call.")
+
+
+class Ec2Settings(BaseModel):
+    """The EC2 provider (the `[daemon.ec2]` table, used when provider = "ec2")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    region: str = Field("us-east-1", description="AWS region of the fleet.")
+    endpoint_url: str = Field(
+        "", description="EC2 and Auto Scaling endpoint override (a test server); empty = AWS."
+    )
+    launch_template: str = Field(
+        "", description="Launch template id (lt-...) or name for CreateFleet."
+    )
+    launch_template_version: str = Field(
+        "$Default", description="Version of the launch template the agent's user data is added to."
+    )
+    auto_scaling_group: str = Field(
+        "", description="Scale this existing auto scaling group instead of calling CreateFleet."
+    )
+    subnets: list[str] = Field(
+        default_factory=list, description="Subnet ids to spread over; empty = zones, or any."
+    )
+    zones: list[str] = Field(
+        default_factory=list, description="Availability zones to spread over when no subnets are given."
+    )
+    instance_types: list[str] = Field(
+        default_factory=lambda: ["g4dn.xlarge"],
+        description="Instance types for jobs whose spec names none.",
+    )
+    cluster: str = Field(
+        "default", description="Value of the spotwise:cluster tag (keeps two daemons apart)."
+    )
+    agent_command: str = Field(
+        "spotwise agent", description="Command that starts the agent on a new machine."
+    )
+    spot_allocation_strategy: str = Field(
+        "price-capacity-optimized", description="CreateFleet's spot allocation strategy."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of each AWS call.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per AWS call (with backoff).")
+
+    def ec2_config(self) -> Any:
+        """The provider's spotwise.cloud.ec2.Ec2Config; ValueError if it cannot launch."""
+        from spotwise.cloud.ec2 import Ec2Config
+
+        return Ec2Config(
+            region=self.region, endpoint_url=self.endpoint_url or None,
+            launch_template=self.launch_template,
+            launch_template_version=self.launch_template_version,
+            auto_scaling_group=self.auto_scaling_group, subnets=tuple(self.subnets),
+            zones=tuple(self.zones), instance_types=tuple(self.instance_types),
+            cluster=self.cluster, agent_command=self.agent_command,
+            spot_allocation_strategy=self.spot_allocation_strategy, timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+        )
+
+
 class DaemonConfig(_Config):
     """How the coordinator daemon runs."""
 
@@ -188,8 +287,18 @@ class DaemonConfig(_Config):
         ge=0,
         description="Leave a draining node this long before its notice's deadline.",
     )
-    provider: Literal["none", "local"] = Field(
-        "none", description="Who launches nodes: none (agents start themselves) or local."
+    provider: Literal["none", "local", "ec2"] = Field(
+        "none",
+        description="Who launches nodes: none (agents start themselves), local (agent "
+        "subprocesses) or ec2 (spot instances, configured in [daemon.ec2]).",
+    )
+    ec2: Ec2Settings = Field(
+        default_factory=Ec2Settings, description="The EC2 provider's settings ([daemon.ec2])."
+    )
+    pricing: PricingSettings = Field(
+        default_factory=PricingSettings,
+        description="Where node prices come from ([daemon.pricing]); an agent's non-zero "
+        "price_per_hour overrides them.",
     )
     local_max_nodes: int = Field(
         3, ge=0, description="local provider: the most agent subprocesses it runs at once."
@@ -251,6 +360,8 @@ class DaemonConfig(_Config):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
         if self.tls_require_client_cert and not self.tls_client_ca_file:
             raise ValueError("tls_require_client_cert needs tls_client_ca_file")
+        if self.provider == "ec2":
+            self.ec2.ec2_config()  # ValueError (a field violation) if it cannot launch
         if self.lease_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"lease_s ({self.lease_s}) must exceed heartbeat_interval_s "
@@ -263,6 +374,11 @@ class DaemonConfig(_Config):
         """failure_lease_s, or 2.5 heartbeat intervals, never more than lease_s."""
         value = self.failure_lease_s or 2.5 * self.heartbeat_interval_s
         return min(value, self.lease_s)
+
+    @property
+    def pricing_offline(self) -> bool:
+        """pricing.offline, or: offline unless the provider is ec2."""
+        return self.pricing.offline if self.pricing.offline is not None else self.provider != "ec2"
 
     @property
     def db_path(self) -> Path:
