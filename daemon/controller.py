@@ -22,7 +22,8 @@ The rules, in the order `plan` applies them:
      (less a margin) comes; until then every member is asked to checkpoint now;
    - RESCALING -> RUNNING once every member reports running the current generation;
    - RUNNING below nodes.max with READY nodes free -> ask the members to checkpoint, then
-     grow (generation g+1) once it commits or `grow_checkpoint_timeout_s` passes;
+     grow (generation g+1) once it commits or `grow_checkpoint_timeout_s` passes; a budget
+     cap (`JobView.budget_max_nodes`, from the budget's projection) stops growth below max;
    - PENDING with at least nodes.min READY nodes free -> start.
    Every generation restores from the last committed checkpoint step (-1: start fresh).
 """
@@ -130,10 +131,19 @@ class JobView:
     """When a rank of the current generation first exited non-zero."""
     checkpoint_requested_at: float | None = None
     """When the controller asked the members to checkpoint before growing (None: not asked)."""
+    budget_max_nodes: int | None = None
+    """Most nodes the budget lets the job grow to (None: no cap); it never shrinks a job."""
 
     @property
     def world_size(self) -> int:
         return len(self.members) * self.nproc_per_node
+
+    @property
+    def grow_to(self) -> int:
+        """The node count growth aims at: nodes.max, or less when the budget caps it."""
+        if self.budget_max_nodes is None:
+            return self.max_nodes
+        return max(min(self.max_nodes, self.budget_max_nodes), len(self.members))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -394,8 +404,8 @@ def _plan_job(
             )
         return None
 
-    if not draining and len(job.members) < job.max_nodes and fitting:
-        extra = fitting[: job.max_nodes - len(job.members)]
+    if not draining and len(job.members) < job.grow_to and fitting:
+        extra = fitting[: job.grow_to - len(job.members)]
         members = (*job.members, *(n.id for n in extra))
         grow = f"grow from {len(job.members)} to {len(members)} node(s)"
         joined = f"joined {', '.join(n.id for n in extra)}"
@@ -426,8 +436,9 @@ def _plan_job(
 def _reshape(
     job: JobView, survivors: list[str], fitting: list[NodeView], why: str, *, count_failure: bool
 ) -> Decision:
-    """Generation g+1 with the survivors plus free nodes up to max, or PENDING below min."""
-    room = max(0, job.max_nodes - len(survivors))
+    """Generation g+1 with the survivors plus free nodes up to max (or the budget's cap), or
+    PENDING below min."""
+    room = max(0, job.grow_to - len(survivors))
     members = (*survivors, *(n.id for n in fitting[:room]))
     if len(members) < job.min_nodes:
         return SetJobState(
