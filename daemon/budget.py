@@ -106,9 +106,13 @@ class Projection:
 
 
 def project_cost(
-    *, spent_usd: float, rate_usd_per_hour: float, samples_per_second: float, remaining_samples: int
+    *, spent_usd: float, rate_usd_per_hour: float, samples_per_second: float,
+    remaining_samples: int | None,
 ) -> Projection:
-    """Total cost at completion if rate and throughput stay as measured."""
+    """Total cost at completion if rate and throughput stay as measured (remaining_samples
+    None: the job's length is unknown, so there is nothing to project)."""
+    if remaining_samples is None:
+        return Projection(remaining_s=None, projected_usd=None)
     if remaining_samples <= 0:
         return Projection(remaining_s=0.0, projected_usd=spent_usd)
     if samples_per_second <= 0 or not math.isfinite(samples_per_second):
@@ -124,8 +128,8 @@ class BudgetJob:
     job_id: str
     budget_usd: float
     """The cap; 0 means no budget."""
-    remaining_samples: int
-    """Samples still to train (steps left x global batch size)."""
+    remaining_samples: int | None
+    """Samples still to train (steps left x global batch size); None if the job's length is unknown."""
     samples_per_second: float = 0.0
     """Measured throughput at the current membership; 0 if not measured yet."""
     nodes: int = 0
@@ -207,6 +211,9 @@ def plan_budget(
             f"the budget ${budget:.4f} within one tick (spent ${spent:.4f})",
         )
     grown_sps = _grown_throughput(job, growth)
+    if job.remaining_samples is None:
+        return decide(BudgetAction.ALLOW, f"job length unknown (no total_steps), growth allowed; "
+                      f"{_within(spent, budget, None)}")
     if grown_sps is None:
         return decide(BudgetAction.ALLOW, f"throughput not measured yet, growth allowed; {_within(spent, budget, None)}")
     grown = project_cost(spent_usd=spent, rate_usd_per_hour=grown_rate,
@@ -236,9 +243,49 @@ def _grown_throughput(job: BudgetJob, growth: Growth) -> float | None:
     return job.samples_per_second * (job.nodes + growth.added_nodes) / job.nodes
 
 
+@dataclass(frozen=True, kw_only=True)
+class GrowthCap:
+    """The most nodes the budget lets a running job grow to."""
+
+    max_nodes: int
+    """At least the job's current node count (the cap never shrinks a job)."""
+    refused: bool
+    """True when the budget keeps the job below the `max_nodes` it asked for."""
+    reason: str
+
+
+def plan_growth_cap(
+    now: float, job: BudgetJob, ledger: Ledger, *, tick_s: float, max_nodes: int,
+    added_usd_per_hour: Sequence[float],
+) -> GrowthCap:
+    """How far `job` (with `job.nodes` nodes now) may grow towards `max_nodes`: one node at a
+    time, as long as `plan_budget` allows the growth. `added_usd_per_hour[i]` is the price of
+    the (i+1)-th added node (cheapest first); a shorter list repeats its last price, an empty
+    one repeats the current nodes' mean price. A job with no nodes is not capped (starting is
+    not growth; the STOP rule caps its spend).
+    """
+    if job.budget_usd <= 0 or job.nodes <= 0 or job.nodes >= max_nodes:
+        return GrowthCap(max_nodes=max(max_nodes, job.nodes), refused=False,
+                         reason="no budget set" if job.budget_usd <= 0 else "nothing to cap")
+    fallback = ledger.rate_usd_per_hour / len(ledger.billing) if ledger.billing else 0.0
+    prices = list(added_usd_per_hour) or [fallback]
+    added_usd = 0.0
+    last = ""
+    for k in range(1, max_nodes - job.nodes + 1):
+        added_usd += prices[min(k, len(prices)) - 1]
+        decision = plan_budget(now, job, ledger, tick_s=tick_s,
+                               growth=Growth(added_nodes=k, added_usd_per_hour=added_usd))
+        if decision.action is not BudgetAction.ALLOW:
+            cap = job.nodes + k - 1
+            return GrowthCap(max_nodes=cap, refused=True,
+                             reason=f"growth beyond {cap} node(s) refused: {decision.reason}")
+        last = decision.reason
+    return GrowthCap(max_nodes=max_nodes, refused=False, reason=last)
+
+
 def _within(spent: float, budget: float, projected: float | None) -> str:
     if projected is None:
-        return f"spent ${spent:.4f} of ${budget:.4f}; no throughput to project from yet"
+        return f"spent ${spent:.4f} of ${budget:.4f}; nothing to project from yet"
     verdict = "within" if projected <= budget else "OVER (growth will be refused)"
     return f"spent ${spent:.4f} of ${budget:.4f}; projection ${projected:.4f} {verdict}"
 

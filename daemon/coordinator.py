@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from spotwise.daemon import controller
-from spotwise.daemon.budget import BudgetAction, BudgetJob, Ledger, NodePrice, plan_budget
+from spotwise.daemon.budget import (
+    BudgetAction,
+    BudgetJob,
+    InstanceOption,
+    Ledger,
+    NodePrice,
+    choose_instance_types,
+    cost_summary,
+    plan_budget,
+    plan_growth_cap,
+)
 from spotwise.daemon.controller import (
     ClusterState,
     Decision,
@@ -39,6 +49,7 @@ from spotwise.daemon.controller import (
     StartGeneration,
 )
 from spotwise.daemon.events import EventBus
+from spotwise.daemon.prices import NodePricer, Quote, combined_source
 from spotwise.daemon.store import CheckpointRow, EventRow, GenerationRow, JobRow, NodeRow, Store
 from spotwise.proto.v1 import agent_pb2, jobs_pb2
 
@@ -67,6 +78,15 @@ class JobRecord:
     exit_codes: dict[int, int] = field(default_factory=dict)
     failed_at: float | None = None
     checkpoint_requested_at: float | None = None
+    # Money (soft state, rebuilt after a restart by the next accounting tick and progress).
+    budget_cap: int | None = None
+    """Most nodes the budget lets the job grow to; None: not capped."""
+    price_source: str = ""
+    """Where the prices of the nodes last billed came from."""
+    type_samples_per_second: dict[str, float] = field(default_factory=dict)
+    """Instance type -> measured samples/s of one node, from progress with one type only."""
+    instance_order: tuple[str, ...] = ()
+    """The last instance-type ranking (logged when it changes)."""
 
     @property
     def state(self) -> JobState:
@@ -114,9 +134,13 @@ class Coordinator:
         accounting_interval_s: float = 5.0,
         events: EventBus | None = None,
         metrics: Metrics | None = None,
+        pricer: NodePricer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`pricer` quotes each node's price (default: the offline table, and agents'
+        price_per_hour where they set it)."""
         self.store = store
+        self.pricer = pricer or NodePricer(clock=clock)
         self.metrics = metrics
         self.policy = policy
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -185,6 +209,7 @@ class Coordinator:
             exit_codes=dict(rec.exit_codes),
             failed_at=rec.failed_at,
             checkpoint_requested_at=rec.checkpoint_requested_at,
+            budget_max_nodes=rec.budget_cap,
         )
 
     @staticmethod
@@ -407,11 +432,14 @@ class Coordinator:
             # After a restart the spend so far comes from the store; the gap is not charged.
             ledger = Ledger(last_tick=now, spent_usd=job.row.cost_usd,
                             on_demand_equivalent_usd=job.row.cost_usd)
-        prices = {
-            n: NodePrice(usd_per_hour=self.nodes[n].row.price_per_hour)
+        quotes = {
+            n: self._quote(self.nodes[n].row)
             for n in job.members
             if n in self.nodes and self.nodes[n].state is not NodeState.LOST
         }
+        if quotes:
+            job.price_source = combined_source({q.source for q in quotes.values()})
+        prices: dict[str, NodePrice] = {n: q.price for n, q in quotes.items()}
         ledger = ledger.tick(now, prices)
         self.ledgers[job.row.id] = ledger
         job.row.cost_usd = ledger.spent_usd
@@ -419,47 +447,124 @@ class Coordinator:
             self.metrics.set_cost_total(job.row.id, ledger.spent_usd)
         return ledger
 
+    def _quote(self, row: NodeRow) -> Quote:
+        return self.pricer.quote(instance_type=row.instance_type, zone=row.zone,
+                                 lifecycle=row.lifecycle, override_usd_per_hour=row.price_per_hour)
+
+    @staticmethod
+    def budget_job(job: JobRecord) -> BudgetJob:
+        """What the budget policy knows of a job: its remaining samples come from the spec's
+        total_steps (None when unknown) and the last reported step."""
+        spec = job.spec
+        remaining = None
+        if spec.total_steps:
+            remaining = max(0, spec.total_steps - job.row.step) * spec.global_batch_size
+        return BudgetJob(job_id=job.row.id, budget_usd=spec.budget_usd,
+                         remaining_samples=remaining,
+                         samples_per_second=job.row.samples_per_second, nodes=len(job.members))
+
+    def _added_node_prices(self, job: JobRecord) -> list[float]:
+        """Hourly prices of the nodes a growth would add, in the order the controller would
+        take them: free READY nodes that fit, then new nodes of the best-ranked type."""
+        room = max(0, job.spec.nodes.max - len(job.members))
+        free = sorted(
+            (n for n in self.nodes.values()
+             if n.state is NodeState.READY and not n.row.job_id
+             and (n.row.slots == 0 or n.row.slots >= job.spec.nproc_per_node)),
+            key=lambda n: (n.launched_for != job.row.id, n.row.joined_at, n.row.id))
+        prices = [self._quote(n.row).price.usd_per_hour for n in free[:room]]
+        types = self.instance_types_for(job)
+        new = self.pricer.type_price(types[0], job.spec.market or "spot") if types else None
+        if new is not None:
+            prices += [new] * (room - len(prices))
+        return prices
+
     def account(self, now: float) -> None:
-        """An accounting tick: charge every live job, and stop those the budget cannot carry
-        for one more tick (BUDGET_EXHAUSTED; their agents' SIGTERM takes the final checkpoint)."""
+        """An accounting tick: charge every live job; stop those the budget cannot carry for
+        one more tick (BUDGET_EXHAUSTED; their agents' SIGTERM takes the final checkpoint);
+        cap the growth of those whose projection to completion the budget cannot carry."""
         stops = []
         with self._transaction() as conn:
             for job in self.jobs.values():
                 if job.state.terminal:
                     continue
                 ledger = self._bill(job, now)
-                self.store.put_job(job.row, conn)
-                decision = plan_budget(
-                    now,
-                    BudgetJob(job_id=job.row.id, budget_usd=job.spec.budget_usd,
-                              remaining_samples=0,  # unknown to the daemon: no projection
-                              samples_per_second=job.row.samples_per_second,
-                              nodes=len(job.members)),
-                    ledger,
-                    tick_s=self.accounting_interval_s,
-                )
+                budget_job = self.budget_job(job)
+                decision = plan_budget(now, budget_job, ledger, tick_s=self.accounting_interval_s)
                 if decision.action is BudgetAction.STOP:
+                    self.store.put_job(job.row, conn)
                     stops.append(controller.SetJobState(
                         job_id=job.row.id, state=JobState.BUDGET_EXHAUSTED, release=True,
                         reason=decision.reason))
+                    continue
+                cap = plan_growth_cap(now, budget_job, ledger, tick_s=self.accounting_interval_s,
+                                      max_nodes=job.spec.nodes.max,
+                                      added_usd_per_hour=self._added_node_prices(job))
+                previous, job.budget_cap = job.budget_cap, (cap.max_nodes if cap.refused else None)
+                if job.budget_cap != previous:
+                    message = (f"budget: {cap.reason}" if cap.refused
+                               else f"budget: growth allowed again ({cap.reason})")
+                    job.row.message = message
+                    job.row.updated_at = now
+                    log.log(logging.WARNING if cap.refused else logging.INFO,
+                            "job=%s generation=%d: %s", job.row.id, job.row.generation, message)
+                    self._event(conn, job, now, "cost", message)
+                self.store.put_job(job.row, conn)
+        self._flush()
         for stop in stops:
             self.apply(stop, now)
 
+    def instance_types_for(self, job: JobRecord) -> tuple[str, ...]:
+        """The job's allowed instance types, best first by price per unit of measured
+        throughput (budget.choose_instance_types); types no price source knows go last, in
+        the spec's order. Empty when the spec names none (the provider's default)."""
+        types = list(job.spec.instance_types)
+        if len(types) < 2:
+            return tuple(types)
+        market = job.spec.market or "spot"
+        options, unpriced = [], []
+        for itype in types:
+            usd = self.pricer.type_price(itype, market)
+            if usd is None:
+                unpriced.append(itype)
+            else:
+                options.append(InstanceOption(
+                    instance_type=itype, usd_per_hour=usd,
+                    samples_per_second=job.type_samples_per_second.get(itype)))
+        if not options:
+            return tuple(types)
+        choice = choose_instance_types(options)
+        ranked = choice.ranked + tuple(unpriced)
+        if ranked != job.instance_order:
+            job.instance_order = ranked
+            log.info("job=%s: instance types %s: %s", job.row.id, ", ".join(ranked),
+                     choice.reason)
+        return ranked
+
     def cost_report(self, job: JobRecord, now: float | None = None) -> jobs_pb2.CostReport:
+        """GetCost: spend and rate as of `now` (the running interval included), the projection
+        to completion (0 when unknown: no total_steps or no throughput yet; the final spend once
+        the job ended), and the saving against the same node-seconds on demand."""
         now = self.clock() if now is None else now
         ledger = self.ledgers.get(job.row.id)
-        spent = ledger.spent_at(now) if ledger is not None and not job.state.terminal else (
-            job.row.cost_usd)
-        rate = ledger.rate_usd_per_hour if ledger is not None and not job.state.terminal else 0.0
-        on_demand = ledger.on_demand_equivalent_usd if ledger is not None else spent
+        if ledger is not None and not job.state.terminal:
+            summary = cost_summary(now, self.budget_job(job), ledger)
+            spent, rate = summary.spent_usd, summary.rate_usd_per_hour
+            projected = summary.projected_usd or 0.0
+            on_demand = summary.on_demand_equivalent_usd
+        else:
+            spent, rate = job.row.cost_usd, 0.0
+            projected = spent if job.state.terminal else 0.0
+            on_demand = ledger.on_demand_equivalent_usd if ledger is not None else spent
         return jobs_pb2.CostReport(
             job_id=job.row.id,
             spent_usd=spent,
             rate_usd_per_hour=rate,
+            projected_usd=projected,
             budget_usd=job.spec.budget_usd,
             on_demand_equivalent_usd=max(on_demand, spent),
             savings_usd=max(0.0, on_demand - spent),
-            price_source="agents (price_per_hour at Register)",
+            price_source=job.price_source or "no node billed since the daemon started",
         )
 
     # ---- users' requests ----------------------------------------------------------------
@@ -740,6 +845,11 @@ class Coordinator:
                 job.row.loss = p.loss
             job.row.samples_per_second = p.samples_per_second
             job.row.updated_at = now
+            types = {self.nodes[m].row.instance_type for m in job.members if m in self.nodes}
+            if len(types) == 1 and job.members and p.samples_per_second > 0:
+                itype = types.pop()
+                if itype:  # per-node throughput of a one-type membership, for the ranking
+                    job.type_samples_per_second[itype] = p.samples_per_second / len(job.members)
             self.store.put_job(job.row, conn)
             if self.metrics is not None and job.spec.global_batch_size:
                 self.metrics.set_job_steps_per_second(

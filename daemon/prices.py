@@ -1,0 +1,184 @@
+"""What each node is charged: the price book's price for its type, zone and lifecycle.
+
+The ledger needs a price for every billed node at every accounting tick, on the daemon's event
+loop, where a Pricing API call (seconds, maybe a timeout) must not run. So prices are quoted
+from what the last `refresh` found, and `refresh` (the only call that may reach AWS) runs in a
+worker thread of the daemon's pricing loop. Before a type's first refresh, and when the API
+cannot answer, the dated offline table shipped with the package answers, and the quote says so.
+
+The rule of one quote is `quote_node`, pure: an agent's explicit `price_per_hour` overrides the
+book (a machine whose price the operator knows better); otherwise the book's price in the
+node's market (spot for spot nodes, on-demand for on-demand ones); the on-demand price of the
+same type is carried along for the saving report.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from spotwise.cloud.pricing import OfflineTable, Price, PriceBook, load_offline_table
+from spotwise.daemon.budget import NodePrice
+
+log = logging.getLogger(__name__)
+
+OVERRIDE_SOURCE = "agent price_per_hour"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quote:
+    """One node's price and where it came from."""
+
+    price: NodePrice
+    source: str
+    """"agent price_per_hour", "spot api", "on-demand cache (40 s old)", "offline table <date>",
+    or "no price for <type>" (charged $0)."""
+
+
+def market_of(lifecycle: str) -> str:
+    """The price market of a node's lifecycle ("on-demand" stays, anything else is spot)."""
+    return "on-demand" if lifecycle == "on-demand" else "spot"
+
+
+def describe_source(price: Price, now: float) -> str:
+    """Where a price came from, for GetCost: "<market> api", "<market> cache (N s old)" or the
+    offline table's name."""
+    if price.source == "api":
+        return f"{price.market} api"
+    if price.source == "cache":
+        return f"{price.market} cache ({price.age_s(now):.0f} s old)"
+    return price.source
+
+
+def quote_node(
+    *,
+    instance_type: str,
+    override_usd_per_hour: float,
+    market_price: Price | None,
+    on_demand_price: Price | None,
+    now: float,
+) -> Quote:
+    """The price a node is charged (pure).
+
+    `override_usd_per_hour` > 0 (the agent said what it costs) wins; otherwise `market_price`
+    (the book's price in the node's market); with neither, the node is charged nothing and the
+    source says why. `on_demand_price` (None: unknown) only feeds the on-demand equivalent.
+    """
+    on_demand = on_demand_price.usd_per_hour if on_demand_price is not None else None
+    if override_usd_per_hour > 0:
+        return Quote(price=NodePrice(usd_per_hour=override_usd_per_hour,
+                                     on_demand_usd_per_hour=on_demand),
+                     source=OVERRIDE_SOURCE)
+    if market_price is not None:
+        return Quote(price=NodePrice(usd_per_hour=market_price.usd_per_hour,
+                                     on_demand_usd_per_hour=on_demand),
+                     source=describe_source(market_price, now))
+    return Quote(price=NodePrice(usd_per_hour=0.0, on_demand_usd_per_hour=on_demand),
+                 source=f"no price for {instance_type or 'an unknown type'} (charged $0)")
+
+
+def combined_source(sources: set[str]) -> str:
+    """Several nodes' sources as one line (sorted, so it is stable)."""
+    return "; ".join(sorted(sources))
+
+
+class NodePricer:
+    """Quotes without blocking; `refresh` fills them from the price book.
+
+    `book` None means offline: only the shipped table answers, and nothing reaches AWS.
+    Thread-safe: quotes are read on the event loop while a refresh runs in a worker thread.
+    """
+
+    def __init__(
+        self,
+        book: PriceBook | None = None,
+        *,
+        offline: OfflineTable | None = None,
+        refresh_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.book = book
+        self.offline = offline or (book.offline if book is not None else load_offline_table())
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._prices: dict[tuple[str, str, str], Price] = {}
+        self._wanted: set[tuple[str, str, str]] = set()
+        self._new_wanted = False
+        self._refreshed_at: float | None = None
+
+    # ---- answering (event loop) ----------------------------------------------------------
+
+    def _known(self, instance_type: str, market: str, zone: str) -> Price | None:
+        """The last refreshed price, else the offline table's; registers the key for refresh."""
+        if not instance_type:
+            return None
+        key = (instance_type, market, zone if market == "spot" else "")
+        with self._lock:
+            if key not in self._wanted:
+                self._wanted.add(key)
+                self._new_wanted = True
+            found = self._prices.get(key)
+        if found is not None:
+            return found
+        usd = (self.offline.spot_price(instance_type) if market == "spot"
+               else self.offline.on_demand_price(instance_type))
+        if usd is None:
+            return None
+        return Price(instance_type=instance_type, market=market, usd_per_hour=usd, zone=zone,
+                     source=self.offline.source)
+
+    def quote(self, *, instance_type: str, zone: str, lifecycle: str,
+              override_usd_per_hour: float = 0.0) -> Quote:
+        """What a node with these properties is charged now."""
+        market = market_of(lifecycle)
+        on_demand = self._known(instance_type, "on-demand", "")
+        market_price = on_demand if market == "on-demand" else (
+            None if override_usd_per_hour > 0 else self._known(instance_type, "spot", zone))
+        return quote_node(instance_type=instance_type, override_usd_per_hour=override_usd_per_hour,
+                          market_price=market_price, on_demand_price=on_demand, now=self.clock())
+
+    def type_price(self, instance_type: str, market: str) -> float | None:
+        """A type's hourly price in a job's market ("spot-with-fallback" counts as spot), for
+        ranking types and pricing nodes not launched yet; None if no source knows it."""
+        found = self._known(instance_type, "on-demand" if market == "on-demand" else "spot", "")
+        return found.usd_per_hour if found is not None else None
+
+    # ---- refreshing (worker thread) --------------------------------------------------------
+
+    def refresh_due(self, now: float) -> bool:
+        """A refresh is worth running: a new key was asked for, or the last one is old."""
+        if self.book is None:
+            return False
+        with self._lock:
+            if self._new_wanted:
+                return True
+            return bool(self._wanted) and (self._refreshed_at is None
+                                           or now - self._refreshed_at >= self.refresh_s)
+
+    def refresh(self) -> int:
+        """Ask the book for every key quoted so far (blocking: may call AWS, each call bounded
+        by the book's timeouts). Returns how many keys got a price; keys that no source knows
+        keep their previous price."""
+        if self.book is None:
+            return 0
+        with self._lock:
+            keys = sorted(self._wanted)
+            self._new_wanted = False
+        found: dict[tuple[str, str, str], Price] = {}
+        for itype, market, zone in keys:
+            try:
+                found[(itype, market, zone)] = self.book.price(itype, market, zone or None)
+            except LookupError as exc:
+                log.info("pricing: %s", exc)
+        with self._lock:
+            self._prices.update(found)
+            self._refreshed_at = self.clock()
+        if found:
+            log.info("pricing: refreshed %s", ", ".join(
+                f"{k[0]} {k[1]}{' ' + k[2] if k[2] else ''} ${p.usd_per_hour:.4f}/h ({p.source})"
+                for k, p in sorted(found.items())))
+        return len(found)
