@@ -127,19 +127,22 @@ def plan_fleet(
 
 def demands_of(coordinator: Coordinator, *, daemon_address: str,
                wanted: Callable[[str], int] | None = None) -> list[JobDemand]:
-    """Each live job's demand: its nodes.max unless `wanted(job_id)` says otherwise."""
+    """Each live job's demand: its nodes.max (or what the budget caps growth at, never below
+    what it has) unless `wanted(job_id)` says otherwise; instance types best first by price
+    per unit of measured throughput."""
     out = []
     for job in sorted(coordinator.jobs.values(), key=lambda j: (j.row.created_at, j.row.id)):
         if job.state.terminal:
             continue
         spec = job.spec
+        count = coordinator.job_view(job).grow_to if job.members else spec.nodes.max
         out.append(
             JobDemand(
                 job_id=job.row.id,
-                wanted=wanted(job.row.id) if wanted is not None else spec.nodes.max,
+                wanted=wanted(job.row.id) if wanted is not None else count,
                 request=NodeRequest(
                     job_id=job.row.id,
-                    instance_types=tuple(spec.instance_types),
+                    instance_types=coordinator.instance_types_for(job),
                     market=spec.market or "spot",
                     daemon_address=daemon_address,
                     slots=spec.nproc_per_node,
@@ -194,11 +197,13 @@ class FleetLoop:
     def _fleet_nodes(self, provider_nodes: Sequence[ProviderNode], now: float) -> list[FleetNode]:
         by_handle = {}
         for rec in self.coordinator.nodes.values():
-            handle = rec.row.provider_node
-            # A handle may have registered more than once; the newest registration counts.
-            if handle and (handle not in by_handle
-                           or rec.row.registered_at >= by_handle[handle].row.registered_at):
-                by_handle[handle] = rec
+            # A cloud machine's agent may know only its instance id (from IMDS), which is the
+            # EC2 provider's handle.
+            for handle in {rec.row.provider_node, rec.row.instance_id} - {""}:
+                # A handle may have registered more than once; the newest registration counts.
+                if (handle not in by_handle
+                        or rec.row.registered_at >= by_handle[handle].row.registered_at):
+                    by_handle[handle] = rec
         out = []
         live_handles = set()
         for pn in provider_nodes:
