@@ -13,7 +13,8 @@ spotwise.v1.AgentService and "" report SERVING while the daemon runs, NOT_SERVIN
 stops) and server reflection. The control loop runs the controller every `tick_s`; agents'
 reports that need an answer at once (a failed rank, a commit, a notice) run it immediately.
 With a provider, the fleet loop launches and terminates nodes; with `notice_queue_url`, the
-notice loop drains nodes on the interruption notices it reads from SQS. Security (tokens,
+notice loop drains nodes on the interruption notices it reads from SQS; with API pricing
+([daemon.pricing]), the pricing loop refreshes node prices off the event loop. Security (tokens,
 TLS, the loopback rule) and the Prometheus exporter come from the config.
 """
 
@@ -44,6 +45,7 @@ from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.fleet import FleetLoop
 from spotwise.daemon.metrics import Metrics, MetricsExporter, start_exporter
 from spotwise.daemon.notices import NoticeLoop
+from spotwise.daemon.prices import NodePricer, refresh_loop
 from spotwise.daemon.servicers import AgentServicer, JobServicer
 from spotwise.daemon.store import Store, StoreError
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -116,7 +118,31 @@ def make_provider(config: DaemonConfig) -> Provider | None:
             max_nodes=config.local_max_nodes,
             env=env,
         )
+    if config.provider == "ec2":
+        from spotwise.cloud.ec2 import Ec2Provider
+
+        return Ec2Provider(config.ec2.ec2_config())
     return None
+
+
+def make_pricer(config: DaemonConfig) -> NodePricer:
+    """Node prices as [daemon.pricing] says: the price book (spot price history, Pricing API,
+    cached, the offline table as fallback), or the offline table only."""
+    p = config.pricing
+    if config.pricing_offline:
+        return NodePricer(refresh_s=p.refresh_s)
+    from spotwise.cloud.pricing import PriceBook, PricingConfig
+
+    book = PriceBook(PricingConfig(
+        region=p.region or config.ec2.region,
+        pricing_region=p.pricing_region,
+        ec2_endpoint_url=p.ec2_endpoint_url or config.ec2.endpoint_url or None,
+        pricing_endpoint_url=p.pricing_endpoint_url or None,
+        on_demand_max_age_s=p.on_demand_max_age_s,
+        spot_max_age_s=p.spot_max_age_s,
+        timeout_s=p.timeout_s,
+    ))
+    return NodePricer(book, refresh_s=p.refresh_s)
 
 
 class Daemon:
@@ -192,6 +218,7 @@ class Daemon:
             restart_grace_s=config.restart_grace_s,
             accounting_interval_s=config.accounting_interval_s,
             metrics=self.metrics,
+            pricer=make_pricer(config),
             clock=self._clock,
         )
         # No SO_REUSEPORT: a second daemon on the same port must fail, not share its traffic.
@@ -240,6 +267,10 @@ class Daemon:
         if config.notice_queue_url:
             self._tasks.append(asyncio.create_task(
                 self._notice_loop().run(self._stop), name="notice-loop"))
+        if self.coordinator.pricer.book is not None:
+            self._tasks.append(asyncio.create_task(refresh_loop(
+                self.coordinator.pricer, self._stop,
+                timeout_s=config.pricing.timeout_s * 10), name="pricing-loop"))
         log.info("daemon serving on %s (state %s, provider %s)", self.address, config.db_path,
                  self.provider.name if self.provider else "none")
 
