@@ -140,7 +140,12 @@ class _FastTensorReads:
                 for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):
                     item_md = self.storage_data[req.storage_index]
                     file_slice = self._slice_file(stream, item_md)
-                    source = self.transforms.transform_load_stream(req, item_md.transform_descriptors or (), file_slice)
+                    if item_md.transform_descriptors:
+                        source = self.transforms.transform_load_stream(req, item_md.transform_descriptors, file_slice)
+                    else:
+                        # One read of the whole item (one ranged GET on S3). DCP's file view
+                        # also mis-seeks from its end, which zipfile needs.
+                        source = io.BytesIO(file_slice.read(item_md.length))
                     if req.type == LoadItemType.BYTE_IO:
                         read_bytes = io.BytesIO(source.read(-1))
                         read_bytes.seek(0)
