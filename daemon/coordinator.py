@@ -81,6 +81,9 @@ class JobRecord:
     # Money (soft state, rebuilt after a restart by the next accounting tick and progress).
     budget_cap: int | None = None
     """Most nodes the budget lets the job grow to; None: not capped."""
+    budget_cap_reason: str = ""
+    announced_cap: int | None = None
+    """The cap the job's message and events last told about."""
     price_source: str = ""
     """Where the prices of the nodes last billed came from."""
     type_samples_per_second: dict[str, float] = field(default_factory=dict)
@@ -253,6 +256,7 @@ class Coordinator:
     def tick(self, now: float | None = None) -> list[Decision]:
         """Run the controller once and carry out its decisions."""
         now = self.clock() if now is None else now
+        self._cap_growth(now)
         decisions = controller.plan(now, self.snapshot(), self.policy)
         for decision in decisions:
             self.apply(decision, now)
@@ -469,7 +473,7 @@ class Coordinator:
         room = max(0, job.spec.nodes.max - len(job.members))
         free = sorted(
             (n for n in self.nodes.values()
-             if n.state is NodeState.READY and not n.row.job_id
+             if n.state in (NodeState.READY, NodeState.JOINING) and not n.row.job_id
              and (n.row.slots == 0 or n.row.slots >= job.spec.nproc_per_node)),
             key=lambda n: (n.launched_for != job.row.id, n.row.joined_at, n.row.id))
         prices = [self._quote(n.row).price.usd_per_hour for n in free[:room]]
@@ -478,6 +482,21 @@ class Coordinator:
         if new is not None:
             prices += [new] * (room - len(prices))
         return prices
+
+    def _cap_growth(self, now: float) -> None:
+        """Before each plan: the most nodes each running job's budget lets it grow to
+        (budget.plan_growth_cap, priced with the nodes it would get), so the controller never
+        takes a node the projection cannot carry, even one that just became free."""
+        for job in self.jobs.values():
+            ledger = self.ledgers.get(job.row.id)
+            if job.state.terminal or not job.members or ledger is None:
+                job.budget_cap = job.announced_cap = None  # nothing running, nothing to grow
+                continue
+            cap = plan_growth_cap(now, self.budget_job(job), ledger,
+                                  tick_s=self.accounting_interval_s, max_nodes=job.spec.nodes.max,
+                                  added_usd_per_hour=self._added_node_prices(job))
+            job.budget_cap = cap.max_nodes if cap.refused else None
+            job.budget_cap_reason = cap.reason
 
     def account(self, now: float) -> None:
         """An accounting tick: charge every live job; stop those the budget cannot carry for
@@ -489,24 +508,23 @@ class Coordinator:
                 if job.state.terminal:
                     continue
                 ledger = self._bill(job, now)
-                budget_job = self.budget_job(job)
-                decision = plan_budget(now, budget_job, ledger, tick_s=self.accounting_interval_s)
+                decision = plan_budget(now, self.budget_job(job), ledger,
+                                       tick_s=self.accounting_interval_s)
                 if decision.action is BudgetAction.STOP:
                     self.store.put_job(job.row, conn)
                     stops.append(controller.SetJobState(
                         job_id=job.row.id, state=JobState.BUDGET_EXHAUSTED, release=True,
                         reason=decision.reason))
                     continue
-                cap = plan_growth_cap(now, budget_job, ledger, tick_s=self.accounting_interval_s,
-                                      max_nodes=job.spec.nodes.max,
-                                      added_usd_per_hour=self._added_node_prices(job))
-                previous, job.budget_cap = job.budget_cap, (cap.max_nodes if cap.refused else None)
-                if job.budget_cap != previous:
-                    message = (f"budget: {cap.reason}" if cap.refused
-                               else f"budget: growth allowed again ({cap.reason})")
+                if job.budget_cap != job.announced_cap:
+                    # Announced at accounting ticks only, so a projection hovering at the
+                    # budget does not flood the job's events.
+                    job.announced_cap = job.budget_cap
+                    message = (f"budget: {job.budget_cap_reason}" if job.budget_cap is not None
+                               else f"budget: growth allowed again ({job.budget_cap_reason})")
                     job.row.message = message
                     job.row.updated_at = now
-                    log.log(logging.WARNING if cap.refused else logging.INFO,
+                    log.log(logging.WARNING if job.budget_cap is not None else logging.INFO,
                             "job=%s generation=%d: %s", job.row.id, job.row.generation, message)
                     self._event(conn, job, now, "cost", message)
                 self.store.put_job(job.row, conn)
