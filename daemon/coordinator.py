@@ -102,6 +102,8 @@ class NodeRecord:
     last_seen: float
     reported_job_id: str = ""
     reported_generation: int = 0
+    reported_running: bool = False
+    """The agent's last heartbeat listed a running training process."""
     launched_for: str = ""
 
     @property
@@ -702,6 +704,7 @@ class Coordinator:
         rec.last_seen = now
         rec.reported_job_id = req.job_id
         rec.reported_generation = req.generation
+        rec.reported_running = any(p.running for p in req.processes)
         job = self.jobs.get(rec.row.job_id)
         if (
             job is not None

@@ -47,6 +47,9 @@ class FleetNode:
     """None while its agent has not registered."""
     assigned_job: str = ""
     """The job it is a member of now, if any."""
+    winding_down_since: float | None = None
+    """Since when its agent has been stopping processes of a job it no longer belongs to (a
+    final checkpoint may be in flight); None: it runs nothing it should not."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +71,7 @@ def plan_fleet(
     *,
     register_timeout_s: float = 120.0,
     max_nodes: int = 0,
+    wind_down_s: float = 60.0,
 ) -> FleetPlan:
     """Launches and terminations that bring the provider's nodes to the jobs' demands.
 
@@ -75,7 +79,9 @@ def plan_fleet(
     within `register_timeout_s`, drained nodes, nodes no live job wants. Then each job, oldest
     first, gets launches up to `wanted` (within `max_nodes` in total, 0 = no cap; a draining
     member does not count, so its replacement starts during the notice), and loses its
-    surplus (idle nodes before members).
+    surplus (idle nodes before members). A node no job wants whose agent is still stopping an
+    ended job's processes (the final checkpoint of a cancel or a budget stop) is kept for up
+    to `wind_down_s`.
     """
     terminate: list[str] = []
     reasons: list[str] = []
@@ -93,6 +99,10 @@ def plan_fleet(
         elif node.daemon_state is NodeState.DRAINING and not node.assigned_job:
             terminate.append(node.handle)
             reasons.append(f"terminate {node.handle}: drained after an interruption notice")
+        elif (owner not in wanted and node.winding_down_since is not None
+              and now - node.winding_down_since < wind_down_s):
+            reasons.append(f"keep {node.handle} for now: its agent is stopping the processes of "
+                           f"ended job {owner or '-'} (final checkpoint)")
         elif owner not in wanted:
             terminate.append(node.handle)
             reasons.append(f"terminate {node.handle}: no live job wants it "
@@ -184,6 +194,7 @@ class FleetLoop:
         self.max_backoff_s = max_backoff_s
         self.clock = clock
         self._first_seen: dict[str, float] = {}
+        self._winding_since: dict[str, float] = {}
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -214,16 +225,24 @@ class FleetLoop:
             rec = by_handle.get(pn.handle)
             if rec is not None:
                 rec.launched_for = pn.job_id
+            winding = (rec is not None and rec.state is not NodeState.LOST and rec.reported_running
+                       and rec.reported_job_id and rec.reported_job_id != rec.row.job_id)
+            if winding:
+                self._winding_since.setdefault(pn.handle, now)
+            else:
+                self._winding_since.pop(pn.handle, None)
             out.append(FleetNode(
                 handle=pn.handle,
                 launched_for=pn.job_id,
                 first_seen=first,
                 daemon_state=rec.state if rec is not None else None,
                 assigned_job=rec.row.job_id if rec is not None else "",
+                winding_down_since=self._winding_since.get(pn.handle),
             ))
-        for handle in list(self._first_seen):
-            if handle not in live_handles:
-                del self._first_seen[handle]
+        for seen in (self._first_seen, self._winding_since):
+            for handle in list(seen):
+                if handle not in live_handles:
+                    del seen[handle]
         return out
 
     async def run_once(self) -> FleetPlan:

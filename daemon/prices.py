@@ -14,6 +14,7 @@ same type is carried along for the saving report.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -109,6 +110,7 @@ class NodePricer:
         self._wanted: set[tuple[str, str, str]] = set()
         self._new_wanted = False
         self._refreshed_at: float | None = None
+        self._refreshing = threading.Lock()
 
     # ---- answering (event loop) ----------------------------------------------------------
 
@@ -163,22 +165,45 @@ class NodePricer:
         """Ask the book for every key quoted so far (blocking: may call AWS, each call bounded
         by the book's timeouts). Returns how many keys got a price; keys that no source knows
         keep their previous price."""
-        if self.book is None:
-            return 0
-        with self._lock:
-            keys = sorted(self._wanted)
-            self._new_wanted = False
-        found: dict[tuple[str, str, str], Price] = {}
-        for itype, market, zone in keys:
-            try:
-                found[(itype, market, zone)] = self.book.price(itype, market, zone or None)
-            except LookupError as exc:
-                log.info("pricing: %s", exc)
-        with self._lock:
-            self._prices.update(found)
-            self._refreshed_at = self.clock()
+        if self.book is None or not self._refreshing.acquire(blocking=False):
+            return 0  # offline, or an earlier (abandoned, slow) refresh still runs
+        try:
+            with self._lock:
+                keys = sorted(self._wanted)
+                self._new_wanted = False
+            found: dict[tuple[str, str, str], Price] = {}
+            for itype, market, zone in keys:
+                try:
+                    found[(itype, market, zone)] = self.book.price(itype, market, zone or None)
+                except LookupError as exc:
+                    log.info("pricing: %s", exc)
+            with self._lock:
+                self._prices.update(found)
+                self._refreshed_at = self.clock()
+        finally:
+            self._refreshing.release()
         if found:
             log.info("pricing: refreshed %s", ", ".join(
                 f"{k[0]} {k[1]}{' ' + k[2] if k[2] else ''} ${p.usd_per_hour:.4f}/h ({p.source})"
                 for k, p in sorted(found.items())))
         return len(found)
+
+
+async def refresh_loop(pricer: NodePricer, stop: asyncio.Event, *, poll_s: float = 1.0,
+                       timeout_s: float = 60.0) -> None:
+    """Refresh `pricer` in a worker thread whenever it is due, until `stop` is set. A refresh
+    that takes longer than `timeout_s` is abandoned (its thread finishes on its own; the next
+    refresh waits for it), and quotes go on from what is known."""
+    while not stop.is_set():
+        if pricer.refresh_due(pricer.clock()):
+            try:
+                await asyncio.wait_for(asyncio.to_thread(pricer.refresh), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("pricing: refresh took longer than %.0fs; quoting known prices", timeout_s)
+            except Exception:
+                # A bug in one refresh must not stop pricing for good; logged with its traceback.
+                log.exception("pricing: refresh failed")
+        try:
+            await asyncio.wait_for(stop.wait(), poll_s)
+        except asyncio.TimeoutError:
+            pass

@@ -361,3 +361,15 @@ def test_total_steps_travels_yaml_to_proto_and_back_and_is_checked() -> None:
     assert "total_steps" in str(err.value)
     with pytest.raises(SpecError):
         validate_spec_proto(jobs_pb2.JobSpec(entrypoint=["x"], total_steps=5))  # no checkpoint
+
+
+def test_a_node_finishing_an_ended_jobs_final_checkpoint_is_kept_for_a_bounded_time() -> None:
+    from spotwise.daemon.fleet import FleetNode, plan_fleet
+
+    ended = FleetNode(handle="i-1", launched_for="job-gone", first_seen=0.0,
+                      daemon_state=NodeState.READY, winding_down_since=100.0)
+    idle = FleetNode(handle="i-2", launched_for="job-gone", first_seen=0.0,
+                     daemon_state=NodeState.READY)
+    plan = plan_fleet(130.0, [], [ended, idle], wind_down_s=60.0)
+    assert plan.terminate == ("i-2",) and any("final checkpoint" in r for r in plan.reasons)
+    assert plan_fleet(161.0, [], [ended, idle], wind_down_s=60.0).terminate == ("i-1", "i-2")
