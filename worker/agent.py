@@ -50,6 +50,7 @@ import grpc
 from grpc import aio
 
 from spotwise.config import AgentConfig, ConfigError
+from spotwise.daemon.sdnotify import Notifier, NotifyError, child_environment, start_watchdog
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 from spotwise.worker.storage import (
     AlreadyExists,
@@ -255,17 +256,27 @@ class Agent:
 
     def __init__(self, config: AgentConfig, *, max_disconnect_s: float = 600.0,
                  switch_grace_s: float = 3.0, poll_interval_s: float = 0.1,
-                 token: str | None = None) -> None:
+                 token: str | None = None, notifier: Notifier | None = None) -> None:
         """`switch_grace_s`: the grace (at most config.grace_s) when a newer generation of the
-        same job replaces the running one and its fence marker is written."""
+        same job replaces the running one and its fence marker is written. `token`: the bearer
+        token (default: config.token_file's content, else $SPOTWISE_AGENT_TOKEN or
+        $SPOTWISE_TOKEN); TLS from config.tls_*; OSError/ValueError if a file cannot be read.
+        `notifier`: systemd's notify socket (READY=1 once registered, WATCHDOG=1, STOPPING=1);
+        default none."""
         self.config = config
         self.switch_grace_s = switch_grace_s
         self.log_dir = Path(config.effective_log_dir).absolute()
         self.node_id = config.node_id
         self.max_disconnect_s = max_disconnect_s
         self.poll_interval_s = poll_interval_s
+        if token is None and config.token_file:
+            token = read_token_file(config.token_file)
         token = token if token is not None else (
             os.environ.get("SPOTWISE_AGENT_TOKEN") or os.environ.get("SPOTWISE_TOKEN"))
+        self._credentials = channel_credentials(config)
+        self._notifier = notifier or Notifier(address=None)
+        self._watchdog: asyncio.Task[None] | None = None
+        self._ready_sent = False
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.heartbeat_interval_s = 0.5
         self.lease_s = 2.0
@@ -302,7 +313,8 @@ class Agent:
         log.info("agent %s: store on port %d, daemon %s, log dir %s",
                  self.config.provider_node or "-", self.store.port, self.config.daemon,
                  self.log_dir)
-        channel = aio.insecure_channel(self.config.daemon)
+        channel = (aio.secure_channel(self.config.daemon, self._credentials)
+                   if self._credentials is not None else aio.insecure_channel(self.config.daemon))
         self._stub = agent_pb2_grpc.AgentServiceStub(channel)
         tasks = [asyncio.create_task(self._reconcile_loop(), name="reconcile"),
                  asyncio.create_task(self._watch_loop(), name="watch"),
@@ -317,6 +329,9 @@ class Agent:
                 raise AgentError(f"internal error: {self._fatal!r}") from self._fatal
             return 0
         finally:
+            self._notify(self._notifier.stopping, status="stopping: draining processes")
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -490,7 +505,19 @@ class Agent:
             log.info("agent: registered as node %s (job %s g%s), heartbeat %.2fs lease %.2fs",
                      self.node_id, cur.spec.job_id if cur else "-",
                      cur.spec.generation if cur else "-", self.heartbeat_interval_s, self.lease_s)
+            if not self._ready_sent:  # the first registration: startup is complete
+                self._ready_sent = True
+                self._notify(self._notifier.ready,
+                             status=f"node {self.node_id} registered with {self.config.daemon}")
+                self._watchdog = start_watchdog(self._notifier)
             return
+
+    def _notify(self, send: Any, **kwargs: Any) -> None:
+        """Send a systemd notification; a failed send is logged, never fatal."""
+        try:
+            send(**kwargs)
+        except NotifyError as e:
+            log.warning("agent %s: %s", self.node_id or "-", e)
 
     def _check_disconnect(self, since: float, err: aio.AioRpcError) -> None:
         if time.monotonic() - since > self.max_disconnect_s:
@@ -655,7 +682,8 @@ class Agent:
                 log.warning("agent %s: job %s g%d: store %s:%d has no stamp %s after 30s; "
                             "starting anyway", self.node_id, spec.job_id, spec.generation,
                             spec.master_addr, spec.master_port, stamp)
-        sup = Supervisor(spec, log_dir=self.log_dir)
+        # Training processes must not inherit systemd's notify socket or watchdog.
+        sup = Supervisor(spec, log_dir=self.log_dir, base_env=child_environment(os.environ))
         self.current = sup
         try:
             sup.start()
@@ -778,6 +806,26 @@ class Agent:
             self._reports.popleft()
 
 
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace stripped). OSError if unreadable,
+    ValueError if empty."""
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the daemon when config.tls_ca_file is set (with a client
+    certificate when tls_cert_file is); None = plaintext. OSError if a file is unreadable."""
+    if not config.tls_ca_file:
+        return None
+    cert = Path(config.tls_cert_file).read_bytes() if config.tls_cert_file else None
+    key = Path(config.tls_key_file).read_bytes() if config.tls_key_file else None
+    return grpc.ssl_channel_credentials(root_certificates=Path(config.tls_ca_file).read_bytes(),
+                                        private_key=key, certificate_chain=cert)
+
+
 def _key_str(key: tuple[str, int] | None) -> str:
     return f"{key[0]} g{key[1]}" if key else "nothing"
 
@@ -832,8 +880,12 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = Agent(config, max_disconnect_s=args.max_disconnect_s,
-                  switch_grace_s=args.switch_grace_s)
+    try:
+        agent = Agent(config, max_disconnect_s=args.max_disconnect_s,
+                      switch_grace_s=args.switch_grace_s, notifier=Notifier.from_env())
+    except (OSError, ValueError) as e:
+        print(f"spotwise agent: {e}", file=sys.stderr)
+        return 2
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
