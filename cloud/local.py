@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,12 +127,15 @@ class LocalProvider(Provider):
                  python: str = sys.executable, agent_args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, max_nodes: int = 0,
                  price_per_hour: float = 0.0, instance_type: str = "local",
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None,
+                 node_args: Callable[[str], Sequence[str]] | None = None) -> None:
         """`log_dir`: agents' process logs (<log_dir>/<job>/g<gen>/...) and the agents' own
         output (<log_dir>/agents/<handle>.log). `cluster` scopes the /proc marker so that two
         providers (two daemons, two tests) never touch each other's nodes; default: the
         absolute log_dir, which a restarted daemon with the same state dir finds again.
-        `max_nodes` (0 = no limit) caps live nodes. `agent_args` are extra CLI arguments."""
+        `max_nodes` (0 = no limit) caps live nodes. `agent_args` are extra CLI arguments;
+        `node_args(handle)` adds arguments for one node (a trace replay gives each node its own
+        `--imds-endpoint`, as each EC2 instance has its own metadata service)."""
         self.log_dir = Path(log_dir).absolute()
         self.cluster = cluster or str(self.log_dir)
         self.grace_s = grace_s
@@ -143,6 +146,7 @@ class LocalProvider(Provider):
         self.price_per_hour = price_per_hour
         self.instance_type = instance_type
         self.cwd = cwd
+        self.node_args = node_args
         self._lock = threading.Lock()
         self._agents: dict[str, _Agent] = {}
         self._next = 0
@@ -191,6 +195,8 @@ class LocalProvider(Provider):
                 "--log-dir", str(self.log_dir), "--instance-type", self.instance_type,
                 "--lifecycle", lifecycle, "--price-per-hour", str(self.price_per_hour),
                 "--grace-s", str(self.grace_s), *self.agent_args]
+        if self.node_args is not None:
+            argv += list(self.node_args(handle))
         env = dict(self.env)
         env[MARKER_ENV] = self.marker(handle)
         env[JOB_ENV] = request.job_id
