@@ -108,9 +108,9 @@ def timed_steps(trainer: Trainer, n: int) -> list[float]:
     return out
 
 
-def make_checkpointer(uri: str, rank: int, world: int, generation: int, mode: str) -> Checkpointer:
+def make_checkpointer(uri: str, rank: int, world: int, generation: int, mode: str, nice: int = 10) -> Checkpointer:
     return Checkpointer(
-        CheckpointConfig(uri=uri, async_mode=mode, keep=2, io_threads=2),
+        CheckpointConfig(uri=uri, async_mode=mode, keep=2, io_threads=2, writer_nice=nice),
         rank=rank, world_size=world, generation=generation, device=torch.device("cpu"),
     )
 
@@ -170,7 +170,7 @@ def run_ranks(rank: int, world: int, port: int, args, env: dict, queue) -> None:
     # Asynchronous saves (upload in a background process): blocked time is staging only; the
     # steps that run while the upload goes on show what the upload costs training.
     for target, uri in (("s3", args.s3_uri + "/async"), ("local", args.local_uri + "/async")):
-        ck = make_checkpointer(uri, rank, world, 0, "process")
+        ck = make_checkpointer(uri, rank, world, 0, "process", nice=args.writer_nice)
         ck.save(1, trainer.state(), cursor=0, blocking=False)  # first save starts the writer process
         ck.wait()
         blocks, during = [], []
@@ -272,6 +272,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="baseline steps")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--writer-nice", type=int, default=CheckpointConfig.writer_nice,
+                    help="niceness of the background writer process (the runtime's default)")
     args = ap.parse_args()
 
     import boto3
@@ -319,7 +321,7 @@ def main() -> int:
             "ranks": 2, "backend": "gloo", "params_plus_optimizer_mb": round(state_mb, 1),
             "hidden": args.hidden, "layers": args.layers, "batch": args.batch,
             "storage": "moto S3 server on loopback, and local disk", "torch": torch.__version__,
-            "cpus": os.cpu_count(),
+            "cpus": os.cpu_count(), "writer_nice": args.writer_nice,
         },
     }
     for k, v in figures.items():
