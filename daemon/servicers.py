@@ -9,6 +9,7 @@ are the coordinator's and the controller's.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -42,8 +43,95 @@ def bad_request_status(error: SpecError) -> grpc.Status:
     )
 
 
+MAX_ECHO_CHARS = 200
+"""At most this much of a caller's value is quoted back in an error message: the message
+travels in a trailer, and gRPC answers RESOURCE_EXHAUSTED instead when trailers exceed ~8 KiB."""
+
+
+def echo(value: str) -> str:
+    """repr of a caller's value for an error message, cut to MAX_ECHO_CHARS."""
+    if len(value) <= MAX_ECHO_CHARS:
+        return repr(value)
+    return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} characters)"
+
+
 async def _abort_unknown(context: grpc.aio.ServicerContext, job_id: str) -> None:
-    await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}")
+    await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(job_id)}")
+
+
+MAX_ID_CHARS = 256
+"""Longest node, instance, zone, job or provider id an agent may send."""
+
+NODE_LIFECYCLES = ("", "spot", "on-demand")
+"""RegisterRequest.lifecycle values ("" = spot)."""
+
+
+def _printable(value: str) -> bool:
+    return all(c.isprintable() and not c.isspace() for c in value)
+
+
+def register_violations(req: agent_pb2.RegisterRequest) -> list[str]:
+    """What is wrong with a RegisterRequest, one "field: why" per problem (empty when fine).
+
+    Values the store or the controller cannot take (a NaN price is NULL to SQLite) or that
+    peers could not use (a port beyond 65535) are refused here rather than failing later.
+    """
+    problems = []
+    if not req.address:
+        problems.append("address: a node must say where its peers reach it")
+    elif len(req.address) > MAX_ID_CHARS or not _printable(req.address):
+        problems.append(f"address: not a host name or IP address: {echo(req.address)}")
+    if req.store_port > 65535:
+        problems.append(f"store_port: {req.store_port} is not a TCP port")
+    if not (math.isfinite(req.price_per_hour) and req.price_per_hour >= 0):
+        problems.append(f"price_per_hour: must be a finite number >= 0, got {req.price_per_hour}")
+    if req.lifecycle not in NODE_LIFECYCLES:
+        problems.append(f"lifecycle: must be spot or on-demand, got {echo(req.lifecycle)}")
+    for name in ("node_id", "instance_id", "instance_type", "zone", "current_job_id",
+                 "provider_node"):
+        value = getattr(req, name)
+        if len(value) > MAX_ID_CHARS or not _printable(value):
+            problems.append(f"{name}: at most {MAX_ID_CHARS} printable characters without "
+                            f"spaces, got {echo(value)}")
+    if len(req.log_dir) > 4096 or "\0" in req.log_dir:
+        problems.append("log_dir: at most 4096 characters, no NUL")
+    return problems
+
+
+MAX_STORED_INT = 2**63 - 1
+"""The largest integer SQLite stores: larger uint64 values are refused, not overflowed."""
+
+
+def report_violations(req: agent_pb2.ReportEventRequest) -> list[str]:
+    """What is wrong with a ReportEventRequest, one "field: why" per problem (empty when fine):
+    numbers the store cannot hold (a uint64 beyond 2**63 - 1) or times and rates that are not
+    finite. A NaN loss is allowed: a diverged run is worth reporting."""
+    problems = []
+    if not math.isfinite(req.time):
+        problems.append(f"time: must be a finite unix time, got {req.time}")
+    kind = req.WhichOneof("event")
+    numbers: list[tuple[str, int]] = []
+    if kind == "checkpoint_committed":
+        c = req.checkpoint_committed
+        numbers = [("step", c.step), ("bytes", c.bytes), ("cursor", c.cursor)]
+        if len(c.path) > 4096 or "\0" in c.path:
+            problems.append("checkpoint_committed.path: at most 4096 characters, no NUL")
+    elif kind == "progress":
+        p = req.progress
+        numbers = [("step", p.step)]
+        if not (math.isfinite(p.samples_per_second) and p.samples_per_second >= 0):
+            problems.append("progress.samples_per_second: must be a finite number >= 0, got "
+                            f"{p.samples_per_second}")
+    elif kind == "interruption_notice":
+        if not math.isfinite(req.interruption_notice.deadline):
+            problems.append("interruption_notice.deadline: must be a finite unix time, got "
+                            f"{req.interruption_notice.deadline}")
+        if len(req.interruption_notice.action) > MAX_ID_CHARS:
+            problems.append(f"interruption_notice.action: at most {MAX_ID_CHARS} characters")
+    for name, value in numbers:
+        if value > MAX_STORED_INT:
+            problems.append(f"{kind}.{name}: {value} is beyond {MAX_STORED_INT}")
+    return problems
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -130,9 +218,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def Register(self, request: agent_pb2.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> agent_pb2.RegisterResponse:
-        if not request.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "address: a node must say where its peers reach it")
+        problems = register_violations(request)
+        if problems:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         return self._c.register(request)
 
     async def Heartbeat(self, request: agent_pb2.HeartbeatRequest,
@@ -145,4 +233,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def ReportEvent(self, request: agent_pb2.ReportEventRequest,
                           context: grpc.aio.ServicerContext) -> agent_pb2.ReportEventResponse:
+        problems = report_violations(request)
+        if problems:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         return self._c.report(request)
