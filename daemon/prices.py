@@ -36,7 +36,8 @@ class Quote:
     price: NodePrice
     source: str
     """"agent price_per_hour", "spot api", "on-demand cache (40 s old)", "offline table <date>",
-    or "no price for <type>" (charged $0)."""
+    or "no price for <type>" (charged $0); followed by "(on-demand reference: ...)" when the
+    on-demand price of the saving report came from elsewhere."""
 
 
 def market_of(lifecycle: str) -> str:
@@ -70,15 +71,16 @@ def quote_node(
     """
     on_demand = on_demand_price.usd_per_hour if on_demand_price is not None else None
     if override_usd_per_hour > 0:
-        return Quote(price=NodePrice(usd_per_hour=override_usd_per_hour,
-                                     on_demand_usd_per_hour=on_demand),
-                     source=OVERRIDE_SOURCE)
-    if market_price is not None:
-        return Quote(price=NodePrice(usd_per_hour=market_price.usd_per_hour,
-                                     on_demand_usd_per_hour=on_demand),
-                     source=describe_source(market_price, now))
-    return Quote(price=NodePrice(usd_per_hour=0.0, on_demand_usd_per_hour=on_demand),
-                 source=f"no price for {instance_type or 'an unknown type'} (charged $0)")
+        usd, source = override_usd_per_hour, OVERRIDE_SOURCE
+    elif market_price is not None:
+        usd, source = market_price.usd_per_hour, describe_source(market_price, now)
+    else:
+        usd, source = 0.0, f"no price for {instance_type or 'an unknown type'} (charged $0)"
+    if on_demand_price is not None and on_demand_price is not market_price:
+        reference = describe_source(on_demand_price, now)
+        if reference != source:
+            source += f" (on-demand reference: {reference})"
+    return Quote(price=NodePrice(usd_per_hour=usd, on_demand_usd_per_hour=on_demand), source=source)
 
 
 def combined_source(sources: set[str]) -> str:

@@ -58,7 +58,7 @@ def test_an_agents_price_overrides_the_book_and_keeps_the_on_demand_reference() 
     q = quote_node(instance_type="g4dn.xlarge", override_usd_per_hour=0.3,
                    market_price=_price(0.2), on_demand_price=_price(0.526, "on-demand"), now=100.0)
     assert q.price == NodePrice(usd_per_hour=0.3, on_demand_usd_per_hour=0.526)
-    assert q.source == OVERRIDE_SOURCE
+    assert q.source == f"{OVERRIDE_SOURCE} (on-demand reference: on-demand api)"
 
 
 def test_without_override_the_market_price_is_charged_and_its_source_named() -> None:
@@ -117,14 +117,15 @@ def test_pricer_refresh_replaces_the_offline_quote_with_api_prices_then_cache() 
     after = pricer.quote(instance_type="g4dn.xlarge", zone="us-east-1a", lifecycle="spot")
     # the newest us-east-1a entry of the history, the on-demand price from the PriceList
     assert after.price == NodePrice(usd_per_hour=0.2075, on_demand_usd_per_hour=0.526)
-    assert after.source == "spot api"
+    assert after.source == "spot api (on-demand reference: on-demand api)"
     assert not pricer.refresh_due(clock.now + 30)
     clock.now += 61
     assert pricer.refresh_due(clock.now)
     with Stubber(ec2), Stubber(pricing):  # fresh in the book's cache: no call may be made
         assert pricer.refresh() == 2
     cached = pricer.quote(instance_type="g4dn.xlarge", zone="us-east-1a", lifecycle="spot")
-    assert cached.source == "spot cache (61 s old)" and cached.price.usd_per_hour == 0.2075
+    assert cached.source == ("spot cache (61 s old) (on-demand reference: on-demand cache (61 s old))")
+    assert cached.price.usd_per_hour == 0.2075
 
 
 # ---- the growth cap (pure) ----------------------------------------------------------------
@@ -245,7 +246,8 @@ def test_an_agent_price_is_an_override_and_reported_as_such(tmp_path: Path) -> N
     report = coord.cost_report(job)
     assert report.rate_usd_per_hour == pytest.approx(0.1 + G4_SPOT)
     assert report.on_demand_equivalent_usd == pytest.approx(2 * G4_OD)  # from the book still
-    assert report.price_source == f"{OVERRIDE_SOURCE}; {OFFLINE.source}"
+    assert report.price_source == (
+        f"{OVERRIDE_SOURCE} (on-demand reference: {OFFLINE.source}); {OFFLINE.source}")
 
 
 def test_growth_the_projection_cannot_carry_is_refused_and_said(tmp_path: Path) -> None:
