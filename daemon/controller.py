@@ -123,6 +123,8 @@ class JobView:
     """Step of the newest committed checkpoint; -1 if none."""
     last_checkpoint_at: float = 0.0
     """When the daemon recorded that commit (its clock)."""
+    step: int = 0
+    """The newest step the current generation reported (its progress)."""
     failures: int = 0
     """Failed generations in a row (reset by a checkpoint commit)."""
     exit_codes: Mapping[int, int] = field(default_factory=dict)
@@ -419,7 +421,7 @@ def _plan_job(
         if asked is None:
             return RequestCheckpoint(job_id=job.id, on=True,
                                      reason=f"checkpoint now, then {grow} ({joined})")
-        if job.last_checkpoint_at >= asked and job.last_checkpoint_step >= 0:
+        if _committed_since(job, asked):
             return _start(job, members, JobState.RESCALING, count_failure=False,
                           reason=f"{grow} after the checkpoint at step "
                           f"{job.last_checkpoint_step}: {joined}")
@@ -479,10 +481,18 @@ def _is_member(node: NodeView | None, job_id: str) -> bool:
     )
 
 
+def _committed_since(job: JobView, since: float) -> bool:
+    """Whether a checkpoint asked for at `since` is committed: a commit recorded since then, of
+    a step at least as far as the job has reported. (An asynchronous periodic checkpoint begun
+    before the request can commit after it; restoring it would replay the steps in between.)"""
+    return (job.last_checkpoint_at >= since and job.last_checkpoint_step >= 0
+            and job.last_checkpoint_step >= job.step)
+
+
 def _drain_done(now: float, job: JobView, node: NodeView, policy: Policy) -> bool:
     if node.state is not NodeState.DRAINING or node.drain_since is None:
         return False
-    if job.last_checkpoint_at >= node.drain_since and job.last_checkpoint_step >= 0:
+    if _committed_since(job, node.drain_since):
         return True  # the drain checkpoint (or a later one) is committed
     if node.drain_deadline:
         return now >= node.drain_deadline - policy.drain_margin_s

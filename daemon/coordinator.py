@@ -210,6 +210,7 @@ class Coordinator:
             generation_started_at=rec.generation_started_at,
             last_checkpoint_step=rec.row.last_checkpoint_step,
             last_checkpoint_at=rec.row.last_checkpoint_at,
+            step=rec.row.step,
             failures=rec.row.failures,
             exit_codes=dict(rec.exit_codes),
             failed_at=rec.failed_at,
