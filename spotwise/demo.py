@@ -1,13 +1,18 @@
-"""`spotwise demo`: one elastic training run on this machine, losing and regaining a node.
+"""`spotwise demo`: one elastic training run on this machine, replaying a real spot trace.
 
 It starts a daemon (a `spotwise daemon` subprocess with a fresh state directory, SQLite, and
-checkpoints on local disk), a local fleet of three agents, and submits the example language
-model (examples/train_lm.py) with `nodes: {min: 1, max: 3}`. Once the job trains on all three
-nodes and has committed a checkpoint, it SIGKILLs one node (its agent and its training
-processes, as a spot machine lost without notice), lets the job go on at the smaller world
-size from the last commit, later adds a node back, and shows all of it live. It ends with a
-summary (final loss, steps, generations, replayed steps, recovery time, wall time) and exits
-0 when the job SUCCEEDED.
+checkpoints on local disk, no provider of its own) and submits the example language model
+(examples/train_lm.py) with `nodes: {min: 1, max: N}`. The nodes come and go as a real AWS spot
+trace says (../shared/traces; by default a slice of the 4-node p3.2xlarge preemption trace
+scaled to 3 nodes, with a drop, a rise and a drop): the trace replayer
+(spotwise.cloud.replay) launches node agents, gives each its own fake instance metadata
+service, announces some removals there (spot/instance-action, a few seconds ahead) and
+SIGKILLs the nodes when the trace drops. The replay starts once the job trains on every node
+and has committed a checkpoint. A noticed node is drained (checkpoint, then the next
+generation without it: no step lost); a node lost without notice costs the steps since the
+last commit; a new node is taken in after a checkpoint. All of it shows live, then a summary
+(final loss, steps, generations, lost steps, drain and recovery times, wall time). Exit 0 when
+the job SUCCEEDED.
 
 The sizes are chosen to finish in well under three minutes on a 2-core machine.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import shutil
 import signal
@@ -39,19 +45,59 @@ from spotwise.live import LiveView, checkpoint_text, number
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
+DEFAULT_TRACE = "aws-2023-08-03-us-east-1f-p3.2xlarge-4node-preemption.json"
+"""The trace the demo replays by default, in the traces directory next to the repository."""
+DEFAULT_SLICE = (126, 15)
+"""(start, length) of the default slice: 4,4,3,3,3,3,4,...,4,3,3 of 4 nodes, which scaled to 3
+nodes is a drop to 2, a rise back to 3 and another drop (samples 126-140, 75 trace minutes)."""
+
+
+def traces_dir() -> Path:
+    """../shared/traces relative to the repository this package runs from."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+
+
+def default_trace_path() -> Path:
+    """The default trace file; ValueError saying where it was looked for if it is missing."""
+    path = traces_dir() / DEFAULT_TRACE
+    if not path.is_file():
+        raise ValueError(f"the default trace {DEFAULT_TRACE} is not in {traces_dir()} (the "
+                         "traces directory ../shared/traces next to the repository); pass "
+                         "--trace FILE")
+    return path
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `spotwise demo`."""
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where the demo keeps its daemon state, logs and checkpoints "
                              "(default: a new temporary directory, kept for inspection)")
-    parser.add_argument("--steps", type=int, default=240, help="optimizer steps (default 240)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
     parser.add_argument("--seq-len", type=int, default=64, help="sequence length (default 64)")
-    parser.add_argument("--nodes", type=int, default=3, help="agents to start with (default 3)")
-    parser.add_argument("--kill-at", type=float, default=0.3,
-                        help="kill a node when this fraction of the steps is done (default 0.3)")
-    parser.add_argument("--add-at", type=float, default=0.6,
-                        help="add a node back at this fraction of the steps (default 0.6)")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="spot trace to replay, in the ../shared/traces format (default: "
+                             f"{DEFAULT_TRACE} from ../shared/traces, samples "
+                             f"{DEFAULT_SLICE[0]}-{sum(DEFAULT_SLICE) - 1})")
+    parser.add_argument("--trace-start", type=int, default=None,
+                        help="first trace sample to replay (default: the demo's slice for the "
+                             "default trace, else 0)")
+    parser.add_argument("--trace-length", type=int, default=None,
+                        help="samples to replay (default: the demo's slice for the default "
+                             "trace, else 15)")
+    parser.add_argument("--compression", type=float, default=100.0,
+                        help="trace seconds per wall second (default 100: a 5-minute sample "
+                             "lasts 3 s)")
+    parser.add_argument("--nodes", type=int, default=3,
+                        help="node count the trace's full capacity maps to, 1 to 3 (default 3)")
+    parser.add_argument("--notice-fraction", type=float, default=0.5,
+                        help="fraction of removed nodes that get a spot interruption notice "
+                             "first (default 0.5)")
+    parser.add_argument("--notice-lead-s", type=float, default=3.0,
+                        help="wall seconds between a notice and its removal (default 3)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the notice draw and of which nodes go (default 1: in the "
+                             "default slice, the first drop comes with a notice, the second "
+                             "without)")
     parser.add_argument("--timeout-s", type=float, default=600.0,
                         help="give up (and clean up) after this long (default 600)")
     parser.add_argument("--plain", action="store_true",
@@ -132,7 +178,7 @@ def _spec(script: Path, args: argparse.Namespace, checkpoint_dir: Path) -> dict:
                        "--log-every", "20"],
         "env": {"OMP_NUM_THREADS": "1"},
         "working_dir": str(script.parent.parent),
-        "nodes": {"min": 1, "max": 3},
+        "nodes": {"min": 1, "max": args.nodes},
         "nproc_per_node": 1,
         "checkpoint": {"uri": str(checkpoint_dir), "every_steps": 10, "keep": 5},
         "global_batch_size": 24,
@@ -175,28 +221,57 @@ def _render(view: LiveView, timeline: Timeline, total_steps: int) -> Group:
     return Group(bar, view.render(), Panel(demo, title="demo", title_align="left"))
 
 
+def _replay_config(args: argparse.Namespace):
+    """The trace and how to replay it; ValueError naming a bad flag or a missing file."""
+    from spotwise.cloud.trace import ReplayConfig, load_trace
+
+    if not 1 <= args.nodes <= 3:
+        raise ValueError("--nodes must be 1 to 3 (the job's global batch of 24 in micro-batches "
+                         "of 4 fits 1 to 3 nodes)")
+    if args.trace is None:
+        path = default_trace_path()
+        start, length = DEFAULT_SLICE
+    else:
+        if not args.trace.is_file():
+            raise ValueError(f"--trace {args.trace}: no such file")
+        path, start, length = args.trace, 0, 15
+    start = start if args.trace_start is None else args.trace_start
+    length = length if args.trace_length is None else args.trace_length
+    trace = load_trace(path)
+    config = ReplayConfig(compression=args.compression, nodes=args.nodes,
+                          notice_fraction=args.notice_fraction, notice_lead_s=args.notice_lead_s,
+                          seed=args.seed, start=start, length=length)
+    return trace, config
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; 0 when the job SUCCEEDED after losing and regaining a node."""
+    """Run the demo; 0 when the job SUCCEEDED while its nodes came and went with the trace."""
     from spotwise.cloud.local import LocalProvider
     from spotwise.cloud.provider import NodeRequest
+    from spotwise.cloud.replay import TraceReplayer
+    from spotwise.cloud.trace import replay_schedule
 
     console = Console()
-    if not 0 < args.kill_at < args.add_at < 1:
-        console.print("spotwise demo: need 0 < --kill-at < --add-at < 1")
-        return 2
-    if not 2 <= args.nodes <= 3:
-        console.print("spotwise demo: --nodes must be 2 or 3 (the job runs on 1 to 3 nodes)")
-        return 2
     try:
         script = _find_script(args.script)
+        trace, replay = _replay_config(args)
+        schedule = replay_schedule(trace, replay)
     except ValueError as e:
-        console.print(f"spotwise demo: {e}")
+        console.print(f"spotwise demo: {e}", highlight=False)
+        return 2
+    if schedule.levels[0] < 1:
+        console.print(f"spotwise demo: the trace gives no node at sample {replay.start}; pick "
+                      "another --trace-start")
         return 2
     state_dir = (args.state_dir or Path(tempfile.mkdtemp(prefix="spotwise-demo-"))).absolute()
     if args.state_dir is not None and state_dir.exists():
         shutil.rmtree(state_dir)  # a fresh daemon state each run: one job, one story
     state_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SPOTWISE_STATE_DIR=str(state_dir))
+    # Compressed time: notices come seconds, not two minutes, ahead. The daemon leaves a
+    # draining node half a second (not 10 s) before its deadline; agents poll IMDS every second.
+    env.setdefault("SPOTWISE_DAEMON_DRAIN_MARGIN_S", "0.5")
+    env.setdefault("SPOTWISE_AGENT_IMDS_POLL_S", "1")
     plain = args.plain or not console.is_terminal
     timeline = Timeline(plain=plain, console=console)
     wall0 = time.monotonic()
@@ -205,15 +280,22 @@ def run(args: argparse.Namespace) -> int:
     daemon, address = _start_daemon(state_dir, state_dir / "daemon.log", env)
     provider = LocalProvider(log_dir=state_dir / "logs", cluster=f"demo-{os.getpid()}",
                              grace_s=5.0, env=env)
+    request = NodeRequest(job_id="", daemon_address=address, slots=1)
+    actions: queue.SimpleQueue = queue.SimpleQueue()
+    replayer = TraceReplayer(provider, schedule, request, seed=replay.seed)
     client = Client(address, timeout=10)
     live: Live | None = None
     try:
         timeline.add(f"daemon serving on {address} (SQLite in {state_dir})")
-        request = NodeRequest(job_id="", daemon_address=address, slots=1)
-        handles = [n.handle for n in provider.launch(request, args.nodes)]
-        timeline.add(f"started {len(handles)} agents: {', '.join(handles)}")
+        timeline.add(f"trace {trace.name}: samples {replay.start}-"
+                     f"{replay.start + len(schedule.levels) - 1} of {trace.source_nodes} nodes "
+                     f"-> {replay.nodes}, {schedule.step_s:.0f}s per 5-min sample: "
+                     f"{' '.join(map(str, schedule.levels))}")
+        for action in replayer.begin():
+            timeline.add(f"replay: {action.reason}")
+        replayer.on_action = actions.put  # from here on, _drive reports each action
         job_id = client.submit(_spec(script, args, state_dir / "checkpoints"))
-        timeline.add(f"submitted {script.name} as {job_id}: nodes 1..3, "
+        timeline.add(f"submitted {script.name} as {job_id}: nodes 1..{args.nodes}, "
                      f"{args.steps} steps")
         view = LiveView(job_id)
         _Watcher(client, job_id, view).start()
@@ -221,11 +303,12 @@ def run(args: argparse.Namespace) -> int:
             live = Live(_render(view, timeline, args.steps), console=console,
                         refresh_per_second=4, transient=False)
             live.start()
-        result = _drive(client, provider, request, job_id, view, timeline, args, live)
+        result = _drive(client, replayer, actions, job_id, view, timeline, args, live)
     finally:
         if live is not None:
             live.stop()
         client.close()
+        replayer.stop()
         provider.shutdown()
         _stop_daemon(daemon)
     wall = time.monotonic() - wall0
@@ -235,25 +318,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 @dataclass
+class _Watch:
+    """A replay action whose effect on the job the demo waits to see."""
+
+    action: object
+    t: float
+    generation: int
+    world_size: int
+
+
+@dataclass
 class _Result:
     job: object | None = None
-    recovery_s: float | None = None
-    regrow_s: float | None = None
-    killed: str = ""
+    drains: list[str] = field(default_factory=list)
+    recoveries: list[str] = field(default_factory=list)
+    regrows: list[str] = field(default_factory=list)
+    noticed: int = 0
+    killed_with_notice: int = 0
+    killed_without_notice: int = 0
+    added: int = 0
     note: str = ""
 
 
-def _drive(client: Client, provider, request, job_id: str, view: LiveView,
+def _drive(client: Client, replayer, actions: queue.SimpleQueue, job_id: str, view: LiveView,
            timeline: Timeline, args: argparse.Namespace, live: Live | None) -> _Result:
-    """Poll the job and act on it: kill a node, add one back; until the job ends."""
+    """Poll the job; start the replay once it trains everywhere with a commit; report what each
+    replay action did to the job; until the job ends."""
     result = _Result()
     deadline = time.monotonic() + args.timeout_s
-    kill_step = int(args.steps * args.kill_at)
-    add_step = int(args.steps * args.add_at)
-    phase = "warmup"
-    t_kill = t_add = 0.0
-    gen_at_kill = gen_at_add = 0
+    started = False
     last_gen = 0
+    watches: list[_Watch] = []
+    noticed: set[str] = set()
     while time.monotonic() < deadline:
         try:
             job = client.get(job_id)
@@ -265,60 +361,73 @@ def _drive(client: Client, provider, request, job_id: str, view: LiveView,
             view.set_job(job)
         if job.generation != last_gen:
             last_gen = job.generation
-            timeline.add(f"generation {job.generation}: world size {job.world_size}")
-        if phase == "warmup" and job.world_size == args.nodes and job.step >= kill_step \
+            timeline.add(f"generation {job.generation}: world size {job.world_size}, "
+                         f"lost steps so far {job.lost_steps}")
+        if not started and job.world_size == replayer.schedule.levels[0] \
                 and job.last_checkpoint_step > 0:
-            members = _member_handles(provider, job)
-            victim = members[len(members) // 2] if members else ""
-            if victim:
-                killed = provider.kill(victim)
-                t_kill, gen_at_kill, phase = time.monotonic(), job.generation, "shrunk"
-                result.killed = victim
-                timeline.add(f"SIGKILL {victim} at step {job.step} (agent + trainer, pids "
-                             f"{', '.join(map(str, killed))}); last commit step "
-                             f"{job.last_checkpoint_step}")
-        elif phase == "shrunk" and job.generation > gen_at_kill and \
-                job.world_size == args.nodes - 1 and job.step > job.last_checkpoint_step:
-            if result.recovery_s is None:
-                result.recovery_s = time.monotonic() - t_kill
-                timeline.add(f"training again at world {job.world_size} "
-                             f"{result.recovery_s:.1f}s after the kill")
-            if job.step >= add_step:
-                handles = [n.handle for n in provider.launch(request, 1)]
-                t_add, gen_at_add, phase = time.monotonic(), job.generation, "grown"
-                timeline.add(f"added {', '.join(handles)} at step {job.step}")
-        elif phase == "grown" and result.regrow_s is None and job.generation > gen_at_add \
-                and job.world_size == args.nodes:
-            result.regrow_s = time.monotonic() - t_add
-            timeline.add(f"back at world {job.world_size} {result.regrow_s:.1f}s after the add")
+            replayer.start()
+            started = True
+            timeline.add(f"trains on every node with a commit (step "
+                         f"{job.last_checkpoint_step}): the trace starts")
+        if replayer.error is not None:
+            result.note = f"the replay failed: {replayer.error}"
+            break
+        while not actions.empty():
+            action = actions.get()
+            timeline.add(f"replay t={action.t:.0f}s: {action.reason}")
+            if action.kind == "notice":
+                result.noticed += len(action.handles)
+                noticed.update(action.handles)
+            elif action.kind == "remove":
+                with_notice = [h for h in action.handles if h in noticed]
+                result.killed_with_notice += len(with_notice)
+                result.killed_without_notice += len(action.handles) - len(with_notice)
+                if len(with_notice) == len(action.handles):
+                    continue  # drained already (or the drain's outcome is being watched)
+            elif action.kind == "add":
+                result.added += len(action.handles)
+            if action.handles:
+                watches.append(_Watch(action, time.monotonic(), job.generation, job.world_size))
+        for w in list(watches):
+            dt = time.monotonic() - w.t
+            kind = w.action.kind  # type: ignore[attr-defined]
+            if kind == "notice" and job.generation > w.generation:
+                line = (f"drained {', '.join(w.action.handles)} {dt:.1f}s after its notice: "  # type: ignore[attr-defined]
+                        f"world {job.world_size} from step {job.last_checkpoint_step}, "
+                        f"lost steps {job.lost_steps}")
+                result.drains.append(f"{dt:.1f}s")
+            elif kind == "remove" and job.generation > w.generation \
+                    and job.step > job.last_checkpoint_step:
+                line = (f"training again at world {job.world_size} {dt:.1f}s after the kill "
+                        f"(from the last commit, lost steps {job.lost_steps})")
+                result.recoveries.append(f"{dt:.1f}s")
+            elif kind == "add" and job.world_size > w.world_size:
+                line = f"back at world {job.world_size} {dt:.1f}s after the new node came"
+                result.regrows.append(f"{dt:.1f}s")
+            else:
+                if is_terminal(job.state):
+                    watches.remove(w)
+                continue
+            watches.remove(w)
+            timeline.add(line)
         if live is not None:
             live.update(_render(view, timeline, args.steps))
         if is_terminal(job.state):
             result.job = job
             timeline.add(f"job {state_name(job.state)}: {job.message}")
+            if not replayer.done:
+                timeline.add("the job finished before the trace slice ended")
             if live is not None:
                 live.update(_render(view, timeline, args.steps))
             return result
         time.sleep(0.25)
-    result.note = f"gave up after {args.timeout_s:.0f}s"
+    if not result.note:
+        result.note = f"gave up after {args.timeout_s:.0f}s"
     try:
         result.job = client.cancel(job_id)
     except SpotwiseError:
         pass
     return result
-
-
-def _member_handles(provider, job) -> list[str]:
-    """Provider handles of the job's members in node-rank order, from the agents' logs."""
-    by_node: dict[str, str] = {}
-    for node in provider.list_nodes():
-        log = provider.log_dir / "agents" / f"{node.handle}.log"
-        try:
-            for m in re.finditer(r"registered as node (\S+)", log.read_text(errors="replace")):
-                by_node[m.group(1)] = node.handle
-        except FileNotFoundError:
-            continue
-    return [by_node[n] for n in job.node_ids if n in by_node]
 
 
 def _summary(console: Console, result: _Result, wall_s: float) -> None:
@@ -334,11 +443,12 @@ def _summary(console: Console, result: _Result, wall_s: float) -> None:
         table.add_row("steps", str(job.step))
         table.add_row("generations", str(job.generation))
         table.add_row("lost (replayed) steps", str(job.lost_steps))
-        table.add_row("node killed", result.killed or "-")
-    table.add_row("recovery after the kill",
-                  f"{result.recovery_s:.1f}s" if result.recovery_s is not None else "-")
-    table.add_row("regrow after the add",
-                  f"{result.regrow_s:.1f}s" if result.regrow_s is not None else "-")
+    table.add_row("nodes added by the trace", str(result.added))
+    table.add_row("removed after a notice", str(result.killed_with_notice))
+    table.add_row("removed without notice", str(result.killed_without_notice))
+    table.add_row("drained after a notice", ", ".join(result.drains) or "-")
+    table.add_row("recovery after a kill", ", ".join(result.recoveries) or "-")
+    table.add_row("regrow after an add", ", ".join(result.regrows) or "-")
     table.add_row("wall time", f"{wall_s:.1f}s")
     if result.note:
         table.add_row("note", result.note)
