@@ -15,6 +15,7 @@ same type is carried along for the saving report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -113,6 +114,7 @@ class NodePricer:
         self._new_wanted = False
         self._refreshed_at: float | None = None
         self._refreshing = threading.Lock()
+        self._closed = threading.Event()
 
     # ---- answering (event loop) ----------------------------------------------------------
 
@@ -175,6 +177,8 @@ class NodePricer:
                 self._new_wanted = False
             found: dict[tuple[str, str, str], Price] = {}
             for itype, market, zone in keys:
+                if self._closed.is_set():
+                    break
                 try:
                     found[(itype, market, zone)] = self.book.price(itype, market, zone or None)
                 except LookupError as exc:
@@ -190,6 +194,10 @@ class NodePricer:
                 for k, p in sorted(found.items())))
         return len(found)
 
+    def close(self) -> None:
+        """Make a refresh in flight stop after its current call (the daemon is stopping)."""
+        self._closed.set()
+
 
 async def refresh_loop(pricer: NodePricer, stop: asyncio.Event, *, poll_s: float = 1.0,
                        timeout_s: float = 60.0) -> None:
@@ -198,8 +206,16 @@ async def refresh_loop(pricer: NodePricer, stop: asyncio.Event, *, poll_s: float
     refresh waits for it), and quotes go on from what is known."""
     while not stop.is_set():
         if pricer.refresh_due(pricer.clock()):
+            refresh = asyncio.ensure_future(asyncio.to_thread(pricer.refresh))
             try:
-                await asyncio.wait_for(asyncio.to_thread(pricer.refresh), timeout_s)
+                await asyncio.wait_for(asyncio.shield(refresh), timeout_s)
+            except asyncio.CancelledError:
+                # The daemon stops: no AWS call may outlive it, so let the one in flight end
+                # (each is bounded by the book's timeouts) and skip the rest.
+                pricer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(refresh, timeout_s)
+                raise
             except asyncio.TimeoutError:
                 log.warning("pricing: refresh took longer than %.0fs; quoting known prices", timeout_s)
             except Exception:
