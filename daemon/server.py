@@ -255,10 +255,14 @@ class Daemon:
         self._stop.clear()
         self._tasks = [asyncio.create_task(self._control_loop(), name="control-loop")]
         if self.provider is not None:
+            daemon_address = config.advertise_address or self.address
+            if self.provider.name == "ec2" and daemon_address.startswith(("127.", "localhost")):
+                log.warning("ec2 provider: new instances' agents will dial %s, a loopback address; "
+                            "set advertise_address", daemon_address)
             fleet = FleetLoop(
                 self.provider,
                 self.coordinator,
-                daemon_address=self.address,
+                daemon_address=daemon_address,
                 interval_s=config.fleet_interval_s,
                 timeout_s=config.provider_timeout_s,
                 max_nodes=config.local_max_nodes if config.provider == "local" else 0,

@@ -241,6 +241,11 @@ class DaemonConfig(_Config):
         default_factory=default_state_dir,
         description="Directory of the SQLite database (spotwise.db) and the local logs.",
     )
+    advertise_address: str = Field(
+        "",
+        description="host:port that agents on launched machines dial (the ec2 provider writes "
+        "it into their user data); empty = the listen address.",
+    )
     heartbeat_interval_s: float = Field(
         0.5, gt=0, description="How often agents heartbeat (told to them at Register)."
     )
@@ -351,6 +356,8 @@ class DaemonConfig(_Config):
         _check_host_port(self.listen, "listen")
         if self.metrics_listen:
             _check_host_port(self.metrics_listen, "metrics_listen")
+        if self.advertise_address:
+            _check_host_port(self.advertise_address, "advertise_address")
         if self.failure_lease_s is not None and self.failure_lease_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"failure_lease_s ({self.failure_lease_s}) must exceed heartbeat_interval_s "

@@ -11,6 +11,7 @@ instance would (its instance id, type and zone, no price of its own).
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Callable
@@ -80,6 +81,7 @@ def test_ec2_daemon_launches_tagged_spot_prices_them_survives_a_restart_and_canc
         listen="127.0.0.1:0", state_dir=tmp_path / "state", heartbeat_interval_s=0.5,
         lease_s=60.0, restart_grace_s=60.0, settle_s=0.1, accounting_interval_s=0.5,
         fleet_interval_s=0.3, grow_checkpoint_timeout_s=0, provider="ec2",
+        advertise_address="10.0.0.5:7450",  # what agents on the instances dial
         ec2={"endpoint_url": moto_url, "launch_template": template,
              "zones": ["us-east-1a", "us-east-1b"], "cluster": cluster},
         # moto has no Pricing API: on-demand prices fall back to the offline table
@@ -105,6 +107,8 @@ def test_ec2_daemon_launches_tagged_spot_prices_them_survives_a_restart_and_canc
             assert inst["InstanceType"] in ("g4dn.xlarge", "g5.xlarge")
             assert inst["Placement"]["AvailabilityZone"] in ("us-east-1a", "us-east-1b")
         handles = sorted(i["InstanceId"] for i in instances)
+        user_data = ec2.describe_instance_attribute(InstanceId=handles[0], Attribute="userData")
+        assert "--daemon 10.0.0.5:7450" in base64.b64decode(user_data["UserData"]["Value"]).decode()
 
         # The agent of the first instance registers: it knows its identity, not its price.
         inst = instances[0]
