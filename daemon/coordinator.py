@@ -90,6 +90,8 @@ class JobRecord:
     """Instance type -> measured samples/s of one node, from progress with one type only."""
     instance_order: tuple[str, ...] = ()
     """The last instance-type ranking (logged when it changes)."""
+    progress_world_size: int = 0
+    """World size of the last progress report (0: none since the daemon started)."""
 
     @property
     def state(self) -> JobState:
@@ -466,9 +468,13 @@ class Coordinator:
         remaining = None
         if spec.total_steps:
             remaining = max(0, spec.total_steps - job.row.step) * spec.global_batch_size
+        # Throughput measured at another world size (a rescale just happened) says little
+        # about this one: unknown until the new generation reports.
+        measured = job.progress_world_size in (0, len(job.members) * spec.nproc_per_node)
         return BudgetJob(job_id=job.row.id, budget_usd=spec.budget_usd,
                          remaining_samples=remaining,
-                         samples_per_second=job.row.samples_per_second, nodes=len(job.members))
+                         samples_per_second=job.row.samples_per_second if measured else 0.0,
+                         nodes=len(job.members))
 
     def _added_node_prices(self, job: JobRecord) -> list[float]:
         """Hourly prices of the nodes a growth would add, in the order the controller would
@@ -866,6 +872,7 @@ class Coordinator:
             if math.isfinite(p.loss):
                 job.row.loss = p.loss
             job.row.samples_per_second = p.samples_per_second
+            job.progress_world_size = p.world_size
             job.row.updated_at = now
             types = {self.nodes[m].row.instance_type for m in job.members if m in self.nodes}
             if len(types) == 1 and job.members and p.samples_per_second > 0:

@@ -375,3 +375,18 @@ def test_a_node_finishing_an_ended_jobs_final_checkpoint_is_kept_for_a_bounded_t
     plan = plan_fleet(130.0, [], [ended, idle], wind_down_s=60.0)
     assert plan.terminate == ("i-2",) and any("final checkpoint" in r for r in plan.reasons)
     assert plan_fleet(161.0, [], [ended, idle], wind_down_s=60.0).terminate == ("i-1", "i-2")
+
+
+def test_throughput_of_another_world_size_is_not_projected_from(tmp_path: Path) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec(budget_usd=10.0, total_steps=100).to_proto())
+    a = join(coord, "10.0.0.1")
+    clock.now += 1
+    coord.tick()
+    progress(coord, a, job.row.id, 1, 3, 50.0)  # world size 1, as the job runs now
+    assert coord.budget_job(job).samples_per_second == 50.0
+    assert coord.budget_job(job).remaining_samples == 97 * 10
+    job.progress_world_size = 2  # measured before a rescale to another size
+    assert coord.budget_job(job).samples_per_second == 0.0
+    assert coord.cost_report(job).projected_usd == 0.0  # unknown, shown as "-"
