@@ -41,8 +41,8 @@ class ReplayNode:
     """A node the replay launched."""
 
     handle: str
-    imds: FakeImds
-    """Its own metadata service."""
+    imds: FakeImds | None
+    """Its own metadata service (None when the replay gives no notices)."""
     deadline: float | None = None
     """Replay seconds at which a noticed node is removed; None without a notice."""
 
@@ -106,12 +106,14 @@ class TraceReplayer:
     `request` is the NodeRequest every node is launched with (job_id "" for agents the daemon
     may give to any job). `on_action` is called with each ReplayAction (from the replay thread).
     The replayer installs its `node_args` hook on the provider: every node the provider launches
-    from then on gets its own metadata service.
+    from then on gets its own metadata service. With `notices=False` nodes get none and
+    "notice" events do nothing (a system that ignores notices, for baselines): a noticed
+    removal is then a plain SIGKILL at the same moment.
     """
 
     def __init__(self, provider: LocalProvider, schedule: ReplaySchedule, request: NodeRequest,
                  *, seed: int = 0, on_action: Callable[[ReplayAction], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, notices: bool = True) -> None:
         self.provider = provider
         self.schedule = schedule
         self.request = request
@@ -130,7 +132,9 @@ class TraceReplayer:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         """What stopped the replay thread, if it failed."""
-        provider.node_args = self.node_args
+        self.notices = notices
+        if notices:
+            provider.node_args = self.node_args
 
     # ---- the provider hook ------------------------------------------------------------------
 
@@ -213,12 +217,14 @@ class TraceReplayer:
             started = self.provider.launch(self.request, count)
             for node in started:
                 imds = self._pending_imds.pop(node.handle, None)
-                assert imds is not None, "the provider was not built with node_args=replayer.node_args"
+                assert imds is not None or not self.notices, "the provider lost our node_args hook"
                 self._nodes[node.handle] = ReplayNode(handle=node.handle, imds=imds)
             handles = tuple(n.handle for n in started)
             self.stats.added += len(handles)
             return ReplayAction(t=event.t, kind="add", handles=handles,
                                 reason=f"trace level {level}: launched {', '.join(handles) or 'nothing'}")
+        if event.kind == "notice" and not self.notices:
+            return None
         if event.kind == "notice":
             chosen = pick_notice(live, self._noticed, event.count, self._rng)
             removal_t = self._removal_at[index]
@@ -227,6 +233,7 @@ class TraceReplayer:
             for handle in chosen:
                 node = self._nodes[handle]
                 node.deadline = removal_t
+                assert node.imds is not None
                 node.imds.schedule_instance_action("terminate", at=now_unix, lead_s=lead)
                 self._noticed.append(handle)
             self.stats.noticed += len(chosen)
@@ -254,7 +261,7 @@ class TraceReplayer:
         node = self._nodes.pop(handle, None)
         if handle in self._noticed:
             self._noticed.remove(handle)
-        if node is not None:
+        if node is not None and node.imds is not None:
             node.imds.stop()
 
     def nodes(self) -> list[str]:

@@ -1,0 +1,414 @@
+"""Goodput under a real spot availability trace: spotwise against restart-from-checkpoint.
+
+    python bench/goodput.py [--window-s 150] [--reference-s 12]
+
+The 16-node p3.2xlarge availability trace (../shared/traces) is compressed (60: a 5-minute
+sample lasts 5 s) and scaled to this machine (16 -> 3 nodes), and one window of it is replayed
+for a fixed wall-clock time by the trace replayer (spotwise.cloud.replay): nodes (local agents)
+appear when the trace rises and are SIGKILLed when it falls, each removal announced on the
+node's own fake IMDSv2 `notice_lead_s` ahead (AWS announces capacity reclaims two minutes
+ahead). The same window runs twice, on the same daemon, agents, workload and checkpoint
+interval:
+
+- **spotwise**: agents poll IMDS; a noticed node is drained (checkpoint at the next step, then
+  the next generation without it); a new node is taken in after a checkpoint.
+- **baseline** (what torchrun with DCP does): notices are ignored (agents have no IMDS
+  endpoint), and every membership change restarts all workers from the last periodic
+  checkpoint (growing does not checkpoint first). It keeps spotwise's fast failure detection
+  and rendezvous, so it is a generous baseline: torchrun's own restarts are slower.
+
+Goodput = committed useful samples / (samples per second of an uninterrupted run at the same
+average world size x wall time). Committed useful samples: at the window's end the job is
+stopped with SIGTERM (checkpoint at the next step boundary, like any preemptible trainer's
+exit path) and the exactly-once ledger's committed history is counted from where the window
+began. The uninterrupted rate is measured first at world sizes 1, 2 and 3 and interpolated at
+the window's time-weighted average node count (the capacity the trace offered).
+
+Money: nodes are charged at the p3.2xlarge spot price from the offline table, per wall second
+(so usd_per_million_samples prices this machine's throughput, not a V100's). A third, short
+run gives a job a budget below its cost and measures what it spent past the budget
+(budget_overspend_usd; the target is at most one accounting tick's cost).
+
+Writes bench/results/goodput.json and prints `name: value` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from spotwise.client import Client, state_name  # noqa: E402
+from spotwise.cloud.local import LocalProvider, scan_marked  # noqa: E402
+from spotwise.cloud.provider import NodeRequest  # noqa: E402
+from spotwise.cloud.replay import TraceReplayer  # noqa: E402
+from spotwise.cloud.trace import ReplayConfig, load_trace, replay_schedule  # noqa: E402
+from spotwise.worker.ledger import verify_ledger  # noqa: E402
+
+TRACE = ROOT.parent / "shared" / "traces" / "aws-2023-08-27-us-east-2b-p3.2xlarge-16node-availability.json"
+RESULTS = ROOT / "bench" / "results" / "goodput.json"
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
+DATASET_SIZE = 960
+GLOBAL_BATCH = 24
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """What the benchmark replays and how."""
+
+    trace: Path = TRACE
+    """The availability trace."""
+    start: int = 10
+    """First trace sample of the window (sample 10: the first 30-sample window of the trace
+    that starts with nodes and changes level at least 4 times once scaled to 3 nodes)."""
+    compression: float = 60.0
+    """Trace seconds per wall second."""
+    nodes: int = 3
+    """Node count the trace's 16 maps to."""
+    window_s: float = 150.0
+    """Wall seconds each system is measured for."""
+    notice_fraction: float = 1.0
+    """Capacity reclaims of spot instances always come with the two-minute notice."""
+    notice_lead_s: float = 4.0
+    """Wall seconds of notice: longer than a drain checkpoint here (~1 s), as 120 s is
+    longer than one on real hardware; not compressed (120 s / 60 would be 2 s, less than one
+    IMDS poll plus a heartbeat plus a checkpoint on this loaded machine)."""
+    checkpoint_every_steps: int = 100
+    """Periodic checkpoint interval of both systems (about 10 s of wall clock here, 10 minutes
+    of trace time: a usual interval for torchrun+DCP jobs)."""
+    step_sleep_s: float = 0.05
+    """Per-step sleep of the tiny workload (stands in for compute the 2 cores cannot give)."""
+    reference_s: float = 12.0
+    """Wall seconds each uninterrupted reference rate is measured over."""
+    price_per_hour: float = 0.0
+    """USD per node-hour (default: p3.2xlarge spot from the offline price table)."""
+    budget_run_s: float = 45.0
+    """Longest the budget run may take."""
+    seed: int = 0
+    """Seed of the replay's draws."""
+
+
+def _until(cond: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def p3_spot_price() -> float:
+    """p3.2xlarge spot USD/hour from the offline table (on-demand x the p3 spot fraction)."""
+    table = json.loads((ROOT / "cloud" / "offline_prices.json").read_text())
+    return round(table["on_demand_usd_per_hour"]["p3.2xlarge"] * table["spot_fraction"]["p3"], 4)
+
+
+class Harness:
+    """A `spotwise daemon` subprocess (no provider: the replayer or the harness owns the
+    nodes) and a local provider, in a temporary directory."""
+
+    def __init__(self, name: str, cfg: BenchConfig, *, daemon_env: dict[str, str]) -> None:
+        self.cfg = cfg
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"spotwise-goodput-{name}-"))
+        self.env = dict(os.environ, SPOTWISE_STATE_DIR=str(self.tmp / "state"),
+                        SPOTWISE_AGENT_IMDS_POLL_S="1", OMP_NUM_THREADS="1",
+                        SPOTWISE_DAEMON_DRAIN_MARGIN_S="0.5", **daemon_env)
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env["PATH"]])
+        log = self.tmp / "daemon.log"
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", "127.0.0.1:0",
+             "--state-dir", str(self.tmp / "state"), "--provider", "none",
+             "--log-dir", str(self.tmp / "logs")],
+            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=self.env, cwd=ROOT,
+            start_new_session=True)
+
+        def address() -> str | None:
+            if self.daemon.poll() is not None:
+                raise RuntimeError(f"the daemon exited: {log.read_text()[-2000:]}")
+            m = re.search(r"daemon serving on (\S+)", log.read_text())
+            return m.group(1) if m else None
+
+        self.address: str = _until(address, 60, "the daemon")  # type: ignore[assignment]
+        self.provider = LocalProvider(log_dir=self.tmp / "logs",
+                                      cluster=f"goodput-{uuid.uuid4().hex[:8]}", grace_s=5.0,
+                                      env=self.env, cwd=str(ROOT), instance_type="p3.2xlarge",
+                                      price_per_hour=cfg.price_per_hour)
+        self.request = NodeRequest(job_id="", daemon_address=self.address, slots=1)
+        self.client = Client(self.address, timeout=10)
+
+    def submit(self, *, nodes: tuple[int, int], budget_usd: float = 0.0) -> tuple[str, Path]:
+        ledger = self.tmp / f"ledger-{uuid.uuid4().hex[:6]}.jsonl"
+        spec = {
+            "name": "goodput",
+            "entrypoint": ["python", "tests/workloads/tiny_train.py", "--steps", "1000000",
+                           "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "2",
+                           "--dataset-size", str(DATASET_SIZE),
+                           "--step-sleep", str(self.cfg.step_sleep_s), "--ledger", str(ledger)],
+            "working_dir": str(ROOT),
+            "nodes": {"min": nodes[0], "max": nodes[1]},
+            "nproc_per_node": 1,
+            "checkpoint": {"uri": str(self.tmp / "ck"),
+                           "every_steps": self.cfg.checkpoint_every_steps, "keep": 5},
+            "global_batch_size": GLOBAL_BATCH,
+            "max_failures": 100,
+            "budget_usd": budget_usd,
+        }
+        return self.client.submit(spec), ledger
+
+    def stop_job(self, job_id: str) -> None:
+        """Cancel: agents SIGTERM the ranks, which checkpoint at the next step and exit."""
+        self.client.cancel(job_id)
+        _until(lambda: not _job_pids(job_id), 30, "the job's processes to exit")
+
+    def close(self) -> None:
+        self.client.close()
+        self.provider.shutdown()
+        try:
+            os.killpg(self.daemon.pid, signal.SIGTERM)
+            self.daemon.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.daemon.pid, signal.SIGKILL)
+            self.daemon.wait(timeout=10)
+        leftover = scan_marked(self.provider.cluster + "/")
+        if leftover:
+            raise RuntimeError(f"processes outlived the harness: {sorted(leftover)}")
+
+
+def _job_pids(job_id: str) -> set[int]:
+    needle = f"SPOTWISE_JOB_ID={job_id}".encode()
+    pids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
+                    state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        pids.add(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+                continue
+    return pids
+
+
+def _committed_steps(ledger: Path) -> int:
+    """The newest step of the committed history, checked exactly-once."""
+    return verify_ledger(str(ledger), dataset_size=DATASET_SIZE,
+                         global_batch_size=GLOBAL_BATCH).final_step
+
+
+# ---- the uninterrupted reference ------------------------------------------------------------
+
+
+def measure_reference(cfg: BenchConfig, log: Callable[[str], None]) -> dict[int, float]:
+    """Samples per second of an uninterrupted run at world sizes 1..nodes."""
+    h = Harness("reference", cfg, daemon_env={})
+    rates: dict[int, float] = {}
+    try:
+        h.provider.launch(h.request, cfg.nodes)
+        for world in range(cfg.nodes, 0, -1):
+            job_id, _ = h.submit(nodes=(world, world))
+            _until(lambda j_id=job_id, w=world: (j := h.client.get(j_id)).world_size == w
+                   and j.step >= 20, 90, f"the reference job at world {world}")
+            s0, t0 = h.client.get(job_id).step, time.monotonic()
+            time.sleep(cfg.reference_s)
+            s1, t1 = h.client.get(job_id).step, time.monotonic()
+            rates[world] = (s1 - s0) * GLOBAL_BATCH / (t1 - t0)
+            log(f"reference world {world}: {rates[world]:.1f} samples/s")
+            h.stop_job(job_id)
+    finally:
+        h.close()
+    return rates
+
+
+def rate_at(rates: dict[int, float], world: float) -> float:
+    """The reference rate at a (fractional) world size: linear between measured sizes, 0 at 0."""
+    points = sorted({0: 0.0, **rates}.items())
+    for (w0, r0), (w1, r1) in zip(points, points[1:], strict=False):
+        if w0 <= world <= w1:
+            return r0 + (r1 - r0) * (world - w0) / (w1 - w0)
+    return points[-1][1]
+
+
+# ---- one system under the trace --------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    system: str
+    wall_s: float
+    committed_steps: int
+    """Steps of the committed history made inside the window."""
+    committed_samples: int
+    lost_steps: int
+    """Steps the daemon counted as run and then thrown away (replayed from an older commit)."""
+    generations: int
+    cost_usd: float
+    avg_nodes: float
+    """Time-weighted mean of the trace's node count over the window."""
+    nodes_added: int
+    removed_with_notice: int
+    removed_without_notice: int
+    replayed_steps: int
+    """Steps executed but not in the committed history (the ledger's count, window tail included)."""
+    actions: list[str] = field(default_factory=list)
+
+
+def run_window(cfg: BenchConfig, system: str, log: Callable[[str], None]) -> RunResult:
+    spotwise = system == "spotwise"
+    trace = load_trace(cfg.trace)
+    samples = int(round(cfg.window_s * cfg.compression / trace.gap_seconds))
+    replay = ReplayConfig(compression=cfg.compression, nodes=cfg.nodes,
+                          notice_fraction=cfg.notice_fraction, notice_lead_s=cfg.notice_lead_s,
+                          seed=cfg.seed, start=cfg.start, length=samples)
+    schedule = replay_schedule(trace, replay)
+    # The baseline: a rescale never checkpoints first (restart from the last periodic commit).
+    h = Harness(system, cfg, daemon_env={} if spotwise else
+                {"SPOTWISE_DAEMON_GROW_CHECKPOINT_TIMEOUT_S": "0"})
+    replayer = TraceReplayer(h.provider, schedule, h.request, seed=cfg.seed, notices=spotwise,
+                             on_action=lambda a: log(f"  {system} t={a.t:5.1f}s {a.reason}"))
+    try:
+        replayer.begin()
+        job_id, ledger = h.submit(nodes=(1, cfg.nodes))
+        job = _until(lambda: (j := h.client.get(job_id)).step >= 1 and j, 120,
+                     f"{system}: the job to train")
+        step0 = job.step
+        replayer.start()
+        t0 = time.monotonic()
+        _until(lambda: time.monotonic() - t0 >= cfg.window_s or replayer.error, cfg.window_s + 5,
+               "the window", poll_s=0.5)
+        if replayer.error is not None:
+            raise RuntimeError(f"the replay failed: {replayer.error}")
+        wall = time.monotonic() - t0
+        replayer.stop()
+        job = h.client.get(job_id)
+        cost = h.client.cost(job_id).spent_usd
+        h.stop_job(job_id)
+        committed = _committed_steps(ledger)
+        report = verify_ledger(str(ledger), dataset_size=DATASET_SIZE,
+                               global_batch_size=GLOBAL_BATCH)
+        steps = max(0, committed - step0)
+        levels = schedule.levels
+        return RunResult(
+            system=system, wall_s=wall, committed_steps=steps,
+            committed_samples=steps * GLOBAL_BATCH, lost_steps=job.lost_steps,
+            generations=job.generation, cost_usd=cost,
+            avg_nodes=sum(levels) / len(levels),
+            nodes_added=replayer.stats.added,
+            removed_with_notice=replayer.stats.removed_with_notice,
+            removed_without_notice=replayer.stats.removed_without_notice,
+            replayed_steps=report.replayed_steps,
+            actions=[f"t={a.t:.1f}s {a.reason}" for a in replayer.stats.actions],
+        )
+    finally:
+        replayer.stop()
+        h.close()
+
+
+# ---- the budget governor -------------------------------------------------------------------
+
+
+def run_budget(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, float]:
+    """A job on `nodes` nodes with a budget of about a third of what `budget_run_s` would cost:
+    how far past the budget did it spend?"""
+    h = Harness("budget", cfg, daemon_env={})
+    try:
+        h.provider.launch(h.request, cfg.nodes)
+        rate = cfg.nodes * cfg.price_per_hour / 3600.0  # USD per wall second at full size
+        budget = round(rate * cfg.budget_run_s / 3, 6)
+        job_id, _ = h.submit(nodes=(1, cfg.nodes), budget_usd=budget)
+        job = _until(lambda: (j := h.client.get(job_id)) and state_name(j.state) in TERMINAL
+                     and j, cfg.budget_run_s + 60, "the budget to stop the job", poll_s=0.5)
+        cost = h.client.cost(job_id)
+        spent = cost.spent_usd
+        # One tick at the job's full size: accounting_interval_s (5 s by default) of all nodes.
+        from spotwise.config import DaemonConfig
+
+        tick_s = DaemonConfig.model_fields["accounting_interval_s"].default
+        tick_cost = rate * tick_s
+        log(f"budget run: {state_name(job.state)}, spent {spent:.6f} of {budget:.6f} USD "
+            f"(one tick {tick_cost:.6f})")
+        return {"budget_usd": budget, "spent_usd": spent, "state": state_name(job.state),
+                "overspend_usd": max(0.0, spent - budget), "tick_cost_usd": tick_cost}
+    finally:
+        h.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--window-s", type=float, default=BenchConfig.window_s,
+                        help=f"wall seconds per system (default {BenchConfig.window_s:.0f})")
+    parser.add_argument("--start", type=int, default=BenchConfig.start,
+                        help=f"first trace sample (default {BenchConfig.start})")
+    parser.add_argument("--reference-s", type=float, default=BenchConfig.reference_s,
+                        help="wall seconds each uninterrupted rate is measured over "
+                             f"(default {BenchConfig.reference_s:.0f})")
+    parser.add_argument("--trace", type=Path, default=TRACE, help="availability trace file")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    args = parser.parse_args(argv)
+    if not args.trace.is_file():
+        print(f"goodput: trace {args.trace} not found (expected ../shared/traces next to the "
+              "repository; pass --trace)", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(trace=args.trace, start=args.start, window_s=args.window_s,
+                      reference_s=args.reference_s, price_per_hour=p3_spot_price())
+
+    def log(text: str) -> None:
+        print(f"# {text}", flush=True)
+
+    t_all = time.monotonic()
+    rates = measure_reference(cfg, log)
+    runs = {s: run_window(cfg, s, log) for s in ("spotwise", "baseline")}
+    budget = run_budget(cfg, log)
+
+    def goodput(r: RunResult) -> float:
+        expected = rate_at(rates, r.avg_nodes) * r.wall_s
+        return r.committed_samples / expected if expected else 0.0
+
+    sw, base = runs["spotwise"], runs["baseline"]
+    result = {
+        "spotwise_goodput": round(goodput(sw), 4),
+        "baseline_goodput": round(goodput(base), 4),
+        "ratio": round(goodput(sw) / goodput(base), 3) if goodput(base) else None,
+        "lost_steps": sw.lost_steps,
+        "baseline_lost_steps": base.lost_steps,
+        "usd_per_million_samples": round(sw.cost_usd / sw.committed_samples * 1e6, 4)
+        if sw.committed_samples else None,
+        "budget_overspend_usd": round(budget["overspend_usd"], 6),
+        "budget_tick_cost_usd": round(budget["tick_cost_usd"], 6),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "reference_samples_per_second": {str(k): round(v, 2) for k, v in rates.items()},
+        "runs": {k: asdict(v) for k, v in runs.items()},
+        "budget_run": budget,
+        "bench_wall_s": round(time.monotonic() - t_all, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for key in ("spotwise_goodput", "baseline_goodput", "ratio", "lost_steps",
+                "baseline_lost_steps", "usd_per_million_samples", "budget_overspend_usd",
+                "budget_tick_cost_usd"):
+        print(f"{key}: {result[key]}")
+    for name, r in runs.items():
+        print(f"{name}_committed_samples: {r.committed_samples}")
+        print(f"{name}_generations: {r.generations}")
+    print(f"avg_nodes: {sw.avg_nodes:.2f}")
+    print(f"bench_wall_s: {result['bench_wall_s']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
