@@ -1,0 +1,51 @@
+"""`spotwise demo`'s trace settings: the default slice of the real trace, and clear errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from spotwise import demo
+from spotwise.cloud.trace import replay_schedule
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_default_slice_drops_rises_and_drops_again_with_one_notice() -> None:
+    if not demo.traces_dir().is_dir():
+        pytest.skip(f"no traces directory at {demo.traces_dir()}")
+    trace, config = demo._replay_config(_args())
+    schedule = replay_schedule(trace, config)
+    assert schedule.levels[0] == 3
+    kinds = [e.kind for e in schedule.events]
+    assert kinds == ["add", "notice", "remove", "add", "remove"]
+    assert schedule.duration_s <= 60  # the demo's budget is three minutes in all
+
+
+def test_a_missing_trace_or_a_bad_flag_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no such file"):
+        demo._replay_config(_args("--trace", str(tmp_path / "nope.json")))
+    with pytest.raises(ValueError, match="--nodes"):
+        demo._replay_config(_args("--nodes", "4"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"metadata": {}, "data": [1]}')
+    with pytest.raises(ValueError, match="gap_seconds"):
+        demo._replay_config(_args("--trace", str(bad)))
+
+
+def test_the_traces_directory_is_found_next_to_the_repository() -> None:
+    repo = Path(demo.__file__).resolve().parents[1]
+    assert demo.traces_dir() == repo.parent / "shared" / "traces"
+
+
+def test_without_the_traces_directory_the_default_run_says_where_it_looked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "traces_dir", lambda: tmp_path / "shared" / "traces")
+    with pytest.raises(ValueError, match=r"not in .*shared/traces.*--trace FILE"):
+        demo._replay_config(_args())
