@@ -371,7 +371,7 @@ class Coordinator:
             job.members = []
             job.checkpoint_requested_at = None
             job.row.world_size = 0
-            self._bill(job, now)
+            self._bill(job, now, ending=d.state.terminal)
         job.row.state = d.state.value
         job.row.message = d.reason
         job.row.updated_at = now
@@ -434,18 +434,24 @@ class Coordinator:
 
     # ---- money (flow 8) -----------------------------------------------------------------
 
-    def _bill(self, job: JobRecord, now: float) -> Ledger:
-        """Charge the job's nodes up to now, and bill its current members from now on."""
+    def _billed_nodes(self, job: JobRecord) -> list[NodeRecord]:
+        """The nodes the job pays for: its live members, and idle nodes a provider launched
+        for it (they cost money while they wait to join it)."""
+        members = [self.nodes[n] for n in job.members
+                   if n in self.nodes and self.nodes[n].state is not NodeState.LOST]
+        idle = [n for n in self.nodes.values()
+                if n.launched_for == job.row.id and not n.row.job_id and n.row.id not in job.members
+                and n.state in (NodeState.JOINING, NodeState.READY)]
+        return members + sorted(idle, key=lambda n: n.row.id)
+
+    def _bill(self, job: JobRecord, now: float, *, ending: bool = False) -> Ledger:
+        """Charge the job's nodes up to now, and bill its nodes (none if `ending`) from now on."""
         ledger = self.ledgers.get(job.row.id)
         if ledger is None:
             # After a restart the spend so far comes from the store; the gap is not charged.
             ledger = Ledger(last_tick=now, spent_usd=job.row.cost_usd,
                             on_demand_equivalent_usd=job.row.cost_usd)
-        quotes = {
-            n: self._quote(self.nodes[n].row)
-            for n in job.members
-            if n in self.nodes and self.nodes[n].state is not NodeState.LOST
-        }
+        quotes = {} if ending else {n.row.id: self._quote(n.row) for n in self._billed_nodes(job)}
         if quotes:
             job.price_source = combined_source({q.source for q in quotes.values()})
         prices: dict[str, NodePrice] = {n: q.price for n, q in quotes.items()}

@@ -390,3 +390,27 @@ def test_throughput_of_another_world_size_is_not_projected_from(tmp_path: Path) 
     job.progress_world_size = 2  # measured before a rescale to another size
     assert coord.budget_job(job).samples_per_second == 0.0
     assert coord.cost_report(job).projected_usd == 0.0  # unknown, shown as "-"
+
+
+def test_idle_nodes_launched_for_a_job_are_billed_to_it_until_it_ends(tmp_path: Path) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec(nodes={"min": 1, "max": 1}).to_proto())
+    a = join(coord, "10.0.0.1", price_per_hour=1.0)
+    clock.now += 1
+    coord.tick()
+    assert job.members == [a]
+    spare = join(coord, "10.0.0.2", price_per_hour=2.0)  # the fleet launched it for the job
+    coord.nodes[spare].launched_for = job.row.id
+    stranger = join(coord, "10.0.0.3", price_per_hour=4.0)  # nobody's: not the job's cost
+    clock.now += 1
+    coord.tick()
+    coord.account(clock.now)
+    assert coord.cost_report(job).rate_usd_per_hour == 3.0
+    assert coord.nodes[stranger].state is NodeState.READY
+    clock.now += 1
+    coord.cancel(job.row.id)
+    clock.now += 3600  # nothing is billed once the job ended
+    ended = coord.cost_report(job)
+    assert ended.rate_usd_per_hour == 0.0 and ended.spent_usd == pytest.approx(
+        1.0 * 1 / 3600 + 3.0 * 1 / 3600)  # a alone for 1 s, then a and the spare for 1 s
