@@ -142,12 +142,15 @@ class Coordinator:
         events: EventBus | None = None,
         metrics: Metrics | None = None,
         pricer: NodePricer | None = None,
+        default_instance_types: tuple[str, ...] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`pricer` quotes each node's price (default: the offline table, and agents'
-        price_per_hour where they set it)."""
+        price_per_hour where they set it). `default_instance_types`: what the provider
+        launches for a job whose spec names no types (ranked like the spec's)."""
         self.store = store
         self.pricer = pricer or NodePricer(clock=clock)
+        self.default_instance_types = tuple(default_instance_types)
         self.metrics = metrics
         self.policy = policy
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -550,8 +553,9 @@ class Coordinator:
     def instance_types_for(self, job: JobRecord) -> tuple[str, ...]:
         """The job's allowed instance types, best first by price per unit of measured
         throughput (budget.choose_instance_types); types no price source knows go last, in
-        the spec's order. Empty when the spec names none (the provider's default)."""
-        types = list(job.spec.instance_types)
+        the spec's order. A spec that names none gets the provider's defaults ranked (empty
+        if it has none)."""
+        types = list(job.spec.instance_types) or list(self.default_instance_types)
         if len(types) < 2:
             return tuple(types)
         market = job.spec.market or "spot"

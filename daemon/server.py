@@ -219,6 +219,7 @@ class Daemon:
             accounting_interval_s=config.accounting_interval_s,
             metrics=self.metrics,
             pricer=make_pricer(config),
+            default_instance_types=tuple(config.ec2.instance_types) if config.provider == "ec2" else (),
             clock=self._clock,
         )
         # No SO_REUSEPORT: a second daemon on the same port must fail, not share its traffic.

@@ -414,3 +414,10 @@ def test_idle_nodes_launched_for_a_job_are_billed_to_it_until_it_ends(tmp_path: 
     ended = coord.cost_report(job)
     assert ended.rate_usd_per_hour == 0.0 and ended.spent_usd == pytest.approx(
         1.0 * 1 / 3600 + 3.0 * 1 / 3600)  # a alone for 1 s, then a and the spare for 1 s
+
+
+def test_a_spec_without_types_gets_the_providers_defaults_ranked(tmp_path: Path) -> None:
+    coord = make(tmp_path, Clock(), default_instance_types=("g5.xlarge", "g4dn.xlarge"))
+    job = coord.submit(spec().to_proto())
+    assert coord.instance_types_for(job) == ("g4dn.xlarge", "g5.xlarge")
+    assert make(tmp_path / "x", Clock()).instance_types_for(job) == ()
