@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ REPO = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT_S = 10.0
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION}
-FUZZ = settings(max_examples=150, deadline=None, derandomize=False, database=None,
+# SPOTWISE_FUZZ_EXAMPLES=2000 for a longer hunt than the suite's ~10 s.
+FUZZ = settings(max_examples=int(os.environ.get("SPOTWISE_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=False, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
 
@@ -71,8 +73,9 @@ class ErrorLog(logging.Handler):
 class Fuzzed:
     """The daemon under test, its stubs and the ids it knows."""
 
-    def __init__(self, daemon: DaemonThread, errors: ErrorLog) -> None:
+    def __init__(self, daemon: DaemonThread, errors: ErrorLog, tmp: Path) -> None:
         self.daemon = daemon
+        self.tmp = tmp
         self.errors = errors
         self.channel = grpc.insecure_channel(daemon.address)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
@@ -110,7 +113,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     config = DaemonConfig(listen="127.0.0.1:0", state_dir=tmp / "state", lease_s=30.0,
                           settle_s=0.0)
     with DaemonThread(config) as daemon:
-        f = Fuzzed(daemon, errors)
+        f = Fuzzed(daemon, errors, tmp)
         # Something real to aim at: a job that can run on one node, one that never runs, a node.
         f.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=_valid_spec(tmp)), timeout=CALL_TIMEOUT_S)
         f.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=_valid_spec(tmp, min_nodes=9)),
@@ -118,7 +121,6 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
         f.agents.Register(agent_pb2.RegisterRequest(node_id="fuzz-node", address="127.0.0.1",
                                                     store_port=1, slots=1),
                           timeout=CALL_TIMEOUT_S)
-        f.tmp = tmp  # type: ignore[attr-defined]
         try:
             yield f
             f.assert_healthy()
@@ -371,7 +373,7 @@ def _spec_documents(tmp: Path) -> st.SearchStrategy[dict[str, Any]]:
 
 
 def test_yaml_specs_are_a_spec_or_a_spec_error(fuzzed: Fuzzed, tmp_path: Path) -> None:
-    tmp: Path = fuzzed.tmp  # type: ignore[attr-defined]
+    tmp: Path = fuzzed.tmp
     path = tmp_path / "spec.yaml"
 
     @FUZZ
@@ -426,7 +428,7 @@ def _spliced_specs(base: jobs_pb2.JobSpec, ids: list[str]
 
 def test_proto_specs_are_accepted_or_invalid_argument(fuzzed: Fuzzed) -> None:
     ids = _ids(fuzzed)
-    base = _valid_spec(fuzzed.tmp)  # type: ignore[attr-defined]
+    base = _valid_spec(fuzzed.tmp)
 
     @FUZZ
     @given(spec=st.one_of(messages(jobs_pb2.JobSpec.DESCRIPTOR, ids), _spliced_specs(base, ids)))
@@ -476,7 +478,7 @@ def _fleet_ops(base: jobs_pb2.JobSpec, ids: list[str]) -> st.SearchStrategy[tupl
 
 def test_a_fuzzed_fleet_never_breaks_the_daemon(fuzzed: Fuzzed) -> None:
     ids = _ids(fuzzed)
-    base = _valid_spec(fuzzed.tmp)  # type: ignore[attr-defined]
+    base = _valid_spec(fuzzed.tmp)
     assigned: dict[int, agent_pb2.Assignment] = {}
     seen = {"generations": 0}
 
