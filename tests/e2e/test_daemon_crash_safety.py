@@ -56,6 +56,8 @@ class DaemonProc:
     def __init__(self, state_dir: Path, log_dir: Path, listen: str, log_path: Path,
                  env: dict[str, str]) -> None:
         self.log_path = log_path
+        # Every life appends to the same log; this one's lines start here.
+        self._offset = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", listen,
@@ -70,7 +72,10 @@ class DaemonProc:
 
     def _served(self) -> str | None:
         assert self.proc.poll() is None, self.log_path.read_text()[-4000:]
-        m = re.search(r"daemon serving on (\S+)", self.log_path.read_text())
+        with self.log_path.open("rb") as f:
+            f.seek(self._offset)
+            text = f.read().decode(errors="replace")
+        m = re.search(r"daemon serving on (\S+)", text)
         return m.group(1) if m else None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -161,12 +166,12 @@ def _run(rng: random.Random, tmp: Path, env: dict[str, str], daemons: list[Daemo
         NodeRequest(job_id="", daemon_address=address, slots=1), 2)]
     ledger = tmp / "ledger.jsonl"
     loss_log = tmp / "ledger.loss"
-    steps = 460
+    steps = 390
     spec = {
         "name": "crash-safety",
         "entrypoint": ["python", "tests/workloads/tiny_train.py", "--steps", str(steps),
                        "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "2",
-                       "--dataset-size", str(DATASET_SIZE), "--step-sleep", "0.12",
+                       "--dataset-size", str(DATASET_SIZE), "--step-sleep", "0.15",
                        "--ledger", str(ledger), "--loss-log", str(loss_log)],
         "working_dir": str(REPO),
         "nodes": {"min": 2, "max": 2},
@@ -189,13 +194,14 @@ def _run(rng: random.Random, tmp: Path, env: dict[str, str], daemons: list[Daemo
         # A random moment: right after a restart, mid-heartbeat, mid-commit, after a submit...
         if rng.random() < 0.5:
             acknowledged.add(client.submit(waiting))
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(rng.uniform(0.0, 0.8))
         before = client.get(job_id)
         assert before.generation == gen and state_name(before.state) == "RUNNING", before
+        assert before.step < steps - 10, f"kill {kill}: the job is nearly done (raise steps)"
         regs_before = [len(_registrations(p)) for p in agent_logs]
         daemon.kill(signal.SIGKILL)
         killed_at_step = _last_step(loss_log)
-        down_s = rng.uniform(LEASE_S + 0.3, LEASE_S + 1.0)
+        down_s = rng.uniform(LEASE_S + 0.3, LEASE_S + 0.8)
         t0 = time.monotonic()
         # Training does not need the daemon: the step advances while it is down.
         _until(lambda k=killed_at_step: _last_step(loss_log) > k, 30,
