@@ -160,8 +160,15 @@ class TraceReplayer:
 
     def begin(self) -> list[ReplayAction]:
         """Carry out the events at t = 0 (the initial nodes) now, before the clock starts, so
-        that a caller can wait for its job to train before the trace moves."""
-        return self.advance(0.0)
+        that a caller can wait for its job to train before the trace moves. Only launches: a
+        notice at t = 0 (a drop within notice_lead_s of the start) waits for the clock, so
+        that its deadline is the moment its removal really comes."""
+        done: list[ReplayAction] = []
+        events = self.schedule.events
+        while self._next < len(events) and events[self._next].t == 0.0 \
+                and events[self._next].kind == "add":
+            done += self.advance_one()
+        return done
 
     def start(self) -> None:
         """Start the clock (t = 0 now) and a thread that carries out each event on time."""
@@ -190,16 +197,24 @@ class TraceReplayer:
         with self._lock:
             events = self.schedule.events
             while self._next < len(events) and events[self._next].t <= elapsed:
-                index = self._next
-                self._next += 1
-                action = self._apply(index, events[index])
-                if action is not None:
-                    done.append(action)
-                    self.stats.actions.append(action)
-                    log.info("replay t=%.1fs: %s", action.t, action.reason)
-                    if self.on_action is not None:
-                        self.on_action(action)
+                done += self.advance_one()
         return done
+
+    def advance_one(self) -> list[ReplayAction]:
+        """Carry out the next event, whenever it is due; returns what was done."""
+        with self._lock:
+            if self.done:
+                return []
+            index = self._next
+            self._next += 1
+            action = self._apply(index, self.schedule.events[index])
+            if action is None:
+                return []
+            self.stats.actions.append(action)
+        log.info("replay t=%.1fs: %s", action.t, action.reason)
+        if self.on_action is not None:
+            self.on_action(action)
+        return [action]
 
     def _live(self) -> list[str]:
         alive = {n.handle for n in self.provider.list_nodes()}

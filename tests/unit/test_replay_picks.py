@@ -37,3 +37,4 @@ def test_each_notice_announces_the_next_removal() -> None:
     assert [schedule.events[i].t for i in notices] == [4.0, 13.0]
     assert [times[i] for i in notices] == [6.0, 15.0]
     assert _removal_times((ReplayEvent(t=1.0, kind="notice", count=1),)) == {0: 1.0}
+
