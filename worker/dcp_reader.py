@@ -17,8 +17,7 @@ import pickle
 import struct
 import sys
 import warnings
-import zipfile
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -55,10 +54,9 @@ def _rebuild(flat: torch.Tensor, offset: int, size: tuple, stride: tuple, _requi
 class _TensorUnpickler(pickle.Unpickler):
     """The C unpickler, allowed to build only a tensor over storages read from the archive."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, archive: _Archive) -> None:
+        super().__init__(io.BytesIO(archive.entry("data.pkl")))
         self.archive = archive
-        self.prefix = prefix
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
@@ -73,59 +71,77 @@ class _TensorUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
-        buf = bytearray(int(numel) * storage_type.dtype.itemsize)
-        if buf:
-            _read_stored(self.archive, f"{self.prefix}/data/{key}", buf)
-            return torch.frombuffer(buf, dtype=storage_type.dtype)
-        return torch.empty(0, dtype=storage_type.dtype)
+        nbytes = int(numel) * storage_type.dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(0, dtype=storage_type.dtype)
+        view = self.archive.entry_view(f"data/{key}", nbytes)
+        return torch.frombuffer(view, dtype=storage_type.dtype)
 
 
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's own layout of a local file header
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_CDIR = struct.Struct("<4s6H3L5H2L")  # central directory file header
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header
 
 
-def _read_stored(archive: zipfile.ZipFile, name: str, buf: bytearray) -> None:
-    """Read an uncompressed entry straight into `buf`: one read, no CRC pass over the bytes.
+class _Archive:
+    """The entries of one torch.save zip archive held in memory (a writable buffer).
 
-    torch.save writes tensor data uncompressed; anything else is refused (and torch.load used).
-    Integrity comes from the manifest's sizes and DCP's metadata, as with torch.load, which does
-    not check CRCs either.
+    A few struct reads instead of zipfile's objects and CRC pass; only stored (uncompressed)
+    entries, which is what torch.save writes. Anything else raises UnpicklingError.
     """
-    info = archive.getinfo(name)
-    if info.compress_type != zipfile.ZIP_STORED or info.file_size != len(buf):
-        raise pickle.UnpicklingError(f"{name}: not a stored entry of {len(buf)} bytes")
-    fp = archive.fp
-    fp.seek(info.header_offset)
-    header = _LOCAL_HEADER.unpack(fp.read(_LOCAL_HEADER.size))
-    if header[0] != zipfile.stringFileHeader:
-        raise pickle.UnpicklingError(f"{name}: bad local header")
-    fp.seek(info.header_offset + _LOCAL_HEADER.size + header[10] + header[11])
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        n = fp.readinto(view[got:])
-        if not n:
-            raise pickle.UnpicklingError(f"{name}: truncated")
-        got += n
+
+    def __init__(self, buf: bytearray) -> None:
+        self.buf = memoryview(buf)
+        if len(buf) < _EOCD.size:
+            raise pickle.UnpicklingError("too short for a zip archive")
+        end = _EOCD.unpack_from(buf, len(buf) - _EOCD.size)
+        if end[0] != b"PK\x05\x06":
+            raise pickle.UnpicklingError("no end of central directory (zip64 or a comment)")
+        count, cd_offset = end[4], end[6]
+        self.entries: dict[str, tuple[int, int]] = {}
+        pos = cd_offset
+        for _ in range(count):
+            h = _CDIR.unpack_from(buf, pos)
+            if h[0] != b"PK\x01\x02" or h[4] != 0:  # signature; compression method 0 = stored
+                raise pickle.UnpicklingError("unexpected central directory entry")
+            size, name_len, extra_len, comment_len, local_offset = h[8], h[10], h[11], h[12], h[16]
+            name = bytes(buf[pos + _CDIR.size : pos + _CDIR.size + name_len]).decode()
+            loc = _LOCAL.unpack_from(buf, local_offset)
+            if loc[0] != b"PK\x03\x04":
+                raise pickle.UnpicklingError("bad local header")
+            start = local_offset + _LOCAL.size + loc[9] + loc[10]
+            self.entries[name.split("/", 1)[-1]] = (start, size)
+            pos += _CDIR.size + name_len + extra_len + comment_len
+
+    def entry_view(self, name: str, nbytes: int | None = None) -> memoryview:
+        if name not in self.entries:
+            raise pickle.UnpicklingError(f"no entry {name}")
+        start, size = self.entries[name]
+        if (nbytes is not None and size != nbytes) or start + size > len(self.buf):
+            raise pickle.UnpicklingError(f"entry {name} has {size} bytes, expected {nbytes}")
+        return self.buf[start : start + size]
+
+    def entry(self, name: str) -> bytes:
+        return bytes(self.entry_view(name))
 
 
-def load_tensor(stream: IO[bytes]) -> torch.Tensor:
-    """Load one torch.save'd tensor from a seekable stream (fast path, else torch.load)."""
-    start = stream.tell()
+def load_tensor(data: bytearray) -> torch.Tensor:
+    """Load one torch.save'd tensor from its bytes (fast path, else torch.load).
+
+    The tensor shares `data`'s memory (no copy); callers copy it into its destination.
+    """
     try:
-        archive = zipfile.ZipFile(stream)
-        pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-        prefix = pkl[: -len("/data.pkl")]
-        order = archive.read(f"{prefix}/byteorder").decode() if f"{prefix}/byteorder" in archive.namelist() else "little"
+        archive = _Archive(data)
+        order = archive.entry("byteorder").decode() if "byteorder" in archive.entries else "little"
         if order != sys.byteorder:
             raise pickle.UnpicklingError("byte order differs")
-        tensor = _TensorUnpickler(archive.read(pkl), archive, prefix).load()
+        tensor = _TensorUnpickler(archive).load()
         if not isinstance(tensor, torch.Tensor):
             raise pickle.UnpicklingError("not a tensor")
         return tensor
-    except (pickle.UnpicklingError, zipfile.BadZipFile, StopIteration, KeyError, ValueError, RuntimeError):
+    except (pickle.UnpicklingError, struct.error, UnicodeDecodeError, KeyError, ValueError, RuntimeError, IndexError):
         # Not the plain layout this path knows: let torch.load decide (and raise if it is bad).
-        stream.seek(start)
-        return cast(torch.Tensor, torch.load(stream, map_location="cpu", weights_only=True))
+        return cast(torch.Tensor, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
 class _FastTensorReads:
@@ -142,18 +158,21 @@ class _FastTensorReads:
                     file_slice = self._slice_file(stream, item_md)
                     if item_md.transform_descriptors:
                         source = self.transforms.transform_load_stream(req, item_md.transform_descriptors, file_slice)
+                        data = bytearray(source.read(-1))
                     else:
-                        # One read of the whole item (one ranged GET on S3). DCP's file view
-                        # also mis-seeks from its end, which zipfile needs.
-                        source = io.BytesIO(file_slice.read(item_md.length))
+                        # One read of the whole item (one ranged GET on S3) into a writable
+                        # buffer the tensor can share.
+                        data = bytearray(item_md.length)
+                        view, got = memoryview(data), 0
+                        while got < len(data):
+                            n = file_slice.readinto(view[got:])
+                            if not n:
+                                raise OSError(f"{relative_path}: item ends after {got} of {len(data)} bytes")
+                            got += n
                     if req.type == LoadItemType.BYTE_IO:
-                        read_bytes = io.BytesIO(source.read(-1))
-                        read_bytes.seek(0)
-                        planner.load_bytes(req, read_bytes)
+                        planner.load_bytes(req, io.BytesIO(data))
                         continue
-                    if not source.seekable():
-                        source = io.BytesIO(source.read(-1))
-                    tensor = narrow_tensor_by_index(load_tensor(source), req.storage_offsets, req.lengths)
+                    tensor = narrow_tensor_by_index(load_tensor(data), req.storage_offsets, req.lengths)
                     target = planner.resolve_tensor(req).detach()
                     if target.size() != tensor.size():
                         raise AssertionError(f"req {req.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")

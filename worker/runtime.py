@@ -448,6 +448,9 @@ def run_main(main: Any) -> None:
         main()
     except (ValueError, CheckpointError, StorageError) as exc:
         print(f"spotwise: error: {exc}", file=sys.stderr, flush=True)
+        # Leave the group cleanly: exiting with its threads alive can abort the interpreter.
+        if dist.is_initialized():
+            dist.destroy_process_group()
         sys.exit(2)
 
 

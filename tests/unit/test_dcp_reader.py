@@ -11,8 +11,7 @@ from spotwise.worker.dcp_reader import load_tensor
 def _saved(t):
     b = io.BytesIO()
     torch.save(t, b)
-    b.seek(0)
-    return b
+    return bytearray(b.getvalue())
 
 
 @pytest.mark.parametrize(
@@ -41,25 +40,23 @@ class _Evil:
 
 def test_a_pickle_that_calls_anything_else_is_not_executed(tmp_path, monkeypatch):
     # Build a torch.save-shaped archive whose data.pkl calls os.system.
-    b = _saved(torch.zeros(2))
-    src = zipfile.ZipFile(b)
+    src = zipfile.ZipFile(io.BytesIO(bytes(_saved(torch.zeros(2)))))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
         for name in src.namelist():
             data = pickle.dumps(_Evil(), protocol=2) if name.endswith("data.pkl") else src.read(name)
             z.writestr(name, data)
-    out.seek(0)
     called = []
     monkeypatch.setattr("os.system", lambda cmd: called.append(cmd))
     # The restricted unpickler refuses; torch.load (weights_only) refuses too.
     with pytest.raises(pickle.UnpicklingError):
-        load_tensor(out)
+        load_tensor(bytearray(out.getvalue()))
     assert called == []
 
 
 def test_not_an_archive_falls_back_to_torch_load_which_refuses():
     with pytest.raises(Exception) as err:
-        load_tensor(io.BytesIO(b"\0" * 64))
+        load_tensor(bytearray(64))
     assert not isinstance(err.value, AssertionError)
 
 
