@@ -465,27 +465,27 @@ class Checkpointer:
                 )
 
     def choose(self, step: int | None) -> Manifest | None:
-        """The checkpoint to restore: `step` exactly (an error if unusable), or the newest valid."""
+        """The checkpoint to restore: the newest valid at or after `step` (an error if there is
+        none and `step` itself is unusable), or with no step the newest valid."""
         if step is not None:
             if step < 0:
                 return None
-            try:
-                m = self.read_manifest(self._manifest_path(step))
-            except CheckpointMissing:
-                # The generation being replaced may commit a newer step after the daemon chose
-                # this one, and its pruning may then delete this one. A newer commit of the
-                # same job is as good a restore point (the cursor travels with it); an older
-                # one or none would silently lose or repeat work, so that stays an error.
-                for newer in reversed(self.committed()):
-                    if newer.step <= step:
-                        break
-                    try:
-                        self.validate(newer)
-                    except CheckpointError:
-                        continue
-                    log.warning("checkpoint step %d is gone; restoring the newer committed step %d", step, newer.step)
-                    return newer
-                raise
+            # The daemon names the newest commit it heard of. A newer one may exist: its report
+            # died with its node, or the generation being replaced committed (and pruned) after
+            # the daemon chose. Storage decides what is committed, so the newest valid commit at
+            # or after the requested step is restored; an older one or none would silently
+            # repeat or lose work, so a requested step that is unusable stays an error.
+            for newer in reversed(self.committed()):
+                if newer.step <= step:
+                    break
+                try:
+                    self.validate(newer)
+                except CheckpointError as exc:
+                    log.warning("skipping %s", exc)
+                    continue
+                log.warning("restoring the committed step %d, newer than the requested %d", newer.step, step)
+                return newer
+            m = self.read_manifest(self._manifest_path(step))
             self.validate(m)
             return m
         for m in reversed(self.committed()):

@@ -440,18 +440,28 @@ def run_main(main: Any) -> None:
     """Run a training script's main() so that bad input ends in one clear line, not a traceback.
 
     A bad setting (ValueError), an unusable checkpoint or unreachable storage exit with code 2
-    and ``spotwise: error: <what is wrong>`` on stderr; anything else propagates as usual.
+    and ``spotwise: error: <what is wrong>`` on stderr; other exceptions propagate as usual. On
+    the way out the process group is destroyed and the process exits at once with the script's
+    code (atexit handlers do not run).
     """
     from spotwise.worker.storage import StorageError
 
+    code = 0
     try:
         main()
     except (ValueError, CheckpointError, StorageError) as exc:
         print(f"spotwise: error: {exc}", file=sys.stderr, flush=True)
-        # Leave the group cleanly: exiting with its threads alive can abort the interpreter.
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
+        code = 2
+    except SystemExit as exc:  # e.g. 143 after a SIGTERM checkpoint
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's worker threads can still hold tensors then, and
+    # releasing them without a live interpreter aborts the process (SIGABRT, "terminate called
+    # without an active exception"), turning a finished rank into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _free_port() -> int:

@@ -108,11 +108,13 @@ def test_missing_bucket_is_a_clear_error(s3):
     assert "spotwise: error: S3 bucket 'no-such-bucket' does not exist" in r.stdout
 
 
-def test_a_pruned_restore_point_falls_back_only_to_a_newer_commit(s3):
+def test_the_requested_step_is_a_floor_storage_has_the_newest_commit(s3):
     ck = _checkpointer("s3://ckpt/pruned", keep=5)
     for step in (2, 4):
         ck.save(step, _state(step), cursor=10 * step, blocking=True)
-    # The daemon chose step 2; the old generation then committed 4 and its pruning removed 2.
+    # The daemon chose step 2, not having heard of 4 (its report died with its node).
+    assert ck.choose(2).step == 4
+    # The old generation committed 4 and its pruning removed 2.
     ck.fs.rm(ck._manifest_path(2))
     assert ck.choose(2).step == 4
     # Nothing newer than what was asked: an error, never a silent fresh start or an older step.
