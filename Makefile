@@ -30,6 +30,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/checkpoint.py
 	$(PY) bench/recovery.py
+	$(PY) bench/goodput.py
 
 proto: setup
 	$(PY) -m spotwise.proto.build
