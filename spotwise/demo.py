@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where the demo keeps its daemon state, logs and checkpoints "
                              "(default: a new temporary directory, kept for inspection)")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="optimizer steps (default 600: long enough to meet the default slice's unannounced drop)")
     parser.add_argument("--seq-len", type=int, default=64, help="sequence length (default 64)")
     parser.add_argument("--trace", type=Path, default=None,
                         help="spot trace to replay, in the ../shared/traces format (default: "
