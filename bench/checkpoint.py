@@ -179,11 +179,12 @@ def run_ranks(rank: int, world: int, port: int, args, env: dict, queue) -> None:
             t0 = time.perf_counter()
             ck.save(10 + i, trainer.state(), cursor=0, blocking=False)
             blocks.append(time.perf_counter() - t0)
-            while not agreed(ck._pending is None or ck._pending.upload.done()):
+            # As the runtime does: a step, then poll() (which commits a finished upload).
+            while not agreed(ck.pending_step is None):
                 t1 = time.perf_counter()
                 trainer.step()
                 during.append(time.perf_counter() - t1)
-            ck.wait()
+                ck.poll()
         r[f"async_block_s_{target}"] = statistics.median(blocks)
         r[f"steps_during_upload_{target}"] = len(during)
         r[f"step_s_during_upload_{target}"] = statistics.mean(during) if during else float("nan")

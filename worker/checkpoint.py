@@ -289,6 +289,8 @@ class Checkpointer:
                 # Training may change the parameters at the next step: the copy must be done.
                 staging.result(timeout=self.config.upload_timeout_s)
             self._pending = _Pending(step, cursor, data, started, upload, extra)
+            if not self._reniced:
+                self._renice_writer()
         self.last_saved_step = step
         if blocking or self.config.async_mode == "sync":
             return self.wait() is not None or self.rank != 0
