@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from spotwise.client import Client, state_name
 from spotwise.cloud.local import LocalProvider, scan_marked
 from spotwise.cloud.provider import NodeRequest
 from spotwise.worker.ledger import verify_ledger
+from tests.support.wait import until as _until
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +39,6 @@ DATASET_SIZE = 96
 GLOBAL_BATCH = 16
 KILLS = 10
 LEASE_S = 2.0  # the daemon's default lease: an outage longer than this makes agents re-register
-
-
-def _until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 class DaemonProc:

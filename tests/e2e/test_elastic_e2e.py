@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,22 +27,13 @@ from spotwise.client import Client, state_name
 from spotwise.cloud.local import LocalProvider, scan_marked
 from spotwise.cloud.provider import NodeRequest
 from spotwise.worker.ledger import verify_ledger
+from tests.support.wait import until as _until
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET_SIZE = 100
 GLOBAL_BATCH = 24
-
-
-def _until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _alive(pid: int) -> bool:

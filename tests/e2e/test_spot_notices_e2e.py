@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,7 @@ from spotwise.cloud.provider import NodeRequest
 from spotwise.cloud.replay import TraceReplayer
 from spotwise.cloud.trace import ReplayEvent, ReplaySchedule
 from spotwise.worker.ledger import verify_ledger
+from tests.support.wait import until as _until
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +43,6 @@ DATASET_SIZE = 100
 GLOBAL_BATCH = 24
 LONG_LEAD_S = 8.0
 SHORT_LEAD_S = 0.3
-
-
-def _until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _start_daemon(state_dir: Path, log_dir: Path, log_path: Path,

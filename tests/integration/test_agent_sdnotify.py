@@ -15,9 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from spotwise.config import DaemonConfig
 from spotwise.daemon.auth import Role, mint_token
 from spotwise.daemon.server import DaemonThread
 from tests.integration.test_cli import _tls_material
+from tests.support.wait import until as _until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,16 +38,6 @@ TRAINER = ("import pathlib, signal, sys, time\n"
            "signal.signal(signal.SIGTERM, stop)\n"
            "pathlib.Path(sys.argv[1]).write_text('started')\n"
            "time.sleep(600)\n")
-
-
-def _until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 class FakeSystemd:

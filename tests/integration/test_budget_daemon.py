@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,22 +26,13 @@ from spotwise.config import DaemonConfig
 from spotwise.daemon.server import DaemonThread
 from spotwise.live import money
 from spotwise.proto.v1 import jobs_pb2
+from tests.support.wait import until as _until
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = load_offline_table()
 SPOT_USD_PER_HOUR = OFFLINE.spot_price("g4dn.xlarge")
 OD_USD_PER_HOUR = OFFLINE.on_demand["g4dn.xlarge"]
 TICK_S = 0.5
-
-
-def _until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _cli_cost(address: str, job_id: str) -> dict[str, str]:

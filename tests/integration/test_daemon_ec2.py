@@ -12,9 +12,7 @@ instance would (its instance id, type and zone, no price of its own).
 from __future__ import annotations
 
 import base64
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -28,6 +26,7 @@ from spotwise.cloud.pricing import load_offline_table
 from spotwise.config import DaemonConfig
 from spotwise.daemon.server import DaemonThread, make_provider
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2
+from tests.support.wait import until as _until
 
 AMI = "ami-12c6146b"  # one of moto's built-in images
 OFFLINE = load_offline_table()
@@ -47,16 +46,6 @@ def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-def _until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _live(ec2, **tags: str) -> list[dict]:

@@ -6,20 +6,10 @@ step through the per-step control all-reduce, so they checkpoint together.
 
 import json
 import signal
-import time
 
 from spotwise.worker.events import read_events
 from tests.support.launch import TINY, kill_all, spawn_ranks
-
-
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.wait import until as _wait_for
 
 
 def _events(path):

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,19 +28,10 @@ from spotwise.daemon.controller import NodeState
 from spotwise.daemon.server import DaemonThread
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import JobSpec
+from tests.support.wait import until as _until
 
 RPC_TIMEOUT_S = 5.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _until(cond: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _config(tmp_path: Path) -> DaemonConfig:

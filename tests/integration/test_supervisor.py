@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from spotwise.worker.supervisor import LaunchSpec, Supervisor
+from tests.support.wait import until as _wait_for
 
 CONTRACT_VARS = {
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -36,15 +37,6 @@ def _spec(entrypoint: list[str], **kw) -> LaunchSpec:
                 master_port=1)
     base.update(kw)
     return LaunchSpec(**base)
-
-
-def _wait_for(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _pid_alive(pid: int) -> bool:
