@@ -18,7 +18,6 @@ from pathlib import Path
 import boto3
 import grpc
 import pytest
-from moto.server import ThreadedMotoServer
 
 from spotwise.client import Client
 from spotwise.cloud.ec2 import TAG_CLUSTER, TAG_JOB, TAG_NODE
@@ -32,20 +31,7 @@ AMI = "ami-12c6146b"  # one of moto's built-in images
 OFFLINE = load_offline_table()
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 
 
 def _live(ec2, **tags: str) -> list[dict]:

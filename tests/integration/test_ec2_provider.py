@@ -7,7 +7,6 @@ import socket
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from spotwise.cloud.ec2 import (
     TAG_CLUSTER,
@@ -24,20 +23,7 @@ AMI = "ami-12c6146b"  # one of moto's built-in images
 DAEMON = "10.0.0.5:7450"
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+pytestmark = pytest.mark.usefixtures("aws_test_credentials")
 
 
 @pytest.fixture
