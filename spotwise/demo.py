@@ -57,14 +57,22 @@ def traces_dir() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
-def default_trace_path() -> Path:
-    """The default trace file; ValueError saying where it was looked for if it is missing."""
+DEFAULT_SLICE_DATA = (4, 4, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 3, 3)
+"""Samples 126-140 of DEFAULT_TRACE (gap 300 s), kept here so that `make demo` replays the same
+real data on a machine without ../shared/traces."""
+
+
+def default_trace():
+    """The default trace and its (start, length) slice: from ../shared/traces when it is there,
+    else the embedded copy of the same samples."""
+    from spotwise.cloud.trace import load_trace, parse_trace
+
     path = traces_dir() / DEFAULT_TRACE
-    if not path.is_file():
-        raise ValueError(f"the default trace {DEFAULT_TRACE} is not in {traces_dir()} (the "
-                         "traces directory ../shared/traces next to the repository); pass "
-                         "--trace FILE")
-    return path
+    if path.is_file():
+        return load_trace(path), DEFAULT_SLICE
+    doc = {"metadata": {"gap_seconds": 300}, "data": list(DEFAULT_SLICE_DATA)}
+    name = f"{DEFAULT_TRACE.removesuffix('.json')}-samples-126-140"
+    return parse_trace(doc, name=name), (0, len(DEFAULT_SLICE_DATA))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,15 +238,13 @@ def _replay_config(args: argparse.Namespace):
         raise ValueError("--nodes must be 1 to 3 (the job's global batch of 24 in micro-batches "
                          "of 4 fits 1 to 3 nodes)")
     if args.trace is None:
-        path = default_trace_path()
-        start, length = DEFAULT_SLICE
+        trace, (start, length) = default_trace()
     else:
         if not args.trace.is_file():
             raise ValueError(f"--trace {args.trace}: no such file")
-        path, start, length = args.trace, 0, 15
+        trace, start, length = load_trace(args.trace), 0, 15
     start = start if args.trace_start is None else args.trace_start
     length = length if args.trace_length is None else args.trace_length
-    trace = load_trace(path)
     config = ReplayConfig(compression=args.compression, nodes=args.nodes,
                           notice_fraction=args.notice_fraction, notice_lead_s=args.notice_lead_s,
                           seed=args.seed, start=start, length=length)

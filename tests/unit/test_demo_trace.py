@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,13 @@ def test_the_traces_directory_is_found_next_to_the_repository() -> None:
     assert demo.traces_dir() == repo.parent / "shared" / "traces"
 
 
-def test_without_the_traces_directory_the_default_run_says_where_it_looked(
+def test_without_the_traces_directory_the_default_run_replays_the_embedded_slice(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = demo.traces_dir() / demo.DEFAULT_TRACE
     monkeypatch.setattr(demo, "traces_dir", lambda: tmp_path / "shared" / "traces")
-    with pytest.raises(ValueError, match=r"not in .*shared/traces.*--trace FILE"):
-        demo._replay_config(_args())
+    trace, config = demo._replay_config(_args())
+    assert trace.source_nodes == 4 and (config.start, config.length) == (0, 15)
+    assert trace.data == demo.DEFAULT_SLICE_DATA
+    if real.is_file():  # the embedded copy is the same real data
+        start, length = demo.DEFAULT_SLICE
+        assert tuple(json.loads(real.read_text())["data"][start : start + length]) == trace.data
