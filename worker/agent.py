@@ -52,13 +52,12 @@ from grpc import aio
 from spotwise.config import AgentConfig, ConfigError
 from spotwise.daemon.sdnotify import Notifier, NotifyError, child_environment, start_watchdog
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
+from spotwise.worker.checkpoint import write_fence
 from spotwise.worker.storage import (
-    AlreadyExists,
     StorageError,
     filesystem,
     job_uri,
     parse_uri,
-    write_create_only,
 )
 from spotwise.worker.supervisor import LaunchSpec, Supervisor, SupervisorError
 
@@ -159,7 +158,7 @@ def wait_for_stamp(host: str, port: int, stamp: str, *, timeout_s: float) -> boo
     return False
 
 
-def write_fence(spec: LaunchSpec) -> bool:
+def fence_generation(spec: LaunchSpec) -> bool:
     """Create generation `spec.generation`'s fence marker in the job's checkpoint location (the
     runtime's `generations/g-<10 digits>`, see spotwise.worker.checkpoint), if it is not there.
 
@@ -174,12 +173,7 @@ def write_fence(spec: LaunchSpec) -> bool:
     if "://" not in uri and not os.path.isabs(os.path.expanduser(uri)) and spec.working_dir:
         uri = os.path.join(spec.working_dir, uri)  # relative to where the processes run
     loc = parse_uri(uri)
-    fs = filesystem(loc)
-    fs.makedirs(loc.join("generations"), exist_ok=True)
-    try:
-        write_create_only(fs, loc.join("generations", f"g-{spec.generation:010d}"), b"")
-    except AlreadyExists:
-        pass
+    write_fence(filesystem(loc), loc, spec.generation)
     return True
 
 
@@ -653,11 +647,11 @@ class Agent:
             await self._start(desired)
 
     async def _fence(self, a: agent_pb2.Assignment) -> bool:
-        """write_fence for the assignment, bounded; True when the marker is in place. A
+        """fence_generation for the assignment, bounded; True when the marker is in place. A
         failure is logged, not fatal (the new generation's rank 0 writes the marker too)."""
         try:
             spec = launch_spec(a)
-            return await asyncio.wait_for(asyncio.to_thread(write_fence, spec),
+            return await asyncio.wait_for(asyncio.to_thread(fence_generation, spec),
                                           timeout=2 * self.config.rpc_timeout_s)
         except (StorageError, OSError, ValueError, asyncio.TimeoutError) as e:
             log.warning("agent %s: job %s g%d: cannot write the fence marker: %s",

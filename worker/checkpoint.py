@@ -183,20 +183,13 @@ class Checkpointer:
         if rank == 0:
             check_reachable(self.fs, self.loc)
             self.fs.makedirs(self.loc.join("manifests"), exist_ok=True)
-            self.fs.makedirs(self.loc.join("generations"), exist_ok=True)
-            try:
-                write_create_only(self.fs, self._fence_path(generation), b"")
-            except AlreadyExists:
-                pass  # the same generation restarted a process; the marker stands
+            write_fence(self.fs, self.loc, generation)
         if config.async_mode == "thread" and dist.is_initialized():
             # The upload thread runs collectives; a group of its own keeps them from
             # interleaving with the training loop's on the default group.
             self._pg = dist.new_group(backend="gloo")
 
     # ----- paths
-
-    def _fence_path(self, generation: int) -> str:
-        return self.loc.join("generations", f"g-{generation:010d}")
 
     def _manifest_path(self, step: int) -> str:
         return self.loc.join("manifests", f"{_step_name(step)}.json")
@@ -540,6 +533,16 @@ def describe(exc: BaseException | tuple) -> str:
         return "; ".join(f"rank {r}: {describe(e)}" for r, e in sorted(failures.items()))
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}"
+
+
+def write_fence(fs, loc: StorageURI, generation: int) -> None:
+    """Mark that `generation` started at this location (idempotent): from then on no older
+    generation may commit or prune there."""
+    fs.makedirs(loc.join("generations"), exist_ok=True)
+    try:
+        write_create_only(fs, loc.join("generations", f"g-{generation:010d}"), b"")
+    except AlreadyExists:
+        pass  # written already (by the agent, or by a restarted process of this generation)
 
 
 def newest_generation(fs, loc: StorageURI) -> int:
