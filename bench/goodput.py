@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from spotwise.client import Client, state_name  # noqa: E402
-from spotwise.cloud.local import LocalProvider, scan_marked  # noqa: E402
+from spotwise.cloud.local import LocalProvider, processes_with_env, scan_marked  # noqa: E402
 from spotwise.cloud.provider import NodeRequest  # noqa: E402
 from spotwise.cloud.replay import TraceReplayer  # noqa: E402
 from spotwise.cloud.trace import ReplayConfig, load_trace, replay_schedule  # noqa: E402
@@ -200,18 +200,7 @@ class Harness:
 
 
 def _job_pids(job_id: str) -> set[int]:
-    needle = f"SPOTWISE_JOB_ID={job_id}".encode()
-    pids = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if needle in Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0"):
-                    state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                    if state != "Z":
-                        pids.add(int(entry.name))
-            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
-                continue
-    return pids
+    return set(processes_with_env("SPOTWISE_JOB_ID", job_id))
 
 
 def _committed_steps(ledger: Path) -> int:

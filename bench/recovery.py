@@ -41,6 +41,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spotwise.cloud.local import processes_with_env
+
 REPO = Path(__file__).resolve().parents[1]
 WORKLOAD = REPO / "tests" / "workloads" / "tiny_train.py"
 GLOBAL_BATCH = 24
@@ -248,17 +250,7 @@ def member_handles(provider, job) -> list[str]:
 
 def marked(value: str) -> list[int]:
     """Pids whose environment carries MARKER=value (a torchrun node and all it started)."""
-    needle = f"{MARKER}={value}".encode()
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                env = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-            if needle in env:
-                out.append(int(entry.name))
-    return out
+    return list(processes_with_env(MARKER, value))
 
 
 def rank_of(pid: int) -> str:

@@ -50,12 +50,11 @@ class _Agent:
     lifecycle: str
 
 
-def scan_marked(marker: str) -> dict[int, str]:
-    """Pids of live processes whose environment has MARKER_ENV == `marker` or, when `marker`
-    ends with "/", starts with it; maps pid -> the marker's value. Zombies are left out."""
+def processes_with_env(name: str, value: str, *, prefix: bool = False) -> dict[int, str]:
+    """Pids of live processes whose environment has `name`=`value` (or, with prefix, a value
+    starting with it); maps pid -> the value. Zombies and other users' processes are left out."""
     found: dict[int, str] = {}
-    needle = f"{MARKER_ENV}={marker}".encode()
-    prefix = marker.endswith("/")
+    needle = f"{name}={value}".encode()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -74,6 +73,12 @@ def scan_marked(marker: str) -> dict[int, str]:
                 found[pid] = var.split(b"=", 1)[1].decode(errors="replace")
                 break
     return found
+
+
+def scan_marked(marker: str) -> dict[int, str]:
+    """Pids of live processes whose environment has MARKER_ENV == `marker` or, when `marker`
+    ends with "/", starts with it; maps pid -> the marker's value. Zombies are left out."""
+    return processes_with_env(MARKER_ENV, marker, prefix=marker.endswith("/"))
 
 
 def _environ_value(pid: int, name: str) -> str:

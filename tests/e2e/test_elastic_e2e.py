@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from spotwise.client import Client, state_name
-from spotwise.cloud.local import LocalProvider, scan_marked
+from spotwise.cloud.local import LocalProvider, processes_with_env, scan_marked
 from spotwise.cloud.provider import NodeRequest
 from spotwise.worker.ledger import verify_ledger
 from tests.support.wait import until as _until
@@ -46,17 +46,7 @@ def _alive(pid: int) -> bool:
 
 def _job_pids(job_id: str) -> set[int]:
     """Live processes whose environment says they train `job_id`."""
-    needle = f"SPOTWISE_JOB_ID={job_id}".encode()
-    pids = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                env = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-            if needle in env and _alive(int(entry.name)):
-                pids.add(int(entry.name))
-    return pids
+    return set(processes_with_env("SPOTWISE_JOB_ID", job_id))
 
 
 @dataclass

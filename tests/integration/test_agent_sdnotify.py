@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from spotwise.client import Client
+from spotwise.cloud.local import processes_with_env
 from spotwise.config import DaemonConfig
 from spotwise.daemon.auth import Role, mint_token
 from spotwise.daemon.server import DaemonThread
@@ -88,16 +89,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _job_pid(job_id: str) -> int | None:
-    needle = f"SPOTWISE_JOB_ID={job_id}".encode()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                env = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if needle in env:
-                return int(entry.name)
-    return None
+    return next(iter(processes_with_env("SPOTWISE_JOB_ID", job_id)), None)
 
 
 def test_ready_watchdog_stopping_and_a_graceful_stop(tmp_path: Path,
