@@ -7,7 +7,6 @@ import time
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from spotwise.cloud.imds import parse_rfc3339
 from spotwise.cloud.sqs_events import (
@@ -86,15 +85,6 @@ def test_malformed_events_are_value_errors(body: str) -> None:
 
 
 # ---- against a real queue ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
 
 @pytest.fixture
 def queue(moto_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
