@@ -53,6 +53,7 @@ from spotwise.config import AgentConfig, ConfigError
 from spotwise.daemon.sdnotify import Notifier, NotifyError, child_environment, start_watchdog
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 from spotwise.worker.checkpoint import write_fence
+from spotwise.worker.events import EventsTail
 from spotwise.worker.storage import (
     StorageError,
     filesystem,
@@ -210,39 +211,6 @@ def event_report(event: dict[str, Any], *, rank: int) -> agent_pb2.ReportEventRe
             step=int(event["step"]), path=str(event.get("path", "")),
             bytes=int(event.get("bytes", 0)), cursor=int(event.get("cursor", 0))))
     return None
-
-
-class EventsTail:
-    """Reads the complete lines appended to one events file since the last read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read(1 << 20)
-        except FileNotFoundError:
-            return []
-        except OSError as e:  # unreadable for now (permissions, a full disk): try again later
-            log.warning("events file %s: cannot read: %s", self.path, e)
-            return []
-        self._offset += len(data)
-        data = self._partial + data
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        events = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("events file %s: skipping a bad line %r", self.path, line[:200])
-        return events
 
 
 class Agent:

@@ -1,7 +1,8 @@
 """The runtime's event stream to its node agent: one JSON object per line, appended.
 
-The agent tails the file named by SPOTWISE_EVENTS_FILE (one file per process). Each event is a
-single write() on an O_APPEND descriptor, so a reader never sees half a line from a live writer.
+The agent tails the file named by SPOTWISE_EVENTS_FILE (one file per process) with EventsTail.
+Each event is a single write() on an O_APPEND descriptor; the tail keeps a trailing partial line
+for the next read.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("spotwise.events")
@@ -38,11 +40,34 @@ class EventLog:
             self._fd = None
 
 
-def read_events(path: str) -> list[dict[str, Any]]:
-    """Every complete event in a file (a trailing partial line is left for the next read)."""
-    out = []
-    with open(path, "rb") as f:
-        for line in f.read().split(b"\n")[:-1]:
-            if line.strip():
-                out.append(json.loads(line))
-    return out
+class EventsTail:
+    """Reads the complete lines appended to one events file since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(1 << 20)
+        except FileNotFoundError:
+            return []
+        except OSError as e:  # unreadable for now (permissions, a full disk): try again later
+            log.warning("events file %s: cannot read: %s", self.path, e)
+            return []
+        self._offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        events = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("events file %s: skipping a bad line %r", self.path, line[:200])
+        return events

@@ -7,17 +7,24 @@ step through the per-step control all-reduce, so they checkpoint together.
 import json
 import signal
 
-from spotwise.worker.events import read_events
+from spotwise.worker.events import EventsTail
 from tests.support.launch import TINY, kill_all, spawn_ranks
 from tests.support.wait import until as _wait_for
 
 
-def _events(path):
-    return read_events(str(path)) if path.exists() else []
+class _Events:
+    """Every event written so far, read as the agent reads them."""
+
+    def __init__(self, path):
+        self.tail, self.seen = EventsTail(path), []
+
+    def __call__(self):
+        self.seen += self.tail.read()
+        return self.seen
 
 
-def _committed(path):
-    return [e["step"] for e in _events(path) if e["event"] == "checkpoint_committed"]
+def _committed(events):
+    return [e["step"] for e in events() if e["event"] == "checkpoint_committed"]
 
 
 def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits_143(tmp_path):
@@ -27,20 +34,21 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits_143(tmp
         "SPOTWISE_CHECKPOINT_EVERY": "0",  # no periodic checkpoints: only requested ones
         "SPOTWISE_EVENTS_FILE": str(events),
     }
+    read = _Events(events)
     procs = spawn_ranks(TINY, 2, "--steps", "100000", "--step-sleep", "0.05", env=env, logs=tmp_path)
     try:
-        _wait_for(lambda: any(e["event"] == "progress" for e in _events(events)), 120, "training to start")
+        _wait_for(lambda: any(e["event"] == "progress" for e in read()), 120, "training to start")
         procs[1].send_signal(signal.SIGUSR1)  # rank 1 only
-        step = _wait_for(lambda: _committed(events), 60, "the requested checkpoint")[0]
+        step = _wait_for(lambda: _committed(read), 60, "the requested checkpoint")[0]
         # Training went on past the checkpoint.
-        _wait_for(lambda: max((e["step"] for e in _events(events) if e["event"] == "progress"), default=0) > step + 2,
+        _wait_for(lambda: max((e["step"] for e in read() if e["event"] == "progress"), default=0) > step + 2,
                   60, "steps after the checkpoint")
         assert all(p.poll() is None for p in procs)
 
         procs[0].send_signal(signal.SIGTERM)  # rank 0 only
         codes = [p.wait(timeout=120) for p in procs]
         assert codes == [143, 143], (tmp_path / "rank0.log").read_text()[-3000:]
-        final = _committed(events)[-1]
+        final = _committed(read)[-1]
         assert final > step
         manifest = json.loads((tmp_path / "ckpt" / "manifests" / f"step-{final:010d}.json").read_text())
         assert manifest["world_size"] == 2 and manifest["cursor"] == final * 24
