@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -112,7 +112,6 @@ class Manifest:
     save_seconds: float
     """From the start of the save to the commit."""
     version: int = MANIFEST_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
@@ -140,7 +139,6 @@ class _Pending:
     data: str
     started: float
     upload: Future
-    extra: dict[str, Any]
 
 
 def _step_name(step: int) -> str:
@@ -235,7 +233,7 @@ class Checkpointer:
     def pending_step(self) -> int | None:
         return self._pending.step if self._pending else None
 
-    def save(self, step: int, state: dict[str, Any], *, cursor: int, blocking: bool, extra: dict[str, Any] | None = None) -> bool:
+    def save(self, step: int, state: dict[str, Any], *, cursor: int, blocking: bool) -> bool:
         """Save `state` as step `step` (collective). Returns False if nothing was saved.
 
         Nothing is saved when the step is already saved; a blocking save also returns False
@@ -252,7 +250,6 @@ class Checkpointer:
         data = self._data_dir(step)
         data_url = self.loc.url(self.loc.join(data))
         started = time.time()
-        extra = dict(extra or {})
         if blocking or self.config.async_mode == "sync":
             done: Future = Future()
             try:
@@ -262,7 +259,7 @@ class Checkpointer:
             # save is logged and leaves the step uncommitted.
             except (Exception, CheckpointException) as exc:
                 done.set_exception(exc)
-            self._pending = _Pending(step, cursor, data, started, done, extra)
+            self._pending = _Pending(step, cursor, data, started, done)
         else:
             kind = (
                 AsyncCheckpointerType.PROCESS
@@ -281,7 +278,7 @@ class Checkpointer:
             if staging is not None:
                 # Training may change the parameters at the next step: the copy must be done.
                 staging.result(timeout=self.config.upload_timeout_s)
-            self._pending = _Pending(step, cursor, data, started, upload, extra)
+            self._pending = _Pending(step, cursor, data, started, upload)
             if not self._reniced:
                 self._renice_writer()
         self.last_saved_step = step
@@ -364,7 +361,6 @@ class Checkpointer:
             bytes=sum(files.values()),
             time=time.time(),
             save_seconds=time.time() - p.started,
-            extra=p.extra,
         )
         try:
             write_create_only(self.fs, self._manifest_path(p.step), manifest.to_json())

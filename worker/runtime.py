@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -129,7 +129,6 @@ class RuntimeConfig:
 class _Flags:
     checkpoint: bool = False
     stop: bool = False
-    signals: list[int] = field(default_factory=list)
 
 
 class Runtime:
@@ -225,7 +224,6 @@ class Runtime:
 
     def _install_signal_handlers(self) -> None:
         def on_signal(signum: int, _frame: Any) -> None:
-            self._flags.signals.append(signum)
             if signum == signal.SIGTERM:
                 self._flags.stop = True
             self._flags.checkpoint = True
