@@ -46,7 +46,7 @@ from spotwise.daemon.fleet import FleetLoop
 from spotwise.daemon.metrics import Metrics, MetricsExporter, start_exporter
 from spotwise.daemon.notices import NoticeLoop
 from spotwise.daemon.prices import NodePricer, refresh_loop
-from spotwise.daemon.servicers import AgentServicer, JobServicer
+from spotwise.daemon.servicers import AgentServicer, JobServicer, MalformedRequestInterceptor
 from spotwise.daemon.store import Store, StoreError
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -222,8 +222,10 @@ class Daemon:
             default_instance_types=tuple(config.ec2.instance_types) if config.provider == "ec2" else (),
             clock=self._clock,
         )
+        # Innermost: the malformed-request check wraps the servicers' own handlers.
+        interceptors = [*interceptors, MalformedRequestInterceptor()]
         # No SO_REUSEPORT: a second daemon on the same port must fail, not share its traffic.
-        server = grpc.aio.server(interceptors=interceptors or None,
+        server = grpc.aio.server(interceptors=interceptors,
                                  options=[("grpc.so_reuseport", 0)])
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(self.coordinator, checkpoint_prefixes=config.checkpoint_prefixes), server

@@ -3,7 +3,8 @@
 They translate messages and errors and nothing more: a bad job spec becomes INVALID_ARGUMENT
 with a google.rpc.BadRequest carrying one field violation per problem (grpcio-status rich
 status), an unknown job NOT_FOUND, cancelling an ended job FAILED_PRECONDITION. The decisions
-are the coordinator's and the controller's.
+are the coordinator's and the controller's. Bytes that do not parse as the request message are
+INVALID_ARGUMENT too (`MalformedRequestInterceptor`), before any servicer runs.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc import aio
 from grpc_status import rpc_status
 
 from spotwise.daemon.auth import check_checkpoint_uri
@@ -25,6 +28,71 @@ from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import SpecError, validate_spec_proto
 
 log = logging.getLogger(__name__)
+
+
+class _Malformed:
+    """What the lenient deserializer hands on for bytes that do not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class MalformedRequestInterceptor(aio.ServerInterceptor):
+    """A request whose bytes do not parse as its message is answered INVALID_ARGUMENT naming
+    the parse error, with one WARNING line. (Left to gRPC, a parse error is logged at ERROR
+    with a traceback per request and answered UNKNOWN, as if the daemon had a bug.)
+    Install it last, so that it wraps the servicers' own handlers."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as e:  # DecodeError, or whatever a deserializer raises
+                return _Malformed(f"{type(e).__name__}: {e}")
+
+        async def refuse(request: _Malformed, context: aio.ServicerContext) -> None:
+            log.warning("refused %s: malformed request (%s)", method, request.error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"malformed request: {request.error}")
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                result = inner_stream(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=lenient,
+                response_serializer=handler.response_serializer)
+
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=lenient,
+            response_serializer=handler.response_serializer)
 
 
 def bad_request_status(error: SpecError) -> grpc.Status:

@@ -294,6 +294,71 @@ def test_every_rpc_survives_arbitrary_requests(fuzzed: Fuzzed, service: str, met
     fuzzed.assert_healthy()
 
 
+def _raw_bytes() -> st.SearchStrategy[bytes]:
+    """Bytes that are not a well-formed message: random, truncated or corrupted encodings."""
+    valid = _valid_spec(Path("/tmp")).SerializeToString()
+    return st.one_of(
+        st.binary(max_size=2048),
+        st.integers(min_value=1, max_value=len(valid) - 1).map(lambda n: valid[:n]),
+        st.tuples(st.integers(min_value=0, max_value=len(valid) - 1),
+                  st.integers(min_value=0, max_value=255)).map(
+            lambda p: valid[:p[0]] + bytes([p[1]]) + valid[p[0] + 1:]),
+        # A field header claiming a length far past the end of the message.
+        st.sampled_from([b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x80\x80\x80\x80\x10x",
+                         b"\xff" * 16, b"\x08" + b"\xff" * 10 + b"\x01"]),
+    )
+
+
+@pytest.mark.parametrize(("service", "method"),
+                         [("JobService", m) for m in JOB_METHODS]
+                         + [("AgentService", m) for m in AGENT_METHODS])
+def test_malformed_bytes_are_refused_and_harm_nothing(fuzzed: Fuzzed, service: str,
+                                                      method: str) -> None:
+    """Raw bytes on the wire, below the protobuf layer: what does not parse as the request is
+    INVALID_ARGUMENT before any servicer runs, and logged as a warning, not as an error; what
+    happens to parse is an ordinary request and answered like one."""
+    cls = _message_class(_request_descriptor(service, method))
+    path = f"/spotwise.v1.{service}/{method}"
+    if method == "WatchJob":
+        call = fuzzed.channel.unary_stream(path, request_serializer=None,
+                                           response_deserializer=None)
+    else:
+        call = fuzzed.channel.unary_unary(path, request_serializer=None,
+                                          response_deserializer=None)
+
+    @FUZZ
+    @given(data=_raw_bytes())
+    def run(data: bytes) -> None:
+        try:
+            cls.FromString(data)
+            parses = True
+        except Exception:  # DecodeError (the C parser's errors are all DecodeError)
+            parses = False
+        try:
+            answer = call(data, timeout=CALL_TIMEOUT_S)
+            if method == "WatchJob":
+                try:
+                    next(answer)
+                except StopIteration:
+                    pass
+                finally:
+                    answer.cancel()
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.CANCELLED and method == "WatchJob":
+                code = grpc.StatusCode.OK  # our own cancel after the first event
+            elif not parses:
+                assert "malformed request" in (e.details() or ""), e.details()
+        expected = ALLOWED if parses else {grpc.StatusCode.INVALID_ARGUMENT}
+        assert code in expected, f"{service}.{method} answered {code.name} to {data[:80]!r}"
+        errors = fuzzed.errors.take()
+        assert not errors, "\n".join(errors)
+
+    run()
+    fuzzed.assert_healthy()
+
+
 def test_agent_calls_about_known_nodes_and_generations(fuzzed: Fuzzed) -> None:
     """Agent calls aimed at the node the daemon knows and the generations of its jobs."""
     ids = _ids(fuzzed)
