@@ -187,3 +187,29 @@ def replay_schedule(trace: Trace, config: ReplayConfig) -> ReplaySchedule:
         last_change_t = t
     keyed.sort(key=lambda pair: pair[0])
     return ReplaySchedule(events=tuple(e for _, e in keyed), levels=levels, step_s=step_s, duration_s=len(levels) * step_s)
+
+
+def busy_window(trace: Trace, *, nodes: int, length: int, min_changes: int = 4,
+                min_start: int = 2) -> int:
+    """The first sample of the earliest `length`-sample window that starts with at least
+    `min_start` nodes (at most `nodes`; 2 by default, so that one loss leaves a job running)
+    and whose count, scaled to `nodes`, changes at least `min_changes` times; if no window
+    changes that often, the earliest of those that change the most. For benchmarks and demos
+    that must see spot churn in a short replay of a trace they have not seen. ValueError if the
+    trace never has a node once scaled."""
+    levels = [scale_count(v, trace.source_nodes, nodes) for v in trace.data]
+    if not any(levels):
+        raise ValueError(f"trace {trace.name or '(in memory)'}: no sample has a node once "
+                         f"scaled to {nodes}")
+    floor = max(1, min(min_start, nodes, max(levels)))
+    best, best_changes = -1, -1
+    for start in range(len(levels)):  # windows near the end are shorter
+        if levels[start] < floor:
+            continue
+        window = levels[start:start + length]
+        changes = sum(1 for a, b in zip(window, window[1:], strict=False) if a != b)
+        if changes >= min_changes:
+            return start
+        if changes > best_changes:
+            best, best_changes = start, changes
+    return best

@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_SLICE[0]}-{sum(DEFAULT_SLICE) - 1})")
     parser.add_argument("--trace-start", type=int, default=None,
                         help="first trace sample to replay (default: the demo's slice for the "
-                             "default trace, else 0)")
+                             "default trace, else the first slice that starts with 2 nodes and "
+                             "changes twice)")
     parser.add_argument("--trace-length", type=int, default=None,
                         help="samples to replay (default: the demo's slice for the default "
                              "trace, else 15)")
@@ -232,7 +233,7 @@ def _render(view: LiveView, timeline: Timeline, total_steps: int) -> Group:
 
 def _replay_config(args: argparse.Namespace):
     """The trace and how to replay it; ValueError naming a bad flag or a missing file."""
-    from spotwise.cloud.trace import ReplayConfig, load_trace
+    from spotwise.cloud.trace import ReplayConfig, busy_window, load_trace
 
     if not 1 <= args.nodes <= 3:
         raise ValueError("--nodes must be 1 to 3 (the job's global batch of 24 in micro-batches "
@@ -242,7 +243,12 @@ def _replay_config(args: argparse.Namespace):
     else:
         if not args.trace.is_file():
             raise ValueError(f"--trace {args.trace}: no such file")
-        trace, start, length = load_trace(args.trace), 0, 15
+        trace, length = load_trace(args.trace), 15
+        # A trace the demo has not seen: its first slice that starts with 2 nodes (once
+        # scaled) and changes at least twice, so the story has a loss and a comeback.
+        start = busy_window(trace, nodes=args.nodes,
+                            length=length if args.trace_length is None else args.trace_length,
+                            min_changes=2)
     start = start if args.trace_start is None else args.trace_start
     length = length if args.trace_length is None else args.trace_length
     config = ReplayConfig(compression=args.compression, nodes=args.nodes,

@@ -29,6 +29,21 @@ def test_the_default_slice_drops_rises_and_drops_again_with_one_notice() -> None
     assert schedule.duration_s <= 60  # the demo's budget is three minutes in all
 
 
+def test_an_unseen_trace_replays_its_first_slice_with_a_loss_and_a_comeback(
+        tmp_path: Path) -> None:
+    # Idle at first (as the 16-node trace is), then 8 of 8, a drop to 4, back to 8.
+    data = [0] * 40 + [8] * 5 + [4] * 3 + [8] * 30
+    path = tmp_path / "aws-2025-01-01-xx-8node-availability.json"
+    path.write_text(json.dumps({"metadata": {"gap_seconds": 600}, "data": data}))
+    trace, config = demo._replay_config(_args("--trace", str(path)))
+    assert config.start == 40 and config.length == 15
+    schedule = replay_schedule(trace, config)
+    assert schedule.levels[0] == 3
+    assert [e.kind for e in schedule.events] == ["add", "notice", "remove", "add"]
+    # An explicit --trace-start wins.
+    assert demo._replay_config(_args("--trace", str(path), "--trace-start", "42"))[1].start == 42
+
+
 def test_a_missing_trace_or_a_bad_flag_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no such file"):
         demo._replay_config(_args("--trace", str(tmp_path / "nope.json")))

@@ -10,6 +10,7 @@ import pytest
 from spotwise.cloud.trace import (
     ReplayConfig,
     Trace,
+    busy_window,
     load_trace,
     parse_trace,
     replay_schedule,
@@ -157,3 +158,29 @@ def test_invalid_files_and_configs(tmp_path: Path) -> None:
                    {"start": -1}, {"length": 0}):
         with pytest.raises(ValueError):
             ReplayConfig(**kwargs)
+
+
+def test_busy_window_is_the_first_churning_window_that_starts_with_two_nodes() -> None:
+    data = [0, 4, 4, 4, 2, 4, 2, 4, 4, 0, 4, 2, 4, 0, 4, 4]
+    trace = parse_trace({"metadata": {"gap_seconds": 60}, "data": data}, name="w-4node")
+    # Windows of 5 from sample 1: [4,4,4,2,4] has 2 changes; from 3: [4,2,4,2,4] has 4.
+    assert busy_window(trace, nodes=4, length=5, min_changes=4) == 3
+    assert busy_window(trace, nodes=4, length=5, min_changes=2) == 1
+    # None changes 9 times: the earliest of those that change the most (4), starting at >= 2.
+    assert busy_window(trace, nodes=4, length=5, min_changes=9) == 3
+    # A window starting at sample 9 (no nodes) or 13 is never chosen.
+    assert busy_window(trace, nodes=4, length=4, min_changes=3) == 3
+    with pytest.raises(ValueError, match="no sample has a node"):
+        busy_window(parse_trace({"metadata": {"gap_seconds": 60}, "data": [0, 1, 0]},
+                                name="z-16node"), nodes=3, length=2)
+
+
+def test_busy_window_of_the_real_availability_trace() -> None:
+    if not AVAILABILITY.exists():
+        pytest.skip(f"shared traces not beside the repo ({AVAILABILITY})")
+    trace = load_trace(AVAILABILITY)
+    start = busy_window(trace, nodes=3, length=30)
+    levels = replay_schedule(trace, ReplayConfig(nodes=3, start=start, length=30)).levels
+    assert levels[0] >= 2
+    assert sum(a != b for a, b in zip(levels, levels[1:], strict=False)) >= 4
+    assert start == 10  # the goodput benchmark's window (bench/goodput.py)
