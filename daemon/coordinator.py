@@ -449,18 +449,23 @@ class Coordinator:
 
     def _bill(self, job: JobRecord, now: float, *, ending: bool = False) -> Ledger:
         """Charge the job's nodes up to now, and bill its nodes (none if `ending`) from now on."""
-        ledger = self.ledgers.get(job.row.id)
-        if ledger is None:
-            # After a restart the spend so far comes from the store; the gap is not charged.
-            ledger = Ledger(last_tick=now, spent_usd=job.row.cost_usd,
-                            on_demand_equivalent_usd=job.row.cost_usd)
         quotes = {} if ending else {n.row.id: self._quote(n.row) for n in self._billed_nodes(job)}
         if quotes:
             job.price_source = combined_source({q.source for q in quotes.values()})
         prices: dict[str, NodePrice] = {n: q.price for n, q in quotes.items()}
+        ledger = self.ledgers.get(job.row.id)
+        if ledger is None:
+            # The first charge since this daemon started. After a restart the spend so far
+            # comes from the store, and the time the daemon was down is charged at the prices
+            # of the nodes the job holds now: they ran (and cost money) while nobody watched.
+            # A node that died meanwhile is charged to now, so the spend errs high, never low.
+            ledger = Ledger(last_tick=job.row.cost_at or now, spent_usd=job.row.cost_usd,
+                            on_demand_equivalent_usd=job.row.on_demand_usd or job.row.cost_usd,
+                            billing=prices if job.row.cost_at and job.members else {})
         ledger = ledger.tick(now, prices)
         self.ledgers[job.row.id] = ledger
-        job.row.cost_usd = ledger.spent_usd
+        job.row.cost_usd, job.row.cost_at = ledger.spent_usd, ledger.last_tick
+        job.row.on_demand_usd = ledger.on_demand_equivalent_usd
         if self.metrics is not None:
             self.metrics.set_cost_total(job.row.id, ledger.spent_usd)
         return ledger

@@ -123,6 +123,14 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX checkpoints_by_job ON checkpoints (job_id, step)",
         ),
     ),
+    Migration(
+        3,
+        "money survives a restart: when the spend was last charged, and its on-demand equivalent",
+        (
+            "ALTER TABLE jobs ADD COLUMN cost_at REAL NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN on_demand_usd REAL NOT NULL DEFAULT 0",
+        ),
+    ),
 ]
 
 
@@ -148,6 +156,10 @@ class JobRow:
     message: str = ""
     lost_steps: int = 0
     failures: int = 0
+    cost_at: float = 0.0
+    """Clock seconds up to which cost_usd is charged (0: never charged)."""
+    on_demand_usd: float = 0.0
+    """What the node-seconds charged so far would have cost on demand."""
 
 
 @dataclass(kw_only=True)

@@ -234,6 +234,46 @@ def test_nodes_are_charged_at_book_prices_and_getcost_says_where_they_came_from(
     assert report.projected_usd == 0.0  # no total_steps: nothing to project
 
 
+def test_the_time_the_daemon_was_down_is_charged_after_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec(nodes={"min": 1, "max": 1}).to_proto())
+    join(coord, "10.0.0.1")
+    clock.now += 1
+    coord.tick()
+    clock.now += 3600
+    coord.account(clock.now)  # one hour charged and stored
+    assert job.row.cost_usd == pytest.approx(G4_SPOT)
+    # The daemon is down for half an hour; its node goes on running (and costing).
+    clock.now += 1800
+    again = make(tmp_path, clock)
+    again.tick()
+    restored = again.jobs[job.row.id]
+    assert restored.row.cost_usd == pytest.approx(1.5 * G4_SPOT)
+    report = again.cost_report(restored)
+    assert report.spent_usd == pytest.approx(1.5 * G4_SPOT)
+    assert report.on_demand_equivalent_usd == pytest.approx(1.5 * G4_OD)
+
+
+def test_a_budget_spent_while_the_daemon_was_down_stops_the_job_at_restart(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec(nodes={"min": 1, "max": 1}, budget_usd=2 * G4_SPOT).to_proto())
+    join(coord, "10.0.0.1")
+    clock.now += 1
+    coord.tick()
+    clock.now += 3600
+    coord.account(clock.now)
+    assert job.state is JobState.RUNNING
+    clock.now += 3 * 3600  # down for three hours: the budget ran out meanwhile
+    again = make(tmp_path, clock)
+    again.tick()
+    restored = again.jobs[job.row.id]
+    assert restored.state is JobState.BUDGET_EXHAUSTED
+    assert restored.row.cost_usd == pytest.approx(4 * G4_SPOT)
+
+
 def test_an_agent_price_is_an_override_and_reported_as_such(tmp_path: Path) -> None:
     clock = Clock()
     coord = make(tmp_path, clock)
