@@ -73,6 +73,13 @@ class JobRecord:
     members: list[str] = field(default_factory=list)
     generation_started_at: float = 0.0
     restore_step: int = -1
+    step_before: int = 0
+    """The job's step when the current generation started (0 after a daemon restart)."""
+    lost_this_generation: int = 0
+    """Steps of step_before that the current generation replays: counted from restore_step
+    when it starts, from where it really restored once it says (its Restored report)."""
+    restored_step: int | None = None
+    """Where the current generation's processes restored (None until they say)."""
     generation_reason: str = ""
     # Soft state of the current generation, rebuilt from heartbeats after a restart.
     exit_codes: dict[int, int] = field(default_factory=dict)
@@ -316,8 +323,9 @@ class Coordinator:
             f"{old_state} -> {d.state}"
         )
         self._end_generation(job, now, conn)
-        if job.row.step > max(d.restore_step, 0):
-            job.row.lost_steps += job.row.step - max(d.restore_step, 0)
+        job.step_before, job.restored_step = job.row.step, None
+        job.lost_this_generation = max(0, job.row.step - max(d.restore_step, 0))
+        job.row.lost_steps += job.lost_this_generation
         job.row.step = max(d.restore_step, 0)
         for node_id in job.members:
             if node_id not in d.members:
@@ -818,6 +826,8 @@ class Coordinator:
             self.tick(now)
         elif kind == "progress":
             self._progress(job, req.progress, now)
+        elif kind == "restored":
+            self._restored(job, req.restored, now)
         else:
             return agent_pb2.ReportEventResponse(accepted=False, reason="no event in the report")
         return agent_pb2.ReportEventResponse(accepted=True)
@@ -878,6 +888,26 @@ class Coordinator:
         self._flush()
         log.info("job=%s generation=%d: checkpoint step %d committed: %s", job.row.id,
                  job.row.generation, c.step, c.path)
+
+    def _restored(self, job: JobRecord, r: agent_pb2.Restored, now: float) -> None:
+        """The generation restored step r.step. The daemon counted the steps between
+        restore_step and where the job was as lost; a newer restore (a commit whose report
+        died with its node) lost fewer, an older one (the chosen commit was torn) more."""
+        lost = max(0, job.step_before - r.step) if job.step_before else 0
+        first = job.restored_step is None
+        with self._transaction() as conn:
+            job.row.lost_steps = max(0, job.row.lost_steps + lost - job.lost_this_generation)
+            job.lost_this_generation, job.restored_step = lost, r.step
+            if first:
+                job.row.step = r.step
+            job.row.updated_at = now
+            self.store.put_job(job.row, conn)
+            chosen = max(job.restore_step, 0)
+            note = f" (not step {chosen}: {lost} steps replayed)" if r.step != chosen else ""
+            self._event(conn, job, now, "restored",
+                        f"generation {job.row.generation} restored step {r.step} at world "
+                        f"size {r.world_size}{note}")
+        self._flush()
 
     def _progress(self, job: JobRecord, p: agent_pb2.Progress, now: float) -> None:
         with self._transaction() as conn:

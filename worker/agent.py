@@ -194,13 +194,13 @@ def launch_spec(a: agent_pb2.Assignment) -> LaunchSpec:
 
 
 def event_report(event: dict[str, Any], *, rank: int) -> agent_pb2.ReportEventRequest | None:
-    """The ReportEvent for one runtime event line (rank 0's progress and commits), or None
-    for events the daemon is not told: restored, finished and fenced are logged only. The
-    protocol has no message for a restore, and the daemon needs none: it chose the step to
-    restore (Assignment.restore_step) and counts the replayed steps from it; a Progress with
-    a made-up loss would show a wrong loss."""
+    """The ReportEvent for one runtime event line (rank 0's restore, progress and commits),
+    or None for events the daemon is not told: finished and fenced are logged only."""
     kind = event.get("event")
     t = float(event.get("time") or time.time())
+    if kind == "restored" and rank == 0:
+        return agent_pb2.ReportEventRequest(time=t, restored=agent_pb2.Restored(
+            step=int(event["step"]), world_size=int(event.get("world_size", 0))))
     if kind == "progress" and rank == 0:
         return agent_pb2.ReportEventRequest(time=t, progress=agent_pb2.Progress(
             step=int(event["step"]), loss=float(event.get("loss", math.nan)),

@@ -169,8 +169,16 @@ class Progress(_message.Message):
     world_size: int
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., world_size: _Optional[int] = ...) -> None: ...
 
+class Restored(_message.Message):
+    __slots__ = ("step", "world_size")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    world_size: int
+    def __init__(self, step: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+
 class ReportEventRequest(_message.Message):
-    __slots__ = ("node_id", "job_id", "generation", "time", "process_exited", "checkpoint_committed", "interruption_notice", "progress")
+    __slots__ = ("node_id", "job_id", "generation", "time", "process_exited", "checkpoint_committed", "interruption_notice", "progress", "restored")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +187,7 @@ class ReportEventRequest(_message.Message):
     CHECKPOINT_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTION_NOTICE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     job_id: str
     generation: int
@@ -187,7 +196,8 @@ class ReportEventRequest(_message.Message):
     checkpoint_committed: CheckpointCommitted
     interruption_notice: InterruptionNotice
     progress: Progress
-    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., process_exited: _Optional[_Union[ProcessExited, _Mapping]] = ..., checkpoint_committed: _Optional[_Union[CheckpointCommitted, _Mapping]] = ..., interruption_notice: _Optional[_Union[InterruptionNotice, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    restored: Restored
+    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., process_exited: _Optional[_Union[ProcessExited, _Mapping]] = ..., checkpoint_committed: _Optional[_Union[CheckpointCommitted, _Mapping]] = ..., interruption_notice: _Optional[_Union[InterruptionNotice, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ...) -> None: ...
 
 class ReportEventResponse(_message.Message):
     __slots__ = ("accepted", "reason")

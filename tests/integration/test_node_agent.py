@@ -170,7 +170,9 @@ def test_agent_follows_assignments_and_forwards_events(tmp_path: Path) -> None:
             assert (ck.job_id, ck.node_id, ck.checkpoint_committed.step,
                     ck.checkpoint_committed.path, ck.checkpoint_committed.cursor) == (
                         "job-a", node, 5, "/ck/5", 40)
-            # The restored event (step 4) is not a Progress: only real progress is.
+            # The restored event (step 4) is a Restored report, not a Progress.
+            restored = daemon.reports_of("restored", 1)
+            assert [(r.restored.step, r.restored.world_size) for r in restored] == [(4, 1)]
             assert all(p.progress.step == 5 for p in daemon.reports_of("progress", 1))
             await _until(lambda: any(p.progress.step == 5 and p.progress.loss == 2.5
                                      for p in daemon.reports_of("progress", 1)), 5, "progress")

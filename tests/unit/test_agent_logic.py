@@ -12,7 +12,7 @@ from spotwise.worker.agent import Backoff, event_report, launch_spec
 from spotwise.worker.events import EventsTail
 
 
-def test_progress_and_commits_of_rank0_become_reports() -> None:
+def test_restores_progress_and_commits_of_rank0_become_reports() -> None:
     p = event_report({"event": "progress", "time": 5.0, "generation": 2, "step": 7,
                       "loss": 1.5, "samples_per_second": 30.0, "world_size": 3}, rank=0)
     assert p.WhichOneof("event") == "progress" and p.time == 5.0
@@ -24,9 +24,15 @@ def test_progress_and_commits_of_rank0_become_reports() -> None:
             c.checkpoint_committed.bytes, c.checkpoint_committed.cursor) == (10, "/ck/10", 99, 240)
 
 
-@pytest.mark.parametrize("event", ["restored", "finished", "fenced", "unknown"])
+    r = event_report({"event": "restored", "time": 4.0, "generation": 2, "step": 10,
+                      "world_size": 3}, rank=0)
+    assert (r.WhichOneof("event"), r.restored.step, r.restored.world_size) == ("restored", 10, 3)
+
+
+@pytest.mark.parametrize("event", ["finished", "fenced", "unknown"])
 def test_other_events_are_not_reported(event: str) -> None:
     assert event_report({"event": event, "time": 1.0, "step": 3}, rank=0) is None
+    assert event_report({"event": "restored", "time": 1.0, "step": 3}, rank=1) is None
 
 
 def test_only_rank0_reports_progress() -> None:

@@ -68,6 +68,44 @@ def test_lost_steps_count_the_work_replayed_from_the_last_commit(tmp_path: Path)
     assert stored.state is JobState.RESCALING and again.nodes[b].state is NodeState.LOST
 
 
+def _report(coord: Coordinator, node: str, job_id: str, generation: int, kind: str,
+            **fields: int) -> bool:
+    req = agent_pb2.ReportEventRequest(node_id=node, job_id=job_id, generation=generation)
+    getattr(req, kind).SetInParent()
+    for name, value in fields.items():
+        setattr(getattr(req, kind), name, value)
+    return coord.report(req).accepted
+
+
+@pytest.mark.parametrize(("restored", "lost", "step"), [
+    (10, 4, 10),  # restored where the daemon said: the 4 steps past the commit are lost
+    (12, 2, 12),  # a newer commit (its report died with b): only 2 are lost
+    (14, 0, 14),  # the newest step was committed: nothing is lost
+    (8, 6, 8),    # the chosen commit was torn, an older one restored: 6 are lost
+])
+def test_lost_steps_follow_where_the_generation_really_restored(
+        tmp_path: Path, restored: int, lost: int, step: int) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    job = coord.submit(spec().to_proto())
+    a, _ = join(coord, "10.0.0.1"), join(coord, "10.0.0.2")  # the second goes silent
+    clock.now += 1
+    coord.tick()
+    assert _report(coord, a, job.row.id, 1, "checkpoint_committed", step=10)
+    assert _report(coord, a, job.row.id, 1, "progress", step=14)
+    clock.now += 2.5
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=a, job_id=job.row.id, generation=1))
+    coord.tick()
+    assert job.row.generation == 2 and job.row.lost_steps == 4 and job.restore_step == 10
+    assert _report(coord, a, job.row.id, 2, "restored", step=restored, world_size=1)
+    assert (job.row.lost_steps, job.row.step) == (lost, step)
+    # A repeated report changes nothing more; a stale generation's is refused.
+    assert _report(coord, a, job.row.id, 2, "restored", step=restored, world_size=1)
+    assert job.row.lost_steps == lost
+    assert not _report(coord, a, job.row.id, 1, "restored", step=14, world_size=1)
+    assert make(tmp_path, clock).jobs[job.row.id].row.lost_steps == lost
+
+
 def test_a_failed_store_write_leaves_memory_as_stored(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
