@@ -980,6 +980,8 @@ class Coordinator:
             updated_at=r.updated_at,
             node_ids=list(job.members),
             lost_steps=r.lost_steps,
+            provider_nodes=[self.nodes[m].row.provider_node if m in self.nodes else ""
+                            for m in job.members],
         )
 
     def event_proto(self, row: EventRow) -> jobs_pb2.JobEvent:

@@ -88,7 +88,10 @@ def status_fields(job: jobs_pb2.Job, *, now: float | None = None) -> list[tuple[
         ("last checkpoint", checkpoint_text(job)),
         ("lost steps", str(job.lost_steps)),
         ("cost", money(job.cost_usd) + (f" of {money(spec.budget_usd)}" if spec.budget_usd else "")),
-        ("node ids", ", ".join(job.node_ids) or "-"),
+        ("node ids", ", ".join(
+            f"{n} ({h})" if h else n
+            for n, h in zip(job.node_ids, [*job.provider_nodes, *[""] * len(job.node_ids)],
+                            strict=False)) or "-"),
         ("created", clock(job.created_at)),
         ("age", duration(now - job.created_at) if job.created_at else "-"),
         ("entrypoint", " ".join(spec.entrypoint) or "-"),

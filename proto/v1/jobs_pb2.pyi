@@ -82,7 +82,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., nodes: _Optional[_Union[NodeRange, _Mapping]] = ..., nproc_per_node: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., global_batch_size: _Optional[int] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., market: _Optional[str] = ..., max_failures: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "generation", "world_size", "step", "last_checkpoint_step", "last_checkpoint_path", "samples_per_second", "loss", "cost_usd", "message", "created_at", "updated_at", "node_ids", "lost_steps")
+    __slots__ = ("id", "spec", "state", "generation", "world_size", "step", "last_checkpoint_step", "last_checkpoint_path", "samples_per_second", "loss", "cost_usd", "message", "created_at", "updated_at", "node_ids", "lost_steps", "provider_nodes")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     LOST_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_NODES_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -115,7 +116,8 @@ class Job(_message.Message):
     updated_at: float
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     lost_steps: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., generation: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_path: _Optional[str] = ..., samples_per_second: _Optional[float] = ..., loss: _Optional[float] = ..., cost_usd: _Optional[float] = ..., message: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., node_ids: _Optional[_Iterable[str]] = ..., lost_steps: _Optional[int] = ...) -> None: ...
+    provider_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., generation: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_path: _Optional[str] = ..., samples_per_second: _Optional[float] = ..., loss: _Optional[float] = ..., cost_usd: _Optional[float] = ..., message: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., node_ids: _Optional[_Iterable[str]] = ..., lost_steps: _Optional[int] = ..., provider_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "time", "kind", "generation", "message", "job")

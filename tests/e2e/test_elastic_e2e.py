@@ -116,13 +116,8 @@ class Cluster:
     def members(self, job_id: str) -> list[str]:
         """Provider handles of the job's member nodes, in node-rank order."""
         job = self.job(job_id)
-        by_node = {}
-        for handle in [n.handle for n in self.provider.list_nodes()]:
-            for line in (self.log_dir / "agents" / f"{handle}.log").read_text().splitlines():
-                m = re.search(r"registered as node (\S+)", line)
-                if m:
-                    by_node[m.group(1)] = handle
-        return [by_node[n] for n in job.node_ids if n in by_node]
+        assert len(job.provider_nodes) == len(job.node_ids) and all(job.provider_nodes), job
+        return list(job.provider_nodes)
 
 
 def _start_daemon(state_dir: Path, log_dir: Path, listen: str, log_path: Path,

@@ -64,6 +64,10 @@ def test_status_text_has_every_field_aligned() -> None:
     assert fields["cost"] == "$0.1234 of $5.0000"
     assert fields["age"] == "2m05s"
     assert fields["lost steps"] == "7"
+    assert fields["node ids"] == "-"
+    with_nodes = status_text(_job(node_ids=["node-a", "node-b"],
+                                  provider_nodes=["local-3", ""]), now=NOW)
+    assert "node ids" in with_nodes and "node-a (local-3), node-b\n" in with_nodes
     # Values start in one column.
     value_columns = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in lines}
     assert len(value_columns) == 1
