@@ -1,23 +1,35 @@
-"""Goodput under a real spot availability trace: spotwise against restart-from-checkpoint.
+"""Goodput under a real spot availability trace: spotwise against torchrun with DCP.
 
-    python bench/goodput.py [--window-s 150] [--reference-s 12]
+    python bench/goodput.py [--window-s 150] [--reference-s 10] [--trace FILE] [--start N]
 
 The 16-node p3.2xlarge availability trace (../shared/traces) is compressed (60: a 5-minute
 sample lasts 5 s) and scaled to this machine (16 -> 3 nodes), and one window of it is replayed
-for a fixed wall-clock time by the trace replayer (spotwise.cloud.replay): nodes (local agents)
-appear when the trace rises and are SIGKILLed when it falls, each removal announced on the
-node's own fake IMDSv2 `notice_lead_s` ahead (AWS announces capacity reclaims two minutes
-ahead). The same window runs twice, on the same daemon, agents, workload and checkpoint
+for a fixed wall-clock time by the trace replayer (spotwise.cloud.replay): nodes appear when
+the trace rises and are SIGKILLed when it falls, each removal announced on the node's own fake
+IMDSv2 `notice_lead_s` ahead (AWS announces capacity reclaims two minutes ahead). The window is
+the trace's first that starts with 2 nodes and changes level at least 4 times (sample 10 of the
+16-node trace; `--start` picks another, and a trace the benchmark has not seen gets its own
+first such window). The same window runs once per system, on the same workload and checkpoint
 interval. The workload is tests/workloads/tiny_train.py with a simulated compute of 0.3 s per
 global batch divided among the ranks (a sleep of 0.3 s / world size per step): on 2 shared
 cores real compute does not scale with the world size, GPUs doing data parallelism do.
 
-- **spotwise**: agents poll IMDS; a noticed node is drained (checkpoint at the next step, then
-  the next generation without it); a new node is taken in after a checkpoint.
-- **baseline** (what torchrun with DCP does): notices are ignored (agents have no IMDS
-  endpoint), and every membership change restarts all workers from the last periodic
-  checkpoint (growing does not checkpoint first). It keeps spotwise's fast failure detection
-  and rendezvous, so it is a generous baseline: torchrun's own restarts are slower.
+- **spotwise**: a `spotwise daemon`; each node a spotwise agent polling its IMDS. A noticed
+  node is drained (checkpoint at the next step, then the next generation without it); a new
+  node is taken in after a checkpoint.
+- **torchrun** (the baseline, `baseline_goodput` and `ratio`): what torchrun with DCP does.
+  Each node is a `torchrun --nnodes=1:3` elastic agent (bench/torchrun_elastic.py: c10d
+  rendezvous on a standalone store that no preemption takes down, torchrun's defaults
+  otherwise) running the same workload on the spotwise runtime, which checkpoints with DCP
+  every `checkpoint_every_steps` and restores the newest commit on each start. Notices are
+  ignored (torchrun reads no metadata service); every membership change restarts all workers
+  from the last periodic checkpoint, after torchrun's rendezvous (which waits its 30 s last
+  call for more nodes whenever it forms below the maximum size).
+- **restart** (`restart_baseline_goodput`, `ratio_vs_restart_baseline`): the same
+  restart-from-checkpoint policy on spotwise's own daemon and agents (no notices; a new node
+  triggers a restart without a checkpoint first). It keeps spotwise's 1 s failure detection and
+  its rendezvous, so it isolates what notices and checkpoint-before-grow are worth; it is far
+  more generous than torchrun.
 
 Goodput = committed useful samples / (samples per second of an uninterrupted run at the same
 world size x wall time). Committed useful samples: at the window's end the job is stopped with
@@ -29,8 +41,8 @@ rate is not linear in the world size (more ranks are slower here), so the denomi
 integrates the reference rate over the trace's node count through the window; the rate at the
 time-weighted average node count (the literal formula) is reported as well.
 
-Money: nodes are charged at the p3.2xlarge spot price from the offline table, per wall second
-(so usd_per_million_samples prices this machine's throughput, not a V100's). A third, short
+Money (spotwise): nodes are charged at the p3.2xlarge spot price from the offline table, per wall second
+(so usd_per_million_samples prices this machine's throughput, not a V100's). A last, short
 run gives a job a budget below its cost and measures what it spent past the budget
 (budget_overspend_usd; the target is at most one accounting tick's cost).
 
@@ -57,17 +69,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from torchrun_elastic import TorchrunNodes, start_store  # noqa: E402  (bench/, beside this)
+
 from spotwise.client import Client, state_name  # noqa: E402
 from spotwise.cloud.local import LocalProvider, processes_with_env, scan_marked  # noqa: E402
 from spotwise.cloud.provider import NodeRequest  # noqa: E402
 from spotwise.cloud.replay import TraceReplayer  # noqa: E402
-from spotwise.cloud.trace import ReplayConfig, load_trace, replay_schedule  # noqa: E402
+from spotwise.cloud.trace import (  # noqa: E402
+    ReplayConfig,
+    Trace,
+    busy_window,
+    load_trace,
+    replay_schedule,
+)
 from spotwise.worker.ledger import verify_ledger  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "aws-2023-08-27-us-east-2b-p3.2xlarge-16node-availability.json"
 RESULTS = ROOT / "bench" / "results" / "goodput.json"
 TINY = ROOT / "tests" / "workloads" / "tiny_train.py"
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
+SYSTEMS = ("spotwise", "torchrun", "restart")
 DATASET_SIZE = 960
 GLOBAL_BATCH = 24
 
@@ -78,9 +99,10 @@ class BenchConfig:
 
     trace: Path = TRACE
     """The availability trace."""
-    start: int = 10
-    """First trace sample of the window (sample 10: the first 30-sample window of the trace
-    that starts with nodes and changes level at least 4 times once scaled to 3 nodes)."""
+    start: int | None = None
+    """First trace sample of the window; None: `busy_window`, the earliest window of the trace
+    that starts with at least 2 nodes and changes level at least 4 times once scaled (sample
+    10 of the 16-node trace; for a trace the benchmark has not seen, its first such window)."""
     compression: float = 60.0
     """Trace seconds per wall second."""
     nodes: int = 3
@@ -163,10 +185,7 @@ class Harness:
         ledger = self.tmp / f"ledger-{uuid.uuid4().hex[:6]}.jsonl"
         spec = {
             "name": "goodput",
-            "entrypoint": ["python", "bench/goodput.py", "worker", str(self.cfg.compute_s),
-                           "--steps", "1000000",
-                           "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "2",
-                           "--dataset-size", str(DATASET_SIZE), "--ledger", str(ledger)],
+            "entrypoint": ["python", *worker_argv(self.cfg, ledger)],
             "working_dir": str(ROOT),
             "nodes": {"min": nodes[0], "max": nodes[1]},
             "nproc_per_node": 1,
@@ -197,6 +216,13 @@ class Harness:
         leftover = scan_marked(self.provider.cluster + "/")
         if leftover:
             raise RuntimeError(f"processes outlived the harness: {sorted(leftover)}")
+
+
+def worker_argv(cfg: BenchConfig, ledger: Path) -> list[str]:
+    """The workload of every system: this script's `worker` mode (relative to the repository)."""
+    return ["bench/goodput.py", "worker", str(cfg.compute_s), "--steps", "1000000",
+            "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "2",
+            "--dataset-size", str(DATASET_SIZE), "--ledger", str(ledger)]
 
 
 def _job_pids(job_id: str) -> set[int]:
@@ -253,9 +279,11 @@ class RunResult:
     """Steps of the committed history made inside the window."""
     committed_samples: int
     lost_steps: int
-    """Steps the daemon counted as run and then thrown away (replayed from an older commit)."""
+    """Steps the daemon counted as run and then thrown away (replayed from an older commit);
+    for torchrun, which has no daemon, the ledger's replayed steps."""
     generations: int
-    cost_usd: float
+    cost_usd: float | None
+    """What the daemon charged (None for torchrun, which has no daemon to bill it)."""
     avg_nodes: float
     """Time-weighted mean of the trace's node count over the window."""
     levels: list[int]
@@ -270,25 +298,105 @@ class RunResult:
     actions: list[str] = field(default_factory=list)
 
 
+class TorchrunHarness:
+    """torchrun elastic nodes (bench/torchrun_elastic.py) on a standalone rendezvous store, in
+    a temporary directory: the same workload, checkpoint interval and ledger as a spotwise job,
+    started by the same trace replayer."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.tmp = Path(tempfile.mkdtemp(prefix="spotwise-goodput-torchrun-"))
+        self.ledger = self.tmp / "ledger.jsonl"
+        self.store, port = start_store()
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+                   SPOTWISE_CHECKPOINT_URI=str(self.tmp / "ck"),
+                   SPOTWISE_CHECKPOINT_EVERY=str(cfg.checkpoint_every_steps),
+                   SPOTWISE_CHECKPOINT_KEEP="5")
+        self.provider = TorchrunNodes(
+            rdzv_id=f"goodput-{uuid.uuid4().hex[:8]}", nnodes=f"1:{cfg.nodes}",
+            workload=worker_argv(cfg, self.ledger), log_dir=self.tmp / "logs",
+            cluster=f"goodput-torchrun-{uuid.uuid4().hex[:8]}", env=env, cwd=str(ROOT),
+            instance_type="p3.2xlarge", price_per_hour=cfg.price_per_hour)
+        self.request = NodeRequest(job_id="", daemon_address=f"127.0.0.1:{port}", slots=1)
+
+    def stop_job(self) -> None:
+        """SIGTERM every torchrun agent, as a scheduler stops a job: each passes it on to its
+        workers, which checkpoint at the next step and exit."""
+        for node in self.provider.list_nodes():
+            try:
+                os.kill(int(node.tags["pid"]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        _until(lambda: not scan_marked(self.provider.cluster + "/"), 60,
+               "the torchrun nodes to exit")
+
+    def close(self) -> None:
+        self.provider.shutdown()
+        try:
+            os.killpg(self.store.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.store.wait(timeout=10)
+        leftover = scan_marked(self.provider.cluster + "/")
+        if leftover:
+            raise RuntimeError(f"processes outlived the harness: {sorted(leftover)}")
+
+
+def _ledger_steps(ledger: Path) -> tuple[int, int]:
+    """(the newest step any rank has finished, how many generations ran steps), from the
+    ledger ((0, 0) before the first step)."""
+    last, generations = 0, set()
+    try:
+        with open(ledger) as f:
+            for line in f:
+                if line.endswith("\n") and '"kind": "step"' in line:
+                    record = json.loads(line)
+                    last = max(last, record["step"])
+                    generations.add(record["generation"])
+    except FileNotFoundError:
+        pass
+    return last, len(generations)
+
+
+def _ledger_last_step(ledger: Path) -> int:
+    return _ledger_steps(ledger)[0]
+
+
+def window_samples(trace: Trace, window_s: float,
+                   compression: float = BenchConfig.compression) -> int:
+    """Trace samples a window of `window_s` wall seconds covers."""
+    return max(1, int(round(window_s * compression / trace.gap_seconds)))
+
+
 def run_window(cfg: BenchConfig, system: str, log: Callable[[str], None]) -> RunResult:
-    spotwise = system == "spotwise"
+    """One system under the trace window: "spotwise", "torchrun" (torchrun elastic with DCP),
+    or "restart" (the restart-from-checkpoint policy on spotwise's own daemon and agents)."""
     trace = load_trace(cfg.trace)
-    samples = int(round(cfg.window_s * cfg.compression / trace.gap_seconds))
     replay = ReplayConfig(compression=cfg.compression, nodes=cfg.nodes,
                           notice_fraction=cfg.notice_fraction, notice_lead_s=cfg.notice_lead_s,
-                          seed=cfg.seed, start=cfg.start, length=samples)
+                          seed=cfg.seed, start=cfg.start or 0,
+                          length=window_samples(trace, cfg.window_s, cfg.compression))
     schedule = replay_schedule(trace, replay)
-    # The baseline: a rescale never checkpoints first (restart from the last periodic commit).
-    h = Harness(system, cfg, daemon_env={} if spotwise else
-                {"SPOTWISE_DAEMON_GROW_CHECKPOINT_TIMEOUT_S": "0"})
+    spotwise = system == "spotwise"
+    h: Harness | TorchrunHarness
+    if system == "torchrun":
+        h = TorchrunHarness(cfg)
+    else:
+        # The restart policy: a rescale never checkpoints first (restart from the last
+        # periodic commit), and agents have no metadata service to read notices from.
+        h = Harness(system, cfg, daemon_env={} if spotwise else
+                    {"SPOTWISE_DAEMON_GROW_CHECKPOINT_TIMEOUT_S": "0"})
     replayer = TraceReplayer(h.provider, schedule, h.request, seed=cfg.seed, notices=spotwise,
                              on_action=lambda a: log(f"  {system} t={a.t:5.1f}s {a.reason}"))
     try:
         replayer.begin()
-        job_id, ledger = h.submit(nodes=(1, cfg.nodes))
-        job = _until(lambda: (j := h.client.get(job_id)).step >= 1 and j, 120,
-                     f"{system}: the job to train")
-        step0 = job.step
+        if isinstance(h, TorchrunHarness):
+            ledger, job_id = h.ledger, ""
+        else:
+            job_id, ledger = h.submit(nodes=(1, cfg.nodes))
+        # torchrun's first rendezvous waits out its last call (30 s) below the maximum size.
+        _until(lambda: _ledger_last_step(ledger) >= 1, 120, f"{system}: the job to train")
+        step0 = _ledger_last_step(ledger)
         replayer.start()
         t0 = time.monotonic()
         _until(lambda: time.monotonic() - t0 >= cfg.window_s or replayer.error, cfg.window_s + 5,
@@ -297,20 +405,24 @@ def run_window(cfg: BenchConfig, system: str, log: Callable[[str], None]) -> Run
             raise RuntimeError(f"the replay failed: {replayer.error}")
         wall = time.monotonic() - t0
         replayer.stop()
-        job = h.client.get(job_id)
-        cost = h.client.cost(job_id).spent_usd
-        h.stop_job(job_id)
-        committed = _committed_steps(ledger)
+        if isinstance(h, TorchrunHarness):
+            cost, lost, generations = None, None, None
+            h.stop_job()
+        else:
+            job = h.client.get(job_id)
+            cost, lost, generations = h.client.cost(job_id).spent_usd, job.lost_steps, job.generation
+            h.stop_job(job_id)
         report = verify_ledger(str(ledger), dataset_size=DATASET_SIZE,
                                global_batch_size=GLOBAL_BATCH)
-        steps = max(0, committed - step0)
+        steps = max(0, report.final_step - step0)
         levels = schedule.levels
         return RunResult(
             system=system, wall_s=wall, committed_steps=steps,
-            committed_samples=steps * GLOBAL_BATCH, lost_steps=job.lost_steps,
-            generations=job.generation, cost_usd=cost,
-            avg_nodes=sum(levels) / len(levels), levels=list(levels), step_s=schedule.step_s,
-            nodes_added=replayer.stats.added,
+            committed_samples=steps * GLOBAL_BATCH,
+            lost_steps=report.replayed_steps if lost is None else lost,
+            generations=_ledger_steps(ledger)[1] if generations is None else generations,
+            cost_usd=cost, avg_nodes=sum(levels) / len(levels), levels=list(levels),
+            step_s=schedule.step_s, nodes_added=replayer.stats.added,
             removed_with_notice=replayer.stats.removed_with_notice,
             removed_without_notice=replayer.stats.removed_without_notice,
             replayed_steps=report.replayed_steps,
@@ -363,22 +475,34 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         worker(float(argv[1]), argv[2:])
         return 0
+    # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so every harness stops its nodes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--window-s", type=float, default=BenchConfig.window_s,
                         help=f"wall seconds per system (default {BenchConfig.window_s:.0f})")
-    parser.add_argument("--start", type=int, default=BenchConfig.start,
-                        help=f"first trace sample (default {BenchConfig.start})")
+    parser.add_argument("--start", type=int, default=None,
+                        help="first trace sample (default: the trace's first window that starts "
+                             "with 2 nodes and changes level 4 times)")
     parser.add_argument("--reference-s", type=float, default=BenchConfig.reference_s,
                         help="wall seconds each uninterrupted rate is measured over "
                              f"(default {BenchConfig.reference_s:.0f})")
     parser.add_argument("--trace", type=Path, default=TRACE, help="availability trace file")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
+                        help="which systems to run (default: all three)")
     args = parser.parse_args(argv)
     if not args.trace.is_file():
         print(f"goodput: trace {args.trace} not found (expected ../shared/traces next to the "
               "repository; pass --trace)", file=sys.stderr)
         return 2
-    cfg = BenchConfig(trace=args.trace, start=args.start, window_s=args.window_s,
+    try:
+        trace = load_trace(args.trace)
+    except ValueError as e:
+        print(f"goodput: {e}", file=sys.stderr)
+        return 2
+    start = args.start if args.start is not None else busy_window(
+        trace, nodes=BenchConfig.nodes, length=window_samples(trace, args.window_s))
+    cfg = BenchConfig(trace=args.trace, start=start, window_s=args.window_s,
                       reference_s=args.reference_s, price_per_hour=p3_spot_price())
 
     def log(text: str) -> None:
@@ -386,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.monotonic()
     before = measure_reference(cfg, log)
-    runs = {s: run_window(cfg, s, log) for s in ("spotwise", "baseline")}
+    runs = {s: run_window(cfg, s, log) for s in args.systems}
     budget = run_budget(cfg, log)
     after = measure_reference(cfg, log)
     rates = {w: (before[w] + after[w]) / 2 for w in before}
@@ -407,19 +531,29 @@ def main(argv: list[str] | None = None) -> int:
         e = rate_at(rates, r.avg_nodes) * r.wall_s
         return r.committed_samples / e if e else 0.0
 
-    sw, base = runs["spotwise"], runs["baseline"]
+    def ratio_to(name: str) -> float | None:
+        if "spotwise" not in runs or name not in runs or not goodput(runs[name]):
+            return None
+        return round(goodput(runs["spotwise"]) / goodput(runs[name]), 3)
+
+    def of(name: str, fn: Callable[[RunResult], object]) -> object:
+        return fn(runs[name]) if name in runs else None
+
+    sw = runs.get("spotwise")
     result = {
-        "spotwise_goodput": round(goodput(sw), 4),
-        "baseline_goodput": round(goodput(base), 4),
-        "ratio": round(goodput(sw) / goodput(base), 3) if goodput(base) else None,
-        "lost_steps": sw.lost_steps,
-        "baseline_lost_steps": base.lost_steps,
+        "spotwise_goodput": of("spotwise", lambda r: round(goodput(r), 4)),
+        "baseline_goodput": of("torchrun", lambda r: round(goodput(r), 4)),
+        "ratio": ratio_to("torchrun"),
+        "lost_steps": of("spotwise", lambda r: r.lost_steps),
+        "baseline_lost_steps": of("torchrun", lambda r: r.lost_steps),
+        "restart_baseline_goodput": of("restart", lambda r: round(goodput(r), 4)),
+        "ratio_vs_restart_baseline": ratio_to("restart"),
+        "restart_baseline_lost_steps": of("restart", lambda r: r.lost_steps),
         "usd_per_million_samples": round(sw.cost_usd / sw.committed_samples * 1e6, 4)
-        if sw.committed_samples else None,
+        if sw and sw.cost_usd is not None and sw.committed_samples else None,
         "budget_overspend_usd": round(budget["overspend_usd"], 6),
         "budget_tick_cost_usd": round(budget["tick_cost_usd"], 6),
-        "spotwise_goodput_at_avg_world": round(goodput_avg_world(sw), 4),
-        "baseline_goodput_at_avg_world": round(goodput_avg_world(base), 4),
+        "goodput_at_avg_world": {k: round(goodput_avg_world(v), 4) for k, v in runs.items()},
         "reference_spread": round(spread, 3),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "reference_samples_per_second": {str(k): round(v, 2) for k, v in rates.items()},
@@ -433,14 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for key in ("spotwise_goodput", "baseline_goodput", "ratio", "lost_steps",
-                "baseline_lost_steps", "usd_per_million_samples", "budget_overspend_usd",
-                "budget_tick_cost_usd", "spotwise_goodput_at_avg_world",
-                "baseline_goodput_at_avg_world", "reference_spread"):
+                "baseline_lost_steps", "restart_baseline_goodput", "ratio_vs_restart_baseline",
+                "restart_baseline_lost_steps", "usd_per_million_samples", "budget_overspend_usd",
+                "budget_tick_cost_usd", "reference_spread"):
         print(f"{key}: {result[key]}")
     for name, r in runs.items():
         print(f"{name}_committed_samples: {r.committed_samples}")
         print(f"{name}_generations: {r.generations}")
-    print(f"avg_nodes: {sw.avg_nodes:.2f}")
+    print(f"avg_nodes: {next(iter(runs.values())).avg_nodes:.2f}")
     print(f"bench_wall_s: {result['bench_wall_s']}")
     return 0
 

@@ -41,6 +41,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torchrun_elastic import start_store, torchrun_argv  # bench/, beside this script
+
 from spotwise.cloud.local import processes_with_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +219,7 @@ def bench_spotwise(work: Path, args: argparse.Namespace) -> Measurement:
         def kill() -> None:
             job = client.get(job_id)
             gen_at_kill.append(job.generation)
-            handle = member_handles(provider, job)[1]  # node rank 1 runs global rank 1
+            handle = job.provider_nodes[1]  # node rank 1 runs global rank 1
             provider.kill(handle)
 
         def detected() -> bool:
@@ -235,15 +237,6 @@ def bench_spotwise(work: Path, args: argparse.Namespace) -> Measurement:
         provider.shutdown()
         killpg_quiet(daemon.pid)
         daemon.wait(timeout=10)
-
-
-def member_handles(provider, job) -> list[str]:
-    by_node = {}
-    for node in provider.list_nodes():
-        text = (provider.log_dir / "agents" / f"{node.handle}.log").read_text(errors="replace")
-        for m in re.finditer(r"registered as node (\S+)", text):
-            by_node[m.group(1)] = node.handle
-    return [by_node[n] for n in job.node_ids if n in by_node]
 
 
 # ---- torchrun -------------------------------------------------------------------------------
@@ -279,17 +272,11 @@ def kill_node(value: str, timeout_s: float = 10.0) -> None:
 
 def bench_torchrun(work: Path, args: argparse.Namespace) -> Measurement:
     work.mkdir(parents=True)
-    store = subprocess.Popen(
-        [sys.executable, "-c",
-         "import time; from torch.distributed import TCPStore\n"
-         "s = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, "
-         "multi_tenant=True)\nprint(s.port, flush=True)\ntime.sleep(10**6)"],
-        stdout=subprocess.PIPE, start_new_session=True)
+    store, port = start_store()
     nodes: list[subprocess.Popen] = []
     tag = uuid.uuid4().hex[:8]
     watch = StepWatch(work / "loss.log", work / "ledger.jsonl")
     try:
-        port = int(store.stdout.readline())
         for i in range(2):
             env = dict(os.environ, **{MARKER: f"{tag}-{i}"},
                        SPOTWISE_CHECKPOINT_URI=str(work / "ck"),
@@ -297,11 +284,10 @@ def bench_torchrun(work: Path, args: argparse.Namespace) -> Measurement:
                        SPOTWISE_CHECKPOINT_KEEP="3", OMP_NUM_THREADS="1",
                        PYTHONPATH=str(REPO))
             nodes.append(subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
-                 "--nproc-per-node=1", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=bench-{tag}",
-                 "--rdzv-conf=is_host=false", "--max-restarts=10",
-                 *workload_args(args.steps, args.step_sleep, watch.ledger, watch.loss_log)],
+                torchrun_argv(endpoint=f"127.0.0.1:{port}", rdzv_id=f"bench-{tag}",
+                              nnodes="1:2", max_restarts=10,
+                              workload=workload_args(args.steps, args.step_sleep, watch.ledger,
+                                                     watch.loss_log)),
                 stdout=open(work / f"node{i}.log", "wb"), stderr=subprocess.STDOUT, env=env,
                 start_new_session=True, cwd=REPO))
         watch.start()

@@ -194,7 +194,9 @@ class LocalProvider(Provider):
                 started.append(self._start(handle, request, lifecycle))
         return started
 
-    def _start(self, handle: str, request: NodeRequest, lifecycle: str) -> ProviderNode:
+    def node_command(self, handle: str, request: NodeRequest, lifecycle: str) -> list[str]:
+        """The command a node runs: a spotwise node agent. (A benchmark's subclass runs a
+        torchrun elastic agent instead, to compare the two on the same simulated machines.)"""
         argv = [self.python, "-m", "spotwise.cli", "agent", "--daemon", request.daemon_address,
                 "--provider-node", handle, "--slots", str(request.slots),
                 "--log-dir", str(self.log_dir), "--instance-type", self.instance_type,
@@ -202,6 +204,10 @@ class LocalProvider(Provider):
                 "--grace-s", str(self.grace_s), *self.agent_args]
         if self.node_args is not None:
             argv += list(self.node_args(handle))
+        return argv
+
+    def _start(self, handle: str, request: NodeRequest, lifecycle: str) -> ProviderNode:
+        argv = self.node_command(handle, request, lifecycle)
         env = dict(self.env)
         env[MARKER_ENV] = self.marker(handle)
         env[JOB_ENV] = request.job_id

@@ -1,0 +1,66 @@
+"""torchrun elastic as the benchmarks run it: the baseline spotwise is measured against.
+
+Each "node" is one `torchrun --nnodes=MIN:MAX --nproc-per-node=1 --rdzv-backend=c10d` agent;
+their rendezvous store is a standalone TCPStore process (`--rdzv-conf=is_host=false`), so that
+losing a node does not take the store with it (a real deployment would need etcd or a
+rendezvous host that is never preempted: this is the generous setup). Every other setting is
+torchrun's default. The workers run the spotwise runtime, which under torchrun checkpoints with
+DCP every SPOTWISE_CHECKPOINT_EVERY steps and, on each (re)start, restores the newest commit:
+torchrun with DCP.
+
+`TorchrunNodes` is a local provider whose nodes run such an agent instead of a spotwise agent,
+so that a trace replay (spotwise.cloud.replay) launches and SIGKILLs torchrun nodes exactly as
+it does spotwise nodes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from spotwise.cloud.local import LocalProvider
+from spotwise.cloud.provider import NodeRequest
+
+
+def start_store() -> tuple[subprocess.Popen[bytes], int]:
+    """A standalone TCPStore server process on a free loopback port: (process, port). The
+    caller kills it (its own session: os.killpg(process.pid, SIGKILL))."""
+    store = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from torch.distributed import TCPStore\n"
+         "s = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, "
+         "multi_tenant=True)\nprint(s.port, flush=True)\ntime.sleep(10**6)"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    assert store.stdout is not None
+    line = store.stdout.readline()
+    if not line.strip():
+        store.kill()
+        store.wait(timeout=10)
+        raise RuntimeError("the TCPStore process exited before printing its port")
+    return store, int(line)
+
+
+def torchrun_argv(*, endpoint: str, rdzv_id: str, nnodes: str, workload: Sequence[str],
+                  max_restarts: int = 100) -> list[str]:
+    """The command of one torchrun node (one process per node) running `workload` (a script
+    and its arguments), rendezvousing at `endpoint` (host:port of the standalone store)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+            "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={rdzv_id}", "--rdzv-conf=is_host=false",
+            f"--max-restarts={max_restarts}", *workload]
+
+
+class TorchrunNodes(LocalProvider):
+    """Local nodes that each run a torchrun elastic agent (see the module docstring). A
+    NodeRequest's daemon_address is the rendezvous endpoint the agents register at."""
+
+    def __init__(self, *, rdzv_id: str, nnodes: str, workload: Sequence[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rdzv_id = rdzv_id
+        self.nnodes = nnodes
+        self.workload = list(workload)
+
+    def node_command(self, handle: str, request: NodeRequest, lifecycle: str) -> list[str]:
+        return torchrun_argv(endpoint=request.daemon_address, rdzv_id=self.rdzv_id,
+                             nnodes=self.nnodes, workload=self.workload)
