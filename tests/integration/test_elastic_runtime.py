@@ -33,8 +33,13 @@ def _losses(path):
 def elastic_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("elastic")
     rng = random.Random(SEED)
-    die1 = rng.randint(EVERY + 1, 8)          # after at least one commit
-    die2 = rng.randint(die1 + EVERY + 1, 15)  # after a commit of generation 1
+    # An async save commits by the next checkpoint step at the latest (that save waits for it),
+    # so a death at or after the second checkpoint step comes after at least one commit. (A
+    # death one step after the first save may come before it: its writer processes are still
+    # starting.)
+    die1 = rng.randint(2 * EVERY, 8)
+    restored1 = die1 // EVERY * EVERY         # generation 1 restores the newest commit
+    die2 = rng.randint(restored1 + 2 * EVERY, 15)  # after a commit of generation 1
     env = {"SPOTWISE_CHECKPOINT_URI": str(d / "ckpt"), "SPOTWISE_CHECKPOINT_EVERY": str(EVERY)}
     common = ["--steps", str(STEPS), "--global-batch-size", str(GLOBAL), "--dataset-size", str(DATASET),
               "--ledger", str(d / "ledger.jsonl"), "--loss-log", str(d / "loss.txt")]

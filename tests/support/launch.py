@@ -6,6 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,31 +24,55 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     """Run `script` on `nproc` local ranks; returns the finished process (never raises on exit code).
 
-    The whole process group is killed if it outlives `timeout`, so a hung collective cannot
-    hang the test run.
+    Every process of the run carries a marker in its environment; when torchrun ends or
+    outlives `timeout`, every marked process still alive is SIGKILLed. torchrun starts each
+    worker in its own session, and DCP's checkpoint writer (a child of a worker) can outlive a
+    worker that was SIGKILLed, so neither torchrun's process group nor a pipe's EOF marks the
+    end of the run: the output goes to a file and torchrun's own exit is what is waited for.
     """
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    marker = uuid.uuid4().hex
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), RUN_MARKER: marker}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "--max-restarts=0", str(script), *args,
     ]
-    proc = subprocess.Popen(
-        cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{cmd} timed out after {timeout}s:\n{out[-4000:]}") from None
-    finally:
-        # torchrun's children (and DCP's checkpoint processes) share its session.
+    with tempfile.TemporaryFile(mode="w+") as out:
+        proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        timed_out = False
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            kill_marked_processes(marker)
+            proc.wait()
+        out.seek(0)
+        output = out.read()
+    if timed_out:
+        raise AssertionError(f"{cmd} timed out after {timeout}s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+RUN_MARKER = "SPOTWISE_TEST_RUN"
+"""Environment variable marking every process of one `torchrun` call."""
+
+
+def kill_marked_processes(marker: str) -> None:
+    """SIGKILL every live process whose environment has RUN_MARKER=marker, until none is left."""
+    from spotwise.cloud.local import processes_with_env
+
+    for _ in range(100):
+        pids = processes_with_env(RUN_MARKER, marker)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"processes of run {marker} survive SIGKILL: {sorted(pids)}")
 
 
 def checked(result: subprocess.CompletedProcess, expect: int | tuple[int, ...] = 0) -> str:
