@@ -43,7 +43,7 @@ from pathlib import Path
 
 from torchrun_elastic import start_store, torchrun_argv  # bench/, beside this script
 
-from spotwise.cloud.local import processes_with_env
+from spotwise.cloud.local import kill_with_env, processes_with_env
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOAD = REPO / "tests" / "workloads" / "tiny_train.py"
@@ -256,18 +256,8 @@ def rank_of(pid: int) -> str:
     return ""
 
 
-def kill_node(value: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pids = marked(value)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
+def kill_node(value: str) -> None:
+    kill_with_env(MARKER, value)
 
 
 def bench_torchrun(work: Path, args: argparse.Namespace) -> Measurement:

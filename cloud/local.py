@@ -93,13 +93,21 @@ def _environ_value(pid: int, name: str) -> str:
 
 
 def kill_marked(marker: str, *, timeout_s: float = 10.0) -> list[int]:
-    """SIGKILL every process carrying `marker` until a scan finds none (a process may fork
-    between a scan and the kill, so scan again). Returns the pids killed. Raises ProviderError
-    if some survive `timeout_s`."""
+    """SIGKILL every process carrying `marker` (see scan_marked) until a scan finds none.
+    Returns the pids killed. Raises ProviderError if some survive `timeout_s`."""
+    return kill_with_env(MARKER_ENV, marker, prefix=marker.endswith("/"), timeout_s=timeout_s)
+
+
+def kill_with_env(name: str, value: str, *, prefix: bool = False,
+                  timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL every process whose environment has `name`=`value` (see processes_with_env)
+    until a scan finds none (a process may fork between a scan and the kill, so scan again).
+    Returns the pids killed. Raises ProviderError if some survive `timeout_s`."""
+    marker = f"{name}={value}"
     killed: list[int] = []
     deadline = time.monotonic() + timeout_s
     while True:
-        pids = scan_marked(marker)
+        pids = processes_with_env(name, value, prefix=prefix)
         if not pids:
             # A SIGKILLed process drops its memory (and so its readable environ) before it
             # becomes a zombie: the scan no longer sees it while it still runs. Wait for those.
@@ -107,12 +115,12 @@ def kill_marked(marker: str, *, timeout_s: float = 10.0) -> list[int]:
             if not dying:
                 return killed
             if time.monotonic() > deadline:
-                raise ProviderError(f"local node {marker}: pids {dying} still exiting "
+                raise ProviderError(f"processes with {marker}: pids {dying} still exiting "
                                     f"{timeout_s}s after SIGKILL")
             time.sleep(0.02)
             continue
         if time.monotonic() > deadline:
-            raise ProviderError(f"local node {marker}: pids {sorted(pids)} survive SIGKILL "
+            raise ProviderError(f"processes with {marker}: pids {sorted(pids)} survive SIGKILL "
                                 f"after {timeout_s}s")
         for pid in pids:
             try:

@@ -7,9 +7,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
+
+from spotwise.cloud.local import kill_with_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "workloads" / "tiny_train.py"
@@ -45,7 +46,7 @@ def torchrun(
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            kill_marked_processes(marker)
+            kill_with_env(RUN_MARKER, marker)
             proc.wait()
         out.seek(0)
         output = out.read()
@@ -56,23 +57,6 @@ def torchrun(
 
 RUN_MARKER = "SPOTWISE_TEST_RUN"
 """Environment variable marking every process of one `torchrun` call."""
-
-
-def kill_marked_processes(marker: str) -> None:
-    """SIGKILL every live process whose environment has RUN_MARKER=marker, until none is left."""
-    from spotwise.cloud.local import processes_with_env
-
-    for _ in range(100):
-        pids = processes_with_env(RUN_MARKER, marker)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    raise AssertionError(f"processes of run {marker} survive SIGKILL: {sorted(pids)}")
 
 
 def checked(result: subprocess.CompletedProcess, expect: int | tuple[int, ...] = 0) -> str:
