@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -226,8 +227,13 @@ class MetricsExporter:
             log.warning("metrics exporter thread did not stop within %.1f s", timeout_s)
 
 
-def start_exporter(metrics: Metrics, address: str) -> MetricsExporter:
-    """Serve `metrics` over HTTP at `address` ("host:port"; port 0 picks a free one).
+class _Registered(Protocol):
+    registry: CollectorRegistry
+
+
+def start_exporter(metrics: _Registered, address: str) -> MetricsExporter:
+    """Serve `metrics` (the daemon's Metrics, an agent's AgentMetrics: anything with a
+    `registry`) over HTTP at `address` ("host:port"; port 0 picks a free one).
 
     Runs in a daemon thread. OSError if the address cannot be bound.
     """

@@ -440,10 +440,15 @@ class AgentConfig(_Config):
     tls_ca_file: str = Field("", description="CA to verify the daemon's certificate; empty = no TLS.")
     tls_cert_file: str = Field("", description="Client certificate, when the daemon wants mTLS.")
     tls_key_file: str = Field("", description="The private key of tls_cert_file.")
+    metrics_listen: str = Field(
+        "", description="host:port of the agent's Prometheus exporter; empty = no exporter."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
         _check_host_port(self.daemon, "daemon")
+        if self.metrics_listen:
+            _check_host_port(self.metrics_listen, "metrics_listen")
         return self
 
     @property

@@ -50,10 +50,12 @@ import grpc
 from grpc import aio
 
 from spotwise.config import AgentConfig, ConfigError
+from spotwise.daemon.metrics import MetricsExporter, start_exporter
 from spotwise.daemon.sdnotify import Notifier, NotifyError, child_environment, start_watchdog
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 from spotwise.worker.checkpoint import write_fence
 from spotwise.worker.events import EventsTail
+from spotwise.worker.metrics import AgentMetrics, exit_outcome
 from spotwise.worker.storage import (
     StorageError,
     filesystem,
@@ -257,6 +259,10 @@ class Agent:
         self._reports_ready = asyncio.Event()
         self._stub: agent_pb2_grpc.AgentServiceStub | None = None
         self._fatal: BaseException | None = None
+        self.metrics = AgentMetrics()
+        self.metrics.count_processes(
+            lambda: len(self.current.pids()) if self.current is not None else 0)
+        self.metrics_exporter: MetricsExporter | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -270,6 +276,12 @@ class Agent:
         """Serve until stopped. Returns 0 on a requested stop; raises AgentError when the
         daemon refuses the node or stays unreachable for max_disconnect_s."""
         self._kill_orphans()
+        if self.config.metrics_listen:
+            try:
+                self.metrics_exporter = start_exporter(self.metrics, self.config.metrics_listen)
+            except OSError as e:
+                raise AgentError(f"cannot serve metrics on {self.config.metrics_listen}: {e}"
+                                 ) from e
         await self._identity_from_imds()
         self.store = StoreHost()
         log.info("agent %s: store on port %d, daemon %s, log dir %s",
@@ -301,6 +313,8 @@ class Agent:
             await self._flush_reports(timeout_s=2.0)
             await channel.close()
             self.store.close()
+            if self.metrics_exporter is not None:
+                self.metrics_exporter.close()
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         """A background loop that dies stops the agent (and so its processes) rather than
@@ -360,13 +374,17 @@ class Agent:
         interval = client.config.poll_interval_s
         while not self._stop.is_set():
             t0 = time.monotonic()
+            errors = poller.errors
             try:
                 # Two HTTP calls of at most timeout_s each (plus a token refresh).
                 notices = await asyncio.wait_for(asyncio.to_thread(poller.poll_once),
                                                  timeout=6 * client.config.timeout_s)
             except asyncio.TimeoutError:
                 notices = []
+                self.metrics.imds_errors.inc()
+            self.metrics.imds_errors.inc(max(0, poller.errors - errors))
             for n in notices:
+                self.metrics.notices.labels(n.action).inc()
                 job_id, generation = self._desired_key or ("", 0)
                 log.warning("agent %s: interruption notice %s (deadline %s) for job %s g%d",
                             self.node_id, n.action, n.deadline or "unknown", job_id or "-",
@@ -516,6 +534,7 @@ class Agent:
                 if e.code() not in _TRANSIENT:
                     raise AgentError(f"daemon {self.config.daemon} refused Heartbeat: "
                                      f"{e.code().name}: {e.details()}") from e
+                self.metrics.daemon_errors.inc()
                 self._check_disconnect(last_ok, e)
                 failed = True
                 delay = backoff.next()
@@ -523,6 +542,7 @@ class Agent:
                             "%.2fs", self.node_id, e.code().name, delay)
                 await self._sleep(delay)
                 continue
+            self.metrics.heartbeat_seconds.observe(time.monotonic() - t0)
             silent_for = time.monotonic() - last_ok
             last_ok = time.monotonic()
             backoff.reset()
@@ -662,6 +682,7 @@ class Agent:
             return
         for p in sup.processes:
             self._tails[p.events_path] = EventsTail(p.events_path)
+        self.metrics.generation.set(spec.generation)
         self._save_pids()
 
     # ---- watching processes ---------------------------------------------------------------
@@ -683,6 +704,7 @@ class Agent:
             if final:
                 del self._tails[p.events_path]
         for p in sup.take_exits():
+            self.metrics.process_exits.labels(exit_outcome(p.exit_code)).inc()
             # Read the events written just before the exit first, so a commit precedes it.
             self._queue(sup.spec, agent_pb2.ReportEventRequest(
                 time=time.time(), process_exited=agent_pb2.ProcessExited(
@@ -702,6 +724,7 @@ class Agent:
             log.info("agent %s: job %s g%d rank %d finished at step %s", self.node_id,
                      spec.job_id, spec.generation, rank, event.get("step"))
         elif kind == "checkpoint_committed" and rank == 0:
+            self.metrics.checkpoints.inc()
             log.info("agent %s: job %s g%d: checkpoint committed at step %s: %s", self.node_id,
                      spec.job_id, spec.generation, event.get("step"), event.get("path"))
         try:
@@ -813,6 +836,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imds-endpoint",
                         help="instance metadata service URL to poll for spot interruption "
                              "notices (on EC2: http://169.254.169.254; default: none)")
+    parser.add_argument("--metrics-listen",
+                        help="host:port to serve the agent's Prometheus metrics on (no "
+                             "authentication: loopback or a private network; default: none)")
     parser.add_argument("--max-disconnect-s", type=float, default=600.0,
                         help="give up (stop processes, exit 1) after the daemon is unreachable "
                              "this long (default 600)")
@@ -822,7 +848,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("daemon", "slots", "address", "log_dir", "state_dir", "node_id", "provider_node",
-                "instance_type", "lifecycle", "price_per_hour", "grace_s", "imds_endpoint")
+                "instance_type", "lifecycle", "price_per_hour", "grace_s", "imds_endpoint",
+                "metrics_listen")
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:

@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from grpc import aio
 
 from spotwise.config import AgentConfig
@@ -472,6 +474,11 @@ def test_imds_identity_and_interruption_notice_reach_the_daemon(tmp_path: Path) 
             assert (r.job_id, r.generation, r.interruption_notice.action) == ("job-a", 7,
                                                                                "terminate")
             assert abs(r.interruption_notice.deadline - deadline) < 1.0
+            # Counted once in the agent's metrics (no exporter needed to read the registry).
+            assert agent.metrics.registry.get_sample_value(
+                "spotwise_agent_interruption_notices_total", {"action": "terminate"}) == 1
+            assert agent.metrics.registry.get_sample_value(
+                "spotwise_agent_imds_errors_total") == 0
         finally:
             agent.request_stop()
             await asyncio.wait_for(task, 30)
@@ -479,3 +486,68 @@ def test_imds_identity_and_interruption_notice_reach_the_daemon(tmp_path: Path) 
 
     with FakeImds(instance_id="i-0123", instance_type="g5.xlarge", zone="us-west-2b") as imds:
         asyncio.run(scenario(imds))
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The exporter's samples as {name{labels}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_agent_metrics_follow_heartbeats_processes_exits_and_outages(tmp_path: Path) -> None:
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+
+    async def scenario() -> None:
+        daemon = ScriptedDaemon()
+        server, port = await _serve(daemon)
+        config = AgentConfig.load(daemon=f"127.0.0.1:{port}", log_dir=tmp_path / "logs",
+                                  state_dir=tmp_path / "state", grace_s=5.0,
+                                  metrics_listen="127.0.0.1:0")
+        agent = Agent(config, max_disconnect_s=60)
+        task = asyncio.create_task(agent.run())
+
+        async def metrics() -> dict[str, float]:
+            assert agent.metrics_exporter is not None
+            return await asyncio.to_thread(_scrape, agent.metrics_exporter.port)
+
+        try:
+            await _until(lambda: len(daemon.heartbeats) >= 3, 30, "heartbeats")
+            m = await metrics()
+            assert m["spotwise_agent_heartbeat_seconds_count"] >= 2
+            assert m["spotwise_agent_processes"] == 0 and m["spotwise_agent_generation"] == 0
+            node = daemon.heartbeats[-1].node_id
+            daemon.assignments[node] = _assignment(script, tmp_path, "wait", generation=4,
+                                                   store_port=daemon.registers[0].store_port)
+            await _until(lambda: daemon.reports_of("checkpoint_committed", 4), 30, "a commit")
+            m = await metrics()
+            assert m["spotwise_agent_processes"] == 1 and m["spotwise_agent_generation"] == 4
+            assert m["spotwise_agent_checkpoints_committed_total"] == 1
+            assert m['spotwise_agent_process_exits_total{outcome="stopped"}'] == 0
+
+            daemon.assignments[node] = agent_pb2.Assignment()  # stop: SIGTERM, exit 143
+            await _until(lambda: daemon.reports_of("process_exited", 4), 30, "the exit")
+            m = await metrics()
+            assert m["spotwise_agent_processes"] == 0
+            assert m['spotwise_agent_process_exits_total{outcome="stopped"}'] == 1
+            assert m['spotwise_agent_process_exits_total{outcome="failed"}'] == 0
+
+            await server.stop(0)  # the daemon goes away: failed heartbeats are counted
+            await asyncio.sleep(1.5)
+            assert (await metrics())["spotwise_agent_daemon_errors_total"] >= 1
+        finally:
+            agent.request_stop()
+            await asyncio.wait_for(task, 30)
+            await server.stop(0)
+        assert agent.metrics_exporter is not None
+        with pytest.raises(OSError):  # closed with the agent
+            await asyncio.to_thread(_scrape, agent.metrics_exporter.port)
+
+    asyncio.run(scenario())

@@ -53,6 +53,9 @@ def test_cross_field_and_syntax_errors(tmp_path: Path) -> None:
         DaemonConfig.load(None, heartbeat_interval_s=2.0, lease_s=1.0)
     with pytest.raises(ConfigError, match="listen must be host:port"):
         DaemonConfig.load(None, listen="nowhere")
+    with pytest.raises(ConfigError, match="metrics_listen must be host:port"):
+        AgentConfig.load(None, metrics_listen="9451")
+    assert AgentConfig.load(None, metrics_listen="10.0.0.7:9451").metrics_listen == "10.0.0.7:9451"
     broken = tmp_path / "broken.toml"
     broken.write_text("[daemon\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
