@@ -52,6 +52,10 @@ from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""The largest request the daemon reads (gRPC's default, set explicitly): a larger one is
+refused with RESOURCE_EXHAUSTED before any servicer runs. A job spec is a few kilobytes."""
+
 SERVICE_NAMES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
@@ -226,7 +230,9 @@ class Daemon:
         interceptors = [*interceptors, MalformedRequestInterceptor()]
         # No SO_REUSEPORT: a second daemon on the same port must fail, not share its traffic.
         server = grpc.aio.server(interceptors=interceptors,
-                                 options=[("grpc.so_reuseport", 0)])
+                                 options=[("grpc.so_reuseport", 0),
+                                          ("grpc.max_receive_message_length",
+                                           MAX_REQUEST_BYTES)])
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(self.coordinator, checkpoint_prefixes=config.checkpoint_prefixes), server
         )

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotwise.config import DaemonConfig
-from spotwise.daemon.server import DaemonThread
+from spotwise.daemon.server import MAX_REQUEST_BYTES, DaemonThread
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import JobSpec, SpecError, validate_spec_proto
 
@@ -42,6 +42,13 @@ REPO = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT_S = 10.0
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def allowed(request: Message | bytes) -> set[grpc.StatusCode]:
+    """ALLOWED, and RESOURCE_EXHAUSTED for a request over the daemon's size limit (strings of
+    100,000 characters in several fields add up past 4 MiB)."""
+    size = len(request) if isinstance(request, bytes) else request.ByteSize()
+    return ALLOWED | ({grpc.StatusCode.RESOURCE_EXHAUSTED} if size > MAX_REQUEST_BYTES else set())
 # SPOTWISE_FUZZ_EXAMPLES=2000 for a longer hunt than the suite's ~10 s.
 FUZZ = settings(max_examples=int(os.environ.get("SPOTWISE_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=False, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -286,7 +293,8 @@ def test_every_rpc_survives_arbitrary_requests(fuzzed: Fuzzed, service: str, met
     @given(request=messages(_request_descriptor(service, method), ids))
     def run(request: Message) -> None:
         code = _call(fuzzed, service, method, request)
-        assert code in ALLOWED, f"{service}.{method} answered {code.name} to {_short(request)}"
+        assert code in allowed(request), \
+            f"{service}.{method} answered {code.name} to {_short(request)}"
         errors = fuzzed.errors.take()
         assert not errors, "\n".join(errors)
 
@@ -359,6 +367,18 @@ def test_malformed_bytes_are_refused_and_harm_nothing(fuzzed: Fuzzed, service: s
     fuzzed.assert_healthy()
 
 
+def test_an_oversized_request_is_refused_and_harms_nothing(fuzzed: Fuzzed) -> None:
+    spec = _valid_spec(fuzzed.tmp)
+    spec.env["BIG"] = "x" * (MAX_REQUEST_BYTES + 1)
+    request = jobs_pb2.SubmitJobRequest(spec=spec)
+    assert _call(fuzzed, "JobService", "SubmitJob", request) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    del spec.env["BIG"]
+    assert _call(fuzzed, "JobService", "SubmitJob",
+                 jobs_pb2.SubmitJobRequest(spec=spec)) == grpc.StatusCode.OK
+    assert not fuzzed.errors.take()
+    fuzzed.assert_healthy()
+
+
 def test_agent_calls_about_known_nodes_and_generations(fuzzed: Fuzzed) -> None:
     """Agent calls aimed at the node the daemon knows and the generations of its jobs."""
     ids = _ids(fuzzed)
@@ -382,11 +402,11 @@ def test_agent_calls_about_known_nodes_and_generations(fuzzed: Fuzzed) -> None:
         hb = agent_pb2.HeartbeatRequest(node_id="fuzz-node", job_id=job_id,
                                         generation=generation, processes=procs)
         code = _call(fuzzed, "AgentService", "Heartbeat", hb)
-        assert code in ALLOWED, (code, _short(hb))
+        assert code in allowed(hb), (code, _short(hb))
         report = agent_pb2.ReportEventRequest(node_id="fuzz-node", job_id=job_id,
                                               generation=generation, time=time, **event)
         code = _call(fuzzed, "AgentService", "ReportEvent", report)
-        assert code in ALLOWED, (code, _short(report))
+        assert code in allowed(report), (code, _short(report))
         errors = fuzzed.errors.take()
         assert not errors, "\n".join(errors)
 
