@@ -89,6 +89,8 @@ RESULTS = ROOT / "bench" / "results" / "goodput.json"
 TINY = ROOT / "tests" / "workloads" / "tiny_train.py"
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED")
 SYSTEMS = ("spotwise", "torchrun", "restart")
+STOP_TIMEOUT_S = 60.0
+"""How long a system may take to stop at the window's end (its final checkpoint included)."""
 DATASET_SIZE = 960
 GLOBAL_BATCH = 24
 
@@ -140,6 +142,15 @@ def _until(cond: Callable[[], object], timeout_s: float, what: str, poll_s: floa
             return value
         time.sleep(poll_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def _wait_quietly(cond: Callable[[], object], timeout_s: float) -> bool:
+    """`_until` that answers False instead of raising."""
+    try:
+        _until(cond, timeout_s, "")
+    except TimeoutError:
+        return False
+    return True
 
 
 def p3_spot_price() -> float:
@@ -197,10 +208,11 @@ class Harness:
         }
         return self.client.submit(spec), ledger
 
-    def stop_job(self, job_id: str) -> None:
-        """Cancel: agents SIGTERM the ranks, which checkpoint at the next step and exit."""
+    def stop_job(self, job_id: str) -> bool:
+        """Cancel: agents SIGTERM the ranks, which checkpoint at the next step and exit. True
+        if they all exited within STOP_TIMEOUT_S (else the harness kills them, uncommitted)."""
         self.client.cancel(job_id)
-        _until(lambda: not _job_pids(job_id), 30, "the job's processes to exit")
+        return _wait_quietly(lambda: not _job_pids(job_id), STOP_TIMEOUT_S)
 
     def close(self) -> None:
         self.client.close()
@@ -253,7 +265,8 @@ def measure_reference(cfg: BenchConfig, log: Callable[[str], None]) -> dict[int,
             s1, t1 = h.client.get(job_id).step, time.monotonic()
             rates[world] = (s1 - s0) * GLOBAL_BATCH / (t1 - t0)
             log(f"reference world {world}: {rates[world]:.1f} samples/s")
-            h.stop_job(job_id)
+            if not h.stop_job(job_id):
+                raise RuntimeError(f"the reference job at world {world} did not stop")
     finally:
         h.close()
     return rates
@@ -295,6 +308,8 @@ class RunResult:
     removed_without_notice: int
     replayed_steps: int
     """Steps executed but not in the committed history (the ledger's count, window tail included)."""
+    clean_stop: bool = True
+    """Whether it stopped by itself at the window's end (else it was killed: no final commit)."""
     actions: list[str] = field(default_factory=list)
 
 
@@ -319,16 +334,18 @@ class TorchrunHarness:
             instance_type="p3.2xlarge", price_per_hour=cfg.price_per_hour)
         self.request = NodeRequest(job_id="", daemon_address=f"127.0.0.1:{port}", slots=1)
 
-    def stop_job(self) -> None:
+    def stop_job(self) -> bool:
         """SIGTERM every torchrun agent, as a scheduler stops a job: each passes it on to its
-        workers, which checkpoint at the next step and exit."""
+        workers, which checkpoint at the next step and exit. True if every process of the
+        nodes exited within STOP_TIMEOUT_S (an agent caught in a rendezvous, or a worker in a
+        collective with a vanished peer, may not: the harness then kills them, uncommitted)."""
         for node in self.provider.list_nodes():
             try:
                 os.kill(int(node.tags["pid"]), signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        _until(lambda: not scan_marked(self.provider.cluster + "/"), 60,
-               "the torchrun nodes to exit")
+        return _wait_quietly(lambda: not scan_marked(self.provider.cluster + "/"),
+                             STOP_TIMEOUT_S)
 
     def close(self) -> None:
         self.provider.shutdown()
@@ -407,11 +424,13 @@ def run_window(cfg: BenchConfig, system: str, log: Callable[[str], None]) -> Run
         replayer.stop()
         if isinstance(h, TorchrunHarness):
             cost, lost, generations = None, None, None
-            h.stop_job()
+            clean_stop = h.stop_job()
         else:
             job = h.client.get(job_id)
             cost, lost, generations = h.client.cost(job_id).spent_usd, job.lost_steps, job.generation
-            h.stop_job(job_id)
+            clean_stop = h.stop_job(job_id)
+        if not clean_stop:
+            log(f"  {system}: still running {STOP_TIMEOUT_S:.0f}s after the stop; killed")
         report = verify_ledger(str(ledger), dataset_size=DATASET_SIZE,
                                global_batch_size=GLOBAL_BATCH)
         steps = max(0, report.final_step - step0)
@@ -425,7 +444,7 @@ def run_window(cfg: BenchConfig, system: str, log: Callable[[str], None]) -> Run
             step_s=schedule.step_s, nodes_added=replayer.stats.added,
             removed_with_notice=replayer.stats.removed_with_notice,
             removed_without_notice=replayer.stats.removed_without_notice,
-            replayed_steps=report.replayed_steps,
+            replayed_steps=report.replayed_steps, clean_stop=clean_stop,
             actions=[f"t={a.t:.1f}s {a.reason}" for a in replayer.stats.actions],
         )
     finally:
