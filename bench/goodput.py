@@ -72,7 +72,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from torchrun_elastic import TorchrunNodes, start_store  # noqa: E402  (bench/, beside this)
 
 from spotwise.client import Client, state_name  # noqa: E402
-from spotwise.cloud.local import LocalProvider, processes_with_env, scan_marked  # noqa: E402
+from spotwise.cloud.local import (  # noqa: E402
+    LocalProvider,
+    processes_with_env,
+    scan_marked,
+    stop_process_group,
+)
 from spotwise.cloud.provider import NodeRequest  # noqa: E402
 from spotwise.cloud.replay import TraceReplayer  # noqa: E402
 from spotwise.cloud.trace import (  # noqa: E402
@@ -217,14 +222,7 @@ class Harness:
     def close(self) -> None:
         self.client.close()
         self.provider.shutdown()
-        try:
-            os.killpg(self.daemon.pid, signal.SIGTERM)
-            self.daemon.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.daemon.pid, signal.SIGKILL)
-            self.daemon.wait(timeout=10)
+        stop_process_group(self.daemon)
         leftover = scan_marked(self.provider.cluster + "/")
         if leftover:
             raise RuntimeError(f"processes outlived the harness: {sorted(leftover)}")
@@ -375,10 +373,6 @@ def _ledger_steps(ledger: Path) -> tuple[int, int]:
     return last, len(generations)
 
 
-def _ledger_last_step(ledger: Path) -> int:
-    return _ledger_steps(ledger)[0]
-
-
 def window_samples(trace: Trace, window_s: float,
                    compression: float = BenchConfig.compression) -> int:
     """Trace samples a window of `window_s` wall seconds covers."""
@@ -412,8 +406,8 @@ def run_window(cfg: BenchConfig, system: str, log: Callable[[str], None]) -> Run
         else:
             job_id, ledger = h.submit(nodes=(1, cfg.nodes))
         # torchrun's first rendezvous waits out its last call (30 s) below the maximum size.
-        _until(lambda: _ledger_last_step(ledger) >= 1, 120, f"{system}: the job to train")
-        step0 = _ledger_last_step(ledger)
+        _until(lambda: _ledger_steps(ledger)[0] >= 1, 120, f"{system}: the job to train")
+        step0 = _ledger_steps(ledger)[0]
         replayer.start()
         t0 = time.monotonic()
         _until(lambda: time.monotonic() - t0 >= cfg.window_s or replayer.error, cfg.window_s + 5,

@@ -92,6 +92,19 @@ def _environ_value(pid: int, name: str) -> str:
     return ""
 
 
+def stop_process_group(proc: subprocess.Popen[bytes], *, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group `proc` leads (started with start_new_session), wait up to
+    `grace_s` for the leader, then SIGKILL the group. A group that is already gone is fine."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def kill_marked(marker: str, *, timeout_s: float = 10.0) -> list[int]:
     """SIGKILL every process carrying `marker` (see scan_marked) until a scan finds none.
     Returns the pids killed. Raises ProviderError if some survive `timeout_s`."""

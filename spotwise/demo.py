@@ -24,7 +24,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spotwise.client import Client, SpotwiseError, is_terminal, state_name
+from spotwise.cloud.local import stop_process_group
 from spotwise.live import LiveView, checkpoint_text, number
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -162,19 +162,8 @@ def _start_daemon(state_dir: Path, log_path: Path, env: dict[str, str],
         if proc.poll() is not None:
             raise RuntimeError(f"the daemon exited with {proc.returncode}; see {log_path}")
         time.sleep(0.1)
-    _stop_daemon(proc)
+    stop_process_group(proc)
     raise RuntimeError(f"the daemon did not start within {timeout_s:.0f}s; see {log_path}")
-
-
-def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def _spec(script: Path, args: argparse.Namespace, checkpoint_dir: Path) -> dict:
@@ -323,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
         client.close()
         replayer.stop()
         provider.shutdown()
-        _stop_daemon(daemon)
+        stop_process_group(daemon)
     wall = time.monotonic() - wall0
     _summary(console, result, wall)
     ok = result.job is not None and state_name(result.job.state) == "SUCCEEDED"

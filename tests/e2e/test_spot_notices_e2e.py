@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from spotwise.client import Client, state_name
-from spotwise.cloud.local import LocalProvider, scan_marked
+from spotwise.cloud.local import LocalProvider, scan_marked, stop_process_group
 from spotwise.cloud.provider import NodeRequest
 from spotwise.cloud.replay import TraceReplayer
 from spotwise.cloud.trace import ReplayEvent, ReplaySchedule
@@ -61,19 +60,8 @@ def _start_daemon(state_dir: Path, log_dir: Path, log_path: Path,
     try:
         return daemon, _until(address, 60, "the daemon to serve")  # type: ignore[return-value]
     except BaseException:
-        _stop(daemon)
+        stop_process_group(daemon)
         raise
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def _schedule() -> ReplaySchedule:
@@ -109,7 +97,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Client, TraceReplayer, LocalProvid
         client.close()
         replayer.stop()
         provider.shutdown()
-        _stop(daemon)
+        stop_process_group(daemon)
         assert scan_marked(provider.cluster + "/") == {}
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from spotwise.cloud.local import stop_process_group
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "jobs" / "tiny.yaml"
 CLI_TIMEOUT_S = 60
@@ -284,12 +286,7 @@ class DaemonProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+            stop_process_group(self.proc)
         self.notify.close()
         self._stderr.close()
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from spotwise.cloud.fake_imds import FakeImds
 from spotwise.cloud.imds import INSTANCE_ACTION_PATH
+from spotwise.cloud.local import stop_process_group
 from spotwise.config import DaemonConfig
 from spotwise.daemon.controller import NodeState
 from spotwise.daemon.server import DaemonThread
@@ -69,14 +69,7 @@ def agent_and_imds(tmp_path: Path) -> Iterator[tuple[DaemonThread, FakeImds, sub
         try:
             yield d, imds, agent
         finally:
-            try:
-                os.killpg(agent.pid, signal.SIGTERM)
-                agent.wait(timeout=20)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait(timeout=10)
+            stop_process_group(agent)
 
 
 def test_agent_ignores_malformed_notices_and_reports_a_repeated_one_once(
