@@ -78,8 +78,8 @@ class JobRecord:
     lost_this_generation: int = 0
     """Steps of step_before that the current generation replays: counted from restore_step
     when it starts, from where it really restored once it says (its Restored report)."""
-    restored_step: int | None = None
-    """Where the current generation's processes restored (None until they say)."""
+    restored_seen: bool = False
+    """Whether the current generation's processes said where they restored."""
     generation_reason: str = ""
     # Soft state of the current generation, rebuilt from heartbeats after a restart.
     exit_codes: dict[int, int] = field(default_factory=dict)
@@ -323,7 +323,7 @@ class Coordinator:
             f"{old_state} -> {d.state}"
         )
         self._end_generation(job, now, conn)
-        job.step_before, job.restored_step = job.row.step, None
+        job.step_before, job.restored_seen = job.row.step, False
         job.lost_this_generation = max(0, job.row.step - max(d.restore_step, 0))
         job.row.lost_steps += job.lost_this_generation
         job.row.step = max(d.restore_step, 0)
@@ -894,12 +894,11 @@ class Coordinator:
         restore_step and where the job was as lost; a newer restore (a commit whose report
         died with its node) lost fewer, an older one (the chosen commit was torn) more."""
         lost = max(0, job.step_before - r.step) if job.step_before else 0
-        first = job.restored_step is None
         with self._transaction() as conn:
             job.row.lost_steps = max(0, job.row.lost_steps + lost - job.lost_this_generation)
-            job.lost_this_generation, job.restored_step = lost, r.step
-            if first:
-                job.row.step = r.step
+            job.lost_this_generation = lost
+            if not job.restored_seen:
+                job.row.step, job.restored_seen = r.step, True
             job.row.updated_at = now
             self.store.put_job(job.row, conn)
             chosen = max(job.restore_step, 0)
