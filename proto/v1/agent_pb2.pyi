@@ -24,7 +24,7 @@ NODE_STATE_DRAINING: NodeState
 NODE_STATE_LOST: NodeState
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node_id", "instance_id", "instance_type", "zone", "lifecycle", "gpus", "slots", "address", "store_port", "price_per_hour", "current_job_id", "current_generation", "log_dir", "provider_node")
+    __slots__ = ("node_id", "instance_id", "instance_type", "zone", "lifecycle", "gpus", "slots", "address", "store_port", "price_per_hour", "current_job_id", "current_generation", "log_dir", "provider_node", "node_secret")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class RegisterRequest(_message.Message):
     CURRENT_GENERATION_FIELD_NUMBER: _ClassVar[int]
     LOG_DIR_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_NODE_FIELD_NUMBER: _ClassVar[int]
+    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     instance_id: str
     instance_type: str
@@ -53,17 +54,20 @@ class RegisterRequest(_message.Message):
     current_generation: int
     log_dir: str
     provider_node: str
-    def __init__(self, node_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., instance_type: _Optional[str] = ..., zone: _Optional[str] = ..., lifecycle: _Optional[str] = ..., gpus: _Optional[int] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., store_port: _Optional[int] = ..., price_per_hour: _Optional[float] = ..., current_job_id: _Optional[str] = ..., current_generation: _Optional[int] = ..., log_dir: _Optional[str] = ..., provider_node: _Optional[str] = ...) -> None: ...
+    node_secret: str
+    def __init__(self, node_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., instance_type: _Optional[str] = ..., zone: _Optional[str] = ..., lifecycle: _Optional[str] = ..., gpus: _Optional[int] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., store_port: _Optional[int] = ..., price_per_hour: _Optional[float] = ..., current_job_id: _Optional[str] = ..., current_generation: _Optional[int] = ..., log_dir: _Optional[str] = ..., provider_node: _Optional[str] = ..., node_secret: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_s", "lease_s")
+    __slots__ = ("node_id", "heartbeat_interval_s", "lease_s", "node_secret")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     heartbeat_interval_s: float
     lease_s: float
-    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    node_secret: str
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., node_secret: _Optional[str] = ...) -> None: ...
 
 class ProcessStatus(_message.Message):
     __slots__ = ("local_rank", "rank", "pid", "running", "exit_code")
@@ -80,16 +84,20 @@ class ProcessStatus(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ..., rank: _Optional[int] = ..., pid: _Optional[int] = ..., running: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "job_id", "generation", "processes")
+    __slots__ = ("node_id", "job_id", "generation", "processes", "node_secret", "assignment_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     job_id: str
     generation: int
     processes: _containers.RepeatedCompositeFieldContainer[ProcessStatus]
-    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[ProcessStatus, _Mapping]]] = ...) -> None: ...
+    node_secret: str
+    assignment_version: int
+    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[ProcessStatus, _Mapping]]] = ..., node_secret: _Optional[str] = ..., assignment_version: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("job_id", "generation", "spec", "world_size", "node_rank", "num_nodes", "rank_start", "nproc", "master_addr", "master_port", "restore_step", "checkpoint_now")
@@ -120,12 +128,14 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., spec: _Optional[_Union[_jobs_pb2.JobSpec, _Mapping]] = ..., world_size: _Optional[int] = ..., node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., rank_start: _Optional[int] = ..., nproc: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., restore_step: _Optional[int] = ..., checkpoint_now: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("assignment", "reregister")
+    __slots__ = ("assignment", "reregister", "assignment_version")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     reregister: bool
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., reregister: _Optional[bool] = ...) -> None: ...
+    assignment_version: int
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., reregister: _Optional[bool] = ..., assignment_version: _Optional[int] = ...) -> None: ...
 
 class ProcessExited(_message.Message):
     __slots__ = ("local_rank", "rank", "exit_code")
@@ -169,6 +179,14 @@ class Progress(_message.Message):
     world_size: int
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., world_size: _Optional[int] = ...) -> None: ...
 
+class CheckpointFailed(_message.Message):
+    __slots__ = ("step", "reason")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    reason: str
+    def __init__(self, step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class Restored(_message.Message):
     __slots__ = ("step", "world_size")
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -178,7 +196,7 @@ class Restored(_message.Message):
     def __init__(self, step: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class ReportEventRequest(_message.Message):
-    __slots__ = ("node_id", "job_id", "generation", "time", "process_exited", "checkpoint_committed", "interruption_notice", "progress", "restored")
+    __slots__ = ("node_id", "job_id", "generation", "time", "process_exited", "checkpoint_committed", "interruption_notice", "progress", "restored", "checkpoint_failed", "node_secret")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +206,8 @@ class ReportEventRequest(_message.Message):
     INTERRUPTION_NOTICE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILED_FIELD_NUMBER: _ClassVar[int]
+    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     job_id: str
     generation: int
@@ -197,7 +217,9 @@ class ReportEventRequest(_message.Message):
     interruption_notice: InterruptionNotice
     progress: Progress
     restored: Restored
-    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., process_exited: _Optional[_Union[ProcessExited, _Mapping]] = ..., checkpoint_committed: _Optional[_Union[CheckpointCommitted, _Mapping]] = ..., interruption_notice: _Optional[_Union[InterruptionNotice, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ...) -> None: ...
+    checkpoint_failed: CheckpointFailed
+    node_secret: str
+    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., process_exited: _Optional[_Union[ProcessExited, _Mapping]] = ..., checkpoint_committed: _Optional[_Union[CheckpointCommitted, _Mapping]] = ..., interruption_notice: _Optional[_Union[InterruptionNotice, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., checkpoint_failed: _Optional[_Union[CheckpointFailed, _Mapping]] = ..., node_secret: _Optional[str] = ...) -> None: ...
 
 class ReportEventResponse(_message.Message):
     __slots__ = ("accepted", "reason")

@@ -45,6 +45,11 @@ class AgentServiceStub:
                 request_serializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Heartbeats = channel.stream_stream(
+                '/spotwise.v1.AgentService/Heartbeats',
+                request_serializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.ReportEvent = channel.unary_unary(
                 '/spotwise.v1.AgentService/ReportEvent',
                 request_serializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.ReportEventRequest.SerializeToString,
@@ -63,7 +68,16 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One beat per call (kept for older agents).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeats(self, request_iterator, context):
+        """The agent's long-lived stream: one HeartbeatRequest per beat, one answer per beat. Far
+        cheaper per beat than a unary call; one stream per node (a new one closes the old one).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -84,6 +98,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatRequest.FromString,
+                    response_serializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Heartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.Heartbeats,
                     request_deserializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatRequest.FromString,
                     response_serializer=spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatResponse.SerializeToString,
             ),
@@ -146,6 +165,33 @@ class AgentService:
             request,
             target,
             '/spotwise.v1.AgentService/Heartbeat',
+            spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
+            spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/spotwise.v1.AgentService/Heartbeats',
             spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
             spotwise_dot_proto_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
             options,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspotwise/proto/v1/jobs.proto\x12\x0bspotwise.v1\"%\n\tNodeRange\x12\x0b\n\x03min\x18\x01 \x01(\r\x12\x0b\n\x03max\x18\x02 \x01(\r\"@\n\x0e\x43heckpointSpec\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x13\n\x0b\x65very_steps\x18\x02 \x01(\r\x12\x0c\n\x04keep\x18\x03 \x01(\r\"\x8a\x03\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nentrypoint\x18\x02 \x03(\t\x12*\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1d.spotwise.v1.JobSpec.EnvEntry\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12%\n\x05nodes\x18\x05 \x01(\x0b\x32\x16.spotwise.v1.NodeRange\x12\x16\n\x0enproc_per_node\x18\x06 \x01(\r\x12/\n\ncheckpoint\x18\x07 \x01(\x0b\x32\x1b.spotwise.v1.CheckpointSpec\x12\x19\n\x11global_batch_size\x18\x08 \x01(\r\x12\x12\n\nbudget_usd\x18\t \x01(\x01\x12\x16\n\x0einstance_types\x18\n \x03(\t\x12\x0e\n\x06market\x18\x0b \x01(\t\x12\x14\n\x0cmax_failures\x18\x0c \x01(\r\x12\x13\n\x0btotal_steps\x18\r \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.spotwise.v1.JobSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.spotwise.v1.JobState\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x1c\n\x14last_checkpoint_step\x18\x07 \x01(\x04\x12\x1c\n\x14last_checkpoint_path\x18\x08 \x01(\t\x12\x1a\n\x12samples_per_second\x18\t \x01(\x01\x12\x0c\n\x04loss\x18\n \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x0b \x01(\x01\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x12\n\nupdated_at\x18\x0e \x01(\x01\x12\x10\n\x08node_ids\x18\x0f \x03(\t\x12\x12\n\nlost_steps\x18\x10 \x01(\x04\x12\x16\n\x0eprovider_nodes\x18\x11 \x03(\t\"z\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x1d\n\x03job\x18\x06 \x01(\x0b\x32\x10.spotwise.v1.Job\"6\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.spotwise.v1.JobSpec\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.spotwise.v1.JobState\"2\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.spotwise.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06replay\x18\x02 \x01(\x08\" \n\x0eGetCostRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xc2\x01\n\nCostReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tspent_usd\x18\x02 \x01(\x01\x12\x19\n\x11rate_usd_per_hour\x18\x03 \x01(\x01\x12\x15\n\rprojected_usd\x18\x04 \x01(\x01\x12\x12\n\nbudget_usd\x18\x05 \x01(\x01\x12 \n\x18on_demand_equivalent_usd\x18\x06 \x01(\x01\x12\x13\n\x0bsavings_usd\x18\x07 \x01(\x01\x12\x14\n\x0cprice_source\x18\x08 \x01(\t*\xd4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_RESCALING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x1e\n\x1aJOB_STATE_BUDGET_EXHAUSTED\x10\x07\x32\x9b\x03\n\nJobService\x12J\n\tSubmitJob\x12\x1d.spotwise.v1.SubmitJobRequest\x1a\x1e.spotwise.v1.SubmitJobResponse\x12\x36\n\x06GetJob\x12\x1a.spotwise.v1.GetJobRequest\x1a\x10.spotwise.v1.Job\x12G\n\x08ListJobs\x12\x1c.spotwise.v1.ListJobsRequest\x1a\x1d.spotwise.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.spotwise.v1.CancelJobRequest\x1a\x10.spotwise.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.spotwise.v1.WatchJobRequest\x1a\x15.spotwise.v1.JobEvent0\x01\x12?\n\x07GetCost\x12\x1b.spotwise.v1.GetCostRequest\x1a\x17.spotwise.v1.CostReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspotwise/proto/v1/jobs.proto\x12\x0bspotwise.v1\"%\n\tNodeRange\x12\x0b\n\x03min\x18\x01 \x01(\r\x12\x0b\n\x03max\x18\x02 \x01(\r\"@\n\x0e\x43heckpointSpec\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x13\n\x0b\x65very_steps\x18\x02 \x01(\r\x12\x0c\n\x04keep\x18\x03 \x01(\r\"\x8a\x03\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nentrypoint\x18\x02 \x03(\t\x12*\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1d.spotwise.v1.JobSpec.EnvEntry\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12%\n\x05nodes\x18\x05 \x01(\x0b\x32\x16.spotwise.v1.NodeRange\x12\x16\n\x0enproc_per_node\x18\x06 \x01(\r\x12/\n\ncheckpoint\x18\x07 \x01(\x0b\x32\x1b.spotwise.v1.CheckpointSpec\x12\x19\n\x11global_batch_size\x18\x08 \x01(\r\x12\x12\n\nbudget_usd\x18\t \x01(\x01\x12\x16\n\x0einstance_types\x18\n \x03(\t\x12\x0e\n\x06market\x18\x0b \x01(\t\x12\x14\n\x0cmax_failures\x18\x0c \x01(\r\x12\x13\n\x0btotal_steps\x18\r \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfe\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.spotwise.v1.JobSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.spotwise.v1.JobState\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\x04\x12\x1c\n\x14last_checkpoint_step\x18\x07 \x01(\x04\x12\x1c\n\x14last_checkpoint_path\x18\x08 \x01(\t\x12\x1a\n\x12samples_per_second\x18\t \x01(\x01\x12\x0c\n\x04loss\x18\n \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x0b \x01(\x01\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x12\n\nupdated_at\x18\x0e \x01(\x01\x12\x10\n\x08node_ids\x18\x0f \x03(\t\x12\x12\n\nlost_steps\x18\x10 \x01(\x04\x12\x16\n\x0eprovider_nodes\x18\x11 \x03(\t\x12\r\n\x05owner\x18\x12 \x01(\t\x12\x1a\n\x12last_checkpoint_at\x18\x13 \x01(\x01\x12\x1b\n\x13\x63heckpoint_failures\x18\x14 \x01(\r\x12\x1d\n\x15last_checkpoint_error\x18\x15 \x01(\t\x12\x15\n\ron_demand_usd\x18\x16 \x01(\x01\"z\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x1d\n\x03job\x18\x06 \x01(\x0b\x32\x10.spotwise.v1.Job\"6\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.spotwise.v1.JobSpec\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.spotwise.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.spotwise.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06replay\x18\x02 \x01(\x08\" \n\x0eGetCostRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xc2\x01\n\nCostReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tspent_usd\x18\x02 \x01(\x01\x12\x19\n\x11rate_usd_per_hour\x18\x03 \x01(\x01\x12\x15\n\rprojected_usd\x18\x04 \x01(\x01\x12\x12\n\nbudget_usd\x18\x05 \x01(\x01\x12 \n\x18on_demand_equivalent_usd\x18\x06 \x01(\x01\x12\x13\n\x0bsavings_usd\x18\x07 \x01(\x01\x12\x14\n\x0cprice_source\x18\x08 \x01(\t*\xd4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_RESCALING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x1e\n\x1aJOB_STATE_BUDGET_EXHAUSTED\x10\x07\x32\x9b\x03\n\nJobService\x12J\n\tSubmitJob\x12\x1d.spotwise.v1.SubmitJobRequest\x1a\x1e.spotwise.v1.SubmitJobResponse\x12\x36\n\x06GetJob\x12\x1a.spotwise.v1.GetJobRequest\x1a\x10.spotwise.v1.Job\x12G\n\x08ListJobs\x12\x1c.spotwise.v1.ListJobsRequest\x1a\x1d.spotwise.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.spotwise.v1.CancelJobRequest\x1a\x10.spotwise.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.spotwise.v1.WatchJobRequest\x1a\x15.spotwise.v1.JobEvent0\x01\x12?\n\x07GetCost\x12\x1b.spotwise.v1.GetCostRequest\x1a\x17.spotwise.v1.CostReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1613
-  _globals['_JOBSTATE']._serialized_end=1825
+  _globals['_JOBSTATE']._serialized_start=1803
+  _globals['_JOBSTATE']._serialized_end=2015
   _globals['_NODERANGE']._serialized_start=45
   _globals['_NODERANGE']._serialized_end=82
   _globals['_CHECKPOINTSPEC']._serialized_start=84
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSPEC_ENVENTRY']._serialized_start=503
   _globals['_JOBSPEC_ENVENTRY']._serialized_end=545
   _globals['_JOB']._serialized_start=548
-  _globals['_JOB']._serialized_end=932
-  _globals['_JOBEVENT']._serialized_start=934
-  _globals['_JOBEVENT']._serialized_end=1056
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1058
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1112
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1114
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1149
-  _globals['_GETJOBREQUEST']._serialized_start=1151
-  _globals['_GETJOBREQUEST']._serialized_end=1182
-  _globals['_LISTJOBSREQUEST']._serialized_start=1184
-  _globals['_LISTJOBSREQUEST']._serialized_end=1240
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1242
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1292
-  _globals['_CANCELJOBREQUEST']._serialized_start=1294
-  _globals['_CANCELJOBREQUEST']._serialized_end=1328
-  _globals['_WATCHJOBREQUEST']._serialized_start=1330
-  _globals['_WATCHJOBREQUEST']._serialized_end=1379
-  _globals['_GETCOSTREQUEST']._serialized_start=1381
-  _globals['_GETCOSTREQUEST']._serialized_end=1413
-  _globals['_COSTREPORT']._serialized_start=1416
-  _globals['_COSTREPORT']._serialized_end=1610
-  _globals['_JOBSERVICE']._serialized_start=1828
-  _globals['_JOBSERVICE']._serialized_end=2239
+  _globals['_JOB']._serialized_end=1058
+  _globals['_JOBEVENT']._serialized_start=1060
+  _globals['_JOBEVENT']._serialized_end=1182
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1184
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1238
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1240
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1275
+  _globals['_GETJOBREQUEST']._serialized_start=1277
+  _globals['_GETJOBREQUEST']._serialized_end=1308
+  _globals['_LISTJOBSREQUEST']._serialized_start=1310
+  _globals['_LISTJOBSREQUEST']._serialized_end=1405
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1407
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1482
+  _globals['_CANCELJOBREQUEST']._serialized_start=1484
+  _globals['_CANCELJOBREQUEST']._serialized_end=1518
+  _globals['_WATCHJOBREQUEST']._serialized_start=1520
+  _globals['_WATCHJOBREQUEST']._serialized_end=1569
+  _globals['_GETCOSTREQUEST']._serialized_start=1571
+  _globals['_GETCOSTREQUEST']._serialized_end=1603
+  _globals['_COSTREPORT']._serialized_start=1606
+  _globals['_COSTREPORT']._serialized_end=1800
+  _globals['_JOBSERVICE']._serialized_start=2018
+  _globals['_JOBSERVICE']._serialized_end=2429
 # @@protoc_insertion_point(module_scope)

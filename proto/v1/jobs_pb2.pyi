@@ -82,7 +82,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., nodes: _Optional[_Union[NodeRange, _Mapping]] = ..., nproc_per_node: _Optional[int] = ..., checkpoint: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., global_batch_size: _Optional[int] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., market: _Optional[str] = ..., max_failures: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "generation", "world_size", "step", "last_checkpoint_step", "last_checkpoint_path", "samples_per_second", "loss", "cost_usd", "message", "created_at", "updated_at", "node_ids", "lost_steps", "provider_nodes")
+    __slots__ = ("id", "spec", "state", "generation", "world_size", "step", "last_checkpoint_step", "last_checkpoint_path", "samples_per_second", "loss", "cost_usd", "message", "created_at", "updated_at", "node_ids", "lost_steps", "provider_nodes", "owner", "last_checkpoint_at", "checkpoint_failures", "last_checkpoint_error", "on_demand_usd")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,11 @@ class Job(_message.Message):
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     LOST_STEPS_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_NODES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_AT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_USD_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -117,7 +122,12 @@ class Job(_message.Message):
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     lost_steps: int
     provider_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., generation: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_path: _Optional[str] = ..., samples_per_second: _Optional[float] = ..., loss: _Optional[float] = ..., cost_usd: _Optional[float] = ..., message: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., node_ids: _Optional[_Iterable[str]] = ..., lost_steps: _Optional[int] = ..., provider_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    owner: str
+    last_checkpoint_at: float
+    checkpoint_failures: int
+    last_checkpoint_error: str
+    on_demand_usd: float
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., generation: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., last_checkpoint_step: _Optional[int] = ..., last_checkpoint_path: _Optional[str] = ..., samples_per_second: _Optional[float] = ..., loss: _Optional[float] = ..., cost_usd: _Optional[float] = ..., message: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., node_ids: _Optional[_Iterable[str]] = ..., lost_steps: _Optional[int] = ..., provider_nodes: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ..., last_checkpoint_at: _Optional[float] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint_error: _Optional[str] = ..., on_demand_usd: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "time", "kind", "generation", "message", "job")
@@ -154,16 +164,22 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("states",)
+    __slots__ = ("states", "page_size", "page_token")
     STATES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[JobState]
-    def __init__(self, states: _Optional[_Iterable[_Union[JobState, str]]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, states: _Optional[_Iterable[_Union[JobState, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
