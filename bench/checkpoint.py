@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from spotwise.worker.checkpoint import CheckpointConfig, Checkpointer
+from spotwise.worker.runtime.checkpoint import CheckpointConfig, Checkpointer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint.json"
 TARGETS = {

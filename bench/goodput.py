@@ -87,7 +87,7 @@ from spotwise.cloud.trace import (  # noqa: E402
     load_trace,
     replay_schedule,
 )
-from spotwise.worker.ledger import verify_ledger  # noqa: E402
+from spotwise.worker.runtime.ledger import verify_ledger  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "aws-2023-08-27-us-east-2b-p3.2xlarge-16node-availability.json"
 RESULTS = ROOT / "bench" / "results" / "goodput.json"

@@ -31,6 +31,7 @@ from typing import Any
 
 from spotwise.cloud.aws import AwsConfig, aws_call_errors, aws_client, error_code
 from spotwise.cloud.provider import NodeRequest, Provider, ProviderError, ProviderNode
+from spotwise.common.address import check_host_port
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ def agent_user_data(daemon_address: str, agent_command: str = "spotwise agent") 
     It runs the agent as a transient systemd service (restarted on failure) where systemd is
     there, else in the background with a log file.
     """
-    host, sep, port = daemon_address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"daemon address must be host:port, got {daemon_address!r}")
+    check_host_port(daemon_address, "daemon address")
     command = f"{agent_command} --daemon {shlex.quote(daemon_address)}"
     return "\n".join([
         "#!/bin/bash",

@@ -30,7 +30,6 @@ import argparse
 import contextvars
 import enum
 import hashlib
-import ipaddress
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from spotwise.common.address import is_loopback_host, split_host_port
 from spotwise.proto.v1 import agent_pb2, jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,10 @@ class Role(str, enum.Enum):
     CLIENT = "client"
     """Submits, cancels and reads jobs (JobService)."""
     AGENT = "agent"
-    """A node agent (AgentService only)."""
+    """A node agent (AgentService only); its token enrolls nodes, each then holds its own
+    credential."""
+    ADMIN = "admin"
+    """An operator: JobService on every principal's jobs."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ class AccessPolicy:
         default_factory=lambda: {
             Role.CLIENT: frozenset({JOB_SERVICE}),
             Role.AGENT: frozenset({AGENT_SERVICE}),
+            Role.ADMIN: frozenset({JOB_SERVICE}),
         }
     )
     """For each role, the services its tokens may call; everything else is denied."""
@@ -449,35 +453,6 @@ def bearer_token_interceptors(token: str) -> list[aio.ClientInterceptor]:
 # Configuration rules
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """("::1", 7450) for "[::1]:7450"; ("", 7450) for ":7450". ValueError when malformed."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"address {address!r} must be host:port (port 0-65535)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"address {address!r}: write IPv6 hosts in brackets, e.g. [::1]:7450")
-    return host, int(port)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback IP literals; False for wildcards and other names.
-
-    Host names other than localhost are not resolved (this is a pure check) and so count as
-    beyond loopback.
-    """
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if ip.is_loopback:
-        return True
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool(mapped is not None and mapped.is_loopback)
-
 
 def check_listen(address: str, tls_enabled: bool, insecure_flag: bool) -> str:
     """Refuse to serve plaintext beyond loopback; returns the reason the address is allowed.
@@ -502,53 +477,6 @@ def check_listen(address: str, tls_enabled: bool, insecure_flag: bool) -> str:
         "Configure a TLS certificate and key, listen on 127.0.0.1, or set the insecure flag "
         "if you really mean plaintext"
     )
-
-
-def _normalize_location(uri: str) -> tuple[str, str]:
-    """(scheme, location) with "." and empty segments dropped; ValueError on "..".
-
-    A bare path is scheme "file"; "file://localhost/x" and "file:///x" are both "/x".
-    """
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        scheme, rest = "file", uri
-    scheme = scheme.lower()
-    if scheme == "file" and sep:
-        host, slash, path = rest.partition("/")
-        if host not in ("", "localhost"):
-            raise ValueError(f"file URI {uri!r} names a remote host")
-        rest = slash + path
-    segments = rest.split("/")
-    if ".." in segments:
-        raise ValueError(f"checkpoint URI {uri!r} must not contain '..'")
-    kept = [s for s in segments if s not in ("", ".")]
-    absolute = scheme == "file" and rest.startswith("/")
-    return scheme, ("/" if absolute else "") + "/".join(kept)
-
-
-def check_checkpoint_uri(uri: str, allowed_prefixes: Sequence[str]) -> None:
-    """Refuse a checkpoint URI outside every allowed prefix (ValueError naming them).
-
-    An empty `allowed_prefixes` allows any URI. Prefixes match whole path segments:
-    "s3://b/ckpt" allows "s3://b/ckpt/job1" but not "s3://b/ckpt-other". Relative local paths
-    are refused when prefixes are configured, since what they point at depends on the node's
-    working directory.
-    """
-    if not allowed_prefixes:
-        return
-    if not uri.strip():
-        raise ValueError("checkpoint URI is empty")
-    scheme, location = _normalize_location(uri.strip())
-    if scheme == "file" and not location.startswith("/"):
-        raise ValueError(f"checkpoint path {uri!r} must be absolute")
-    for prefix in allowed_prefixes:
-        p_scheme, p_location = _normalize_location(prefix.strip())
-        if p_scheme != scheme:
-            continue
-        if location == p_location or location.startswith(p_location.rstrip("/") + "/"):
-            return
-    allowed = ", ".join(allowed_prefixes)
-    raise ValueError(f"checkpoint URI {uri!r} is outside the allowed prefixes ({allowed})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -358,3 +358,21 @@ def choose_instance_types(options: Sequence[InstanceOption]) -> InstanceChoice:
     parts = [f"{o.instance_type} ${usd_per_million(o):.4f}/M samples" for o in measured]
     parts += [f"{o.instance_type} unmeasured ${o.usd_per_hour:.4f}/h" for o in unmeasured]
     return InstanceChoice(ranked=ranked, reason=f"{ranked[0]} first by price per throughput: " + ", ".join(parts))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetStop:
+    """Stop the job: final checkpoint, then BUDGET_EXHAUSTED."""
+
+    job_id: str
+    reason: str
+
+
+def plan_budget_stop(now: float, job: BudgetJob, ledger: Ledger, *, tick_s: float
+                     ) -> BudgetStop | None:
+    """The budget stop rule, at an accounting tick (right after `ledger.tick`): stop when one
+    more tick at the current rate would take the spend past the budget (plan_budget's STOP)."""
+    decision = plan_budget(now, job, ledger, tick_s=tick_s)
+    if decision.action is BudgetAction.STOP:
+        return BudgetStop(job_id=job.job_id, reason=decision.reason)
+    return None

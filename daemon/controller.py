@@ -30,223 +30,32 @@ The rules, in the order `plan` applies them:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from collections.abc import Mapping
+from dataclasses import replace
 
-
-class JobState(str, Enum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    RESCALING = "RESCALING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
-
-    @property
-    def terminal(self) -> bool:
-        return not JOB_TRANSITIONS[self]
-
-
-_ENDS = (
-    JobState.SUCCEEDED,
-    JobState.FAILED,
-    JobState.CANCELLED,
-    JobState.BUDGET_EXHAUSTED,
+from spotwise.daemon.model import (
+    JOB_TRANSITIONS,
+    NODE_TRANSITIONS,
+    ClusterState,
+    Decision,
+    JobState,
+    JobView,
+    NodeLost,
+    NodesReady,
+    NodeState,
+    NodeView,
+    Policy,
+    RequestCheckpoint,
+    SetJobState,
+    StartGeneration,
+    can_transition,
 )
 
-JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    # Waiting for nodes -> the first generation starts.
-    JobState.PENDING: frozenset({JobState.RUNNING, *_ENDS} - {JobState.SUCCEEDED}),
-    # Membership change -> RESCALING; below nodes.min -> back to PENDING.
-    JobState.RUNNING: frozenset({JobState.RESCALING, JobState.PENDING, *_ENDS}),
-    # Every member runs the new generation -> RUNNING; another change -> stays RESCALING.
-    JobState.RESCALING: frozenset({JobState.RUNNING, JobState.PENDING, *_ENDS}),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-    JobState.BUDGET_EXHAUSTED: frozenset(),
-}
-"""The allowed job state changes; a generation change inside RESCALING keeps its state."""
-
-
-def can_transition(src: JobState, dst: JobState) -> bool:
-    return dst in JOB_TRANSITIONS[src]
-
-
-class NodeState(str, Enum):
-    JOINING = "JOINING"
-    READY = "READY"
-    ASSIGNED = "ASSIGNED"
-    DRAINING = "DRAINING"
-    LOST = "LOST"
-
-
-NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
-    # Registered, inside the settle window; a re-register after a daemon restart that matches
-    # the stored assignment goes straight back to ASSIGNED.
-    NodeState.JOINING: frozenset({NodeState.READY, NodeState.ASSIGNED, NodeState.DRAINING,
-                                  NodeState.LOST}),
-    NodeState.READY: frozenset({NodeState.ASSIGNED, NodeState.DRAINING, NodeState.LOST,
-                                NodeState.JOINING}),
-    NodeState.ASSIGNED: frozenset({NodeState.READY, NodeState.DRAINING, NodeState.LOST,
-                                   NodeState.JOINING}),
-    # Under an interruption notice: never assigned again; it goes away.
-    NodeState.DRAINING: frozenset({NodeState.LOST}),
-    # Declared dead; an agent that comes back registers as a new join.
-    NodeState.LOST: frozenset({NodeState.JOINING}),
-}
-"""The allowed node state changes."""
-
-
-# ---- the snapshot plan() reads ------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobView:
-    """What the controller needs to know about a job."""
-
-    id: str
-    state: JobState
-    created_at: float
-    min_nodes: int = 1
-    max_nodes: int = 1
-    nproc_per_node: int = 1
-    max_failures: int = 3
-    generation: int = 0
-    """The current generation (0: never started)."""
-    members: tuple[str, ...] = ()
-    """Node ids of the current generation, in node-rank order."""
-    generation_started_at: float = 0.0
-    last_checkpoint_step: int = -1
-    """Step of the newest committed checkpoint; -1 if none."""
-    last_checkpoint_at: float = 0.0
-    """When the daemon recorded that commit (its clock)."""
-    step: int = 0
-    """The newest step the current generation reported (its progress)."""
-    failures: int = 0
-    """Failed generations in a row (reset by a checkpoint commit)."""
-    exit_codes: Mapping[int, int] = field(default_factory=dict)
-    """Global rank -> exit code, for the current generation's exited processes."""
-    failed_at: float | None = None
-    """When a rank of the current generation first exited non-zero."""
-    checkpoint_requested_at: float | None = None
-    """When the controller asked the members to checkpoint before growing (None: not asked)."""
-    budget_max_nodes: int | None = None
-    """Most nodes the budget lets the job grow to (None: no cap); it never shrinks a job."""
-
-    @property
-    def world_size(self) -> int:
-        return len(self.members) * self.nproc_per_node
-
-    @property
-    def grow_to(self) -> int:
-        """The node count growth aims at: nodes.max, or less when the budget caps it."""
-        if self.budget_max_nodes is None:
-            return self.max_nodes
-        return max(min(self.max_nodes, self.budget_max_nodes), len(self.members))
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeView:
-    """What the controller needs to know about a node."""
-
-    id: str
-    state: NodeState
-    joined_at: float
-    last_seen: float
-    """When the daemon last heard from the agent (register or heartbeat)."""
-    slots: int = 0
-    """Processes it can run; 0 = not said (taken as enough)."""
-    job_id: str = ""
-    """The job whose current generation it is a member of."""
-    reported_job_id: str = ""
-    reported_generation: int = 0
-    """What the agent last said it runs."""
-    drain_since: float | None = None
-    drain_deadline: float | None = None
-    """Unix seconds the instance goes away (None or 0: unknown)."""
-    launched_for: str = ""
-    """The job a provider launched it for, preferred when assigning."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClusterState:
-    jobs: Sequence[JobView] = ()
-    """Every job, oldest first (that order is also the priority for free nodes)."""
-    nodes: Mapping[str, NodeView] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Policy:
-    """The controller's timing knobs (from DaemonConfig)."""
-
-    lease_s: float = 2.0
-    """A node silent this long is LOST."""
-    failure_lease_s: float = 1.25
-    """A member silent this long since its generation reported a failed rank is LOST."""
-    settle_s: float = 1.0
-    """Quiet period that closes a batch of joins."""
-    settle_max_s: float = 3.0
-    """Longest a joining node waits for the batch to close."""
-    drain_timeout_s: float = 90.0
-    """Longest wait for a drain checkpoint when the notice gives no deadline."""
-    drain_margin_s: float = 10.0
-    """Leave a draining node this long before its deadline."""
-    grow_checkpoint_timeout_s: float = 20.0
-    """Before growing, ask for a checkpoint and wait this long for it (0: grow at once)."""
-
-
-# ---- decisions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodeLost:
-    node_id: str
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodesReady:
-    node_ids: tuple[str, ...]
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class StartGeneration:
-    """Members (node-rank order) run generation `generation`; nodes no longer members are freed."""
-
-    job_id: str
-    generation: int
-    members: tuple[str, ...]
-    world_size: int
-    restore_step: int
-    state: JobState
-    count_failure: bool
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class RequestCheckpoint:
-    """Ask (`on`) or stop asking the job's members to checkpoint now (before a growth)."""
-
-    job_id: str
-    on: bool
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class SetJobState:
-    """Change a job's state; with release, its members are freed and its generation ends."""
-
-    job_id: str
-    state: JobState
-    release: bool
-    reason: str
-
-
-Decision = NodeLost | NodesReady | StartGeneration | RequestCheckpoint | SetJobState
+__all__ = [
+    "JOB_TRANSITIONS", "NODE_TRANSITIONS", "ClusterState", "Decision", "JobState", "JobView",
+    "NodeLost", "NodesReady", "NodeState", "NodeView", "Policy", "RequestCheckpoint",
+    "SetJobState", "StartGeneration", "can_transition", "checkpoint_now", "plan", "plan_cancel",
+]
 
 
 # ---- the plan -------------------------------------------------------------------------------
@@ -264,9 +73,15 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
     failed_at = {
         m: j.failed_at for j in state.jobs if j.failed_at is not None for m in j.members
     }
-    for node in sorted(nodes.values(), key=lambda n: n.id):
+    # Only the lost are sorted (for a stable order): a tick costs O(nodes), not O(n log n).
+    expired = []
+    for node in nodes.values():
         if node.state is NodeState.LOST:
             continue
+        silent = now - node.last_seen
+        if silent > policy.lease_s or node.id in failed_at:
+            expired.append(node)
+    for node in sorted(expired, key=lambda n: n.id):
         silent = now - node.last_seen
         since_failure = failed_at.get(node.id)
         if since_failure is not None and node.last_seen <= since_failure:
@@ -497,6 +312,23 @@ def _drain_done(now: float, job: JobView, node: NodeView, policy: Policy) -> boo
     if node.drain_deadline:
         return now >= node.drain_deadline - policy.drain_margin_s
     return now >= node.drain_since + policy.drain_timeout_s
+
+
+def checkpoint_alarm(now: float, *, failures: int, last_commit_at: float, every_steps: int,
+                     policy: Policy) -> str | None:
+    """Why a running job must be flagged as unable to checkpoint, or None: `failures` saves
+    failed in a row, or (a job that checkpoints every N steps) nothing committed since
+    `last_commit_at` (its last commit, or its generation's start) for too long."""
+    if failures >= policy.checkpoint_failures_alarm > 0:
+        return (f"checkpoints failing: {failures} saves in a row failed "
+                f"(alarm at {policy.checkpoint_failures_alarm}); the job would restart from "
+                "its last commit")
+    silent = now - last_commit_at
+    if every_steps and policy.commit_silence_alarm_s and silent > policy.commit_silence_alarm_s:
+        return (f"no checkpoint committed for {silent:.0f}s (> {policy.commit_silence_alarm_s:.0f}s) "
+                "although the job checkpoints every "
+                f"{every_steps} steps: a failure would lose all of it")
+    return None
 
 
 def checkpoint_now(job: JobView, nodes: Mapping[str, NodeView]) -> bool:

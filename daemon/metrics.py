@@ -7,7 +7,7 @@ for durations. No label is finer than the job: per-node or per-rank series would
 fleet, and a job's series are removed with `forget_job` once it ends.
 
     metrics = Metrics()
-    exporter = start_exporter(metrics, "127.0.0.1:9450")
+    exporter = start_exporter(metrics, "127.0.0.1:9450")   # spotwise.common.exporter
     metrics.set_jobs_by_state({"RUNNING": 2, "PENDING": 1})
     metrics.observe_checkpoint("job-1", 4.2)
     ...
@@ -22,11 +22,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from spotwise.common.exporter import HEARTBEAT_BUCKETS_S, MetricsExporter, start_exporter
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +43,7 @@ JOB_STATES = (
 CHECKPOINT_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
 """Checkpoint commits take seconds (small models to local disk) to minutes (large ones to S3)."""
 
-HEARTBEAT_BUCKETS_S = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    float("inf"),
-)
-"""Heartbeat handling should take milliseconds; the tail shows a stalled event loop or disk."""
+
 
 
 class Metrics:
@@ -196,49 +181,4 @@ class Metrics:
         return jobs
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics address {address!r} must be host:port (port 0-65535)")
-    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
-
-
-@dataclass
-class MetricsExporter:
-    """A running HTTP endpoint serving /metrics from one registry."""
-
-    server: WSGIServer
-    thread: threading.Thread
-    host: str
-    port: int
-    """The bound port (the real one when asked for port 0)."""
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop serving and wait (bounded) for the server thread."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout_s)
-        if self.thread.is_alive():
-            log.warning("metrics exporter thread did not stop within %.1f s", timeout_s)
-
-
-class _Registered(Protocol):
-    registry: CollectorRegistry
-
-
-def start_exporter(metrics: _Registered, address: str) -> MetricsExporter:
-    """Serve `metrics` (the daemon's Metrics, an agent's AgentMetrics: anything with a
-    `registry`) over HTTP at `address` ("host:port"; port 0 picks a free one).
-
-    Runs in a daemon thread. OSError if the address cannot be bound.
-    """
-    host, port = _split_address(address)
-    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
-    bound_port = server.server_address[1]
-    log.info("metrics exporter on %s:%d", host, bound_port)
-    return MetricsExporter(server=server, thread=thread, host=host, port=bound_port)
+__all__ = ["HEARTBEAT_BUCKETS_S", "JOB_STATES", "Metrics", "MetricsExporter", "start_exporter"]

@@ -38,17 +38,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from spotwise.cloud.provider import Provider
+from spotwise.common.exporter import MetricsExporter, start_exporter
 from spotwise.config import DaemonConfig
 from spotwise.daemon.auth import TokenAuthInterceptor, TokenStore
 from spotwise.daemon.controller import Policy
 from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.fleet import FleetLoop
-from spotwise.daemon.metrics import Metrics, MetricsExporter, start_exporter
+from spotwise.daemon.loop import ControlLoop
+from spotwise.daemon.metrics import Metrics
 from spotwise.daemon.notices import NoticeLoop
 from spotwise.daemon.prices import NodePricer, refresh_loop
-from spotwise.daemon.servicers import AgentServicer, JobServicer, MalformedRequestInterceptor
+from spotwise.daemon.servicers import AgentServicer, JobServicer, add_job_service
 from spotwise.daemon.store import Store, StoreError
-from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from spotwise.daemon.validation import MalformedRequestInterceptor
+from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +182,7 @@ class Daemon:
         self.metrics_exporter: MetricsExporter | None = None
         self.store: Store | None = None
         self.coordinator: Coordinator | None = None
+        self.loop: ControlLoop | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -224,8 +228,11 @@ class Daemon:
             metrics=self.metrics,
             pricer=make_pricer(config),
             default_instance_types=tuple(config.ec2.instance_types) if config.provider == "ec2" else (),
+            agent_prices=config.agent_prices,
+            autocommit=False,
             clock=self._clock,
         )
+        self.loop = ControlLoop(self.coordinator, tick_s=config.tick_s, clock=self._clock)
         # Innermost: the malformed-request check wraps the servicers' own handlers.
         interceptors = [*interceptors, MalformedRequestInterceptor()]
         # No SO_REUSEPORT: a second daemon on the same port must fail, not share its traffic.
@@ -233,10 +240,10 @@ class Daemon:
                                  options=[("grpc.so_reuseport", 0),
                                           ("grpc.max_receive_message_length",
                                            MAX_REQUEST_BYTES)])
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(self.coordinator, checkpoint_prefixes=config.checkpoint_prefixes), server
-        )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.coordinator), server)
+        add_job_service(JobServicer(self.coordinator, self.loop,
+                                    checkpoint_prefixes=config.checkpoint_prefixes), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.coordinator, self.loop), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -262,7 +269,7 @@ class Daemon:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._stop.clear()
-        self._tasks = [asyncio.create_task(self._control_loop(), name="control-loop")]
+        self._tasks = [asyncio.create_task(self.loop.run(self._stop), name="control-loop")]
         if self.provider is not None:
             daemon_address = config.advertise_address or self.address
             if self.provider.name == "ec2" and daemon_address.startswith(("127.", "localhost")):
@@ -299,20 +306,6 @@ class Daemon:
             wait_time_s=config.notice_queue_wait_s,
         ))
         return NoticeLoop(reader, self.coordinator, wait_time_s=config.notice_queue_wait_s)
-
-    async def _control_loop(self) -> None:
-        assert self.coordinator is not None
-        while not self._stop.is_set():
-            try:
-                self.coordinator.tick()
-            except Exception:
-                # A bug in one tick must not stop the loop that detects lost nodes; it is
-                # logged with its traceback and the next tick tries again.
-                log.exception("control loop tick failed")
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.config.tick_s)
-            except asyncio.TimeoutError:
-                pass
 
     async def mark_not_serving(self) -> None:
         """Turn every health status NOT_SERVING for good (the first step of a stop)."""
@@ -363,7 +356,7 @@ class Daemon:
 
 async def serve(config: DaemonConfig) -> None:
     """Run the daemon until SIGTERM or SIGINT (what `spotwise daemon` calls)."""
-    from spotwise.daemon.sdnotify import Notifier, NotifyError, start_watchdog
+    from spotwise.common.sdnotify import Notifier, NotifyError, start_watchdog
 
     daemon = Daemon(config, provider=make_provider(config))
     await daemon.start()

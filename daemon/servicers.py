@@ -1,217 +1,111 @@
 """JobService and AgentService: thin grpc.aio adapters over the coordinator.
 
-They translate messages and errors and nothing more: a bad job spec becomes INVALID_ARGUMENT
-with a google.rpc.BadRequest carrying one field violation per problem (grpcio-status rich
-status), an unknown job NOT_FOUND, cancelling an ended job FAILED_PRECONDITION. The decisions
-are the coordinator's and the controller's. Bytes that do not parse as the request message are
-INVALID_ARGUMENT too (`MalformedRequestInterceptor`), before any servicer runs.
+They translate messages and errors, check who may see what, and nothing more: a bad job spec
+becomes INVALID_ARGUMENT with field violations (`daemon.validation`), an unknown job (or
+another principal's) NOT_FOUND, cancelling an ended job FAILED_PRECONDITION, a node call
+without the node's credential PERMISSION_DENIED. Submit, Cancel and Register answer after
+their write commits (`ControlLoop.flush`); heartbeats and reports never wait for the disk.
+
+Tenancy: a job belongs to the principal whose token submitted it; a client token sees, watches
+and cancels its own jobs, an admin token all. `env` values are redacted in every answer.
+Bounds: at most `max_watchers_per_principal` WatchJob streams per principal, at most
+`max_calls` JobService calls at once, one Heartbeats stream per node (a new one replaces the
+old), and each live event is serialized once for all its watchers.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc import aio
-from grpc_status import rpc_status
 
-from spotwise.daemon.auth import check_checkpoint_uri
-from spotwise.daemon.coordinator import Coordinator, UnknownJob, job_state_from_proto
+from spotwise.common.uri import check_checkpoint_uri
+from spotwise.daemon import auth
+from spotwise.daemon.agents import NodeCredentialError
+from spotwise.daemon.coordinator import Coordinator, UnknownJob
 from spotwise.daemon.events import WatcherLagged
+from spotwise.daemon.loop import ControlLoop
+from spotwise.daemon.state import JobRecord
+from spotwise.daemon.store import EventRow
+from spotwise.daemon.validation import (
+    MAX_SPEC_BYTES,
+    echo,
+    register_violations,
+    report_violations,
+)
+from spotwise.daemon.wire import event_proto, job_state_from_proto
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import SpecError, validate_spec_proto
 
 log = logging.getLogger(__name__)
 
-
-class _Malformed:
-    """What the lenient deserializer hands on for bytes that do not parse."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: str) -> None:
-        self.error = error
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 
 
-class MalformedRequestInterceptor(aio.ServerInterceptor):
-    """A request whose bytes do not parse as its message is answered INVALID_ARGUMENT naming
-    the parse error, with one WARNING line. (Left to gRPC, a parse error is logged at ERROR
-    with a traceback per request and answered UNKNOWN, as if the daemon had a bug.)
-    Install it last, so that it wraps the servicers' own handlers."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        parse, method = handler.request_deserializer, handler_call_details.method
-
-        def lenient(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except Exception as e:  # DecodeError, or whatever a deserializer raises
-                return _Malformed(f"{type(e).__name__}: {e}")
-
-        async def refuse(request: _Malformed, context: aio.ServicerContext) -> None:
-            log.warning("refused %s: malformed request (%s)", method, request.error)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"malformed request: {request.error}")
-
-        if handler.response_streaming:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, _Malformed):
-                    await refuse(request, context)
-                result = inner_stream(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=lenient,
-                response_serializer=handler.response_serializer)
-
-        inner = handler.unary_unary
-
-        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-            if isinstance(request, _Malformed):
-                await refuse(request, context)
-            return await inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=lenient,
-            response_serializer=handler.response_serializer)
+def _principal() -> auth.Principal | None:
+    return auth.current_principal()
 
 
-def bad_request_status(error: SpecError) -> grpc.Status:
-    """INVALID_ARGUMENT carrying a BadRequest with one field violation per problem."""
-    bad = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f"spec.{f}" if f else "spec",
-                                                        description=d)
-            for f, d in error.violations
-        ]
-    )
-    detail = any_pb2.Any()
-    detail.Pack(bad)
-    return rpc_status.to_status(
-        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[detail])
-    )
+def visible(job: JobRecord, who: auth.Principal | None) -> bool:
+    """Whether `who` may see the job: its owner, an admin, or anyone without tokens."""
+    if who is None or who.role is auth.Role.ADMIN:
+        return True
+    return job.row.owner == who.name
 
 
-MAX_ECHO_CHARS = 200
-"""At most this much of a caller's value is quoted back in an error message: the message
-travels in a trailer, and gRPC answers RESOURCE_EXHAUSTED instead when trailers exceed ~8 KiB."""
-
-
-def echo(value: str) -> str:
-    """repr of a caller's value for an error message, cut to MAX_ECHO_CHARS."""
-    if len(value) <= MAX_ECHO_CHARS:
-        return repr(value)
-    return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} characters)"
-
-
-async def _abort_unknown(context: grpc.aio.ServicerContext, job_id: str) -> None:
-    await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(job_id)}")
-
-
-MAX_ID_CHARS = 256
-"""Longest node, instance, zone, job or provider id an agent may send."""
-
-NODE_LIFECYCLES = ("", "spot", "on-demand")
-"""RegisterRequest.lifecycle values ("" = spot)."""
-
-
-def _printable(value: str) -> bool:
-    return all(c.isprintable() and not c.isspace() for c in value)
-
-
-def register_violations(req: agent_pb2.RegisterRequest) -> list[str]:
-    """What is wrong with a RegisterRequest, one "field: why" per problem (empty when fine).
-
-    Values the store or the controller cannot take (a NaN price is NULL to SQLite) or that
-    peers could not use (a port beyond 65535) are refused here rather than failing later.
-    """
-    problems = []
-    if not req.address:
-        problems.append("address: a node must say where its peers reach it")
-    elif len(req.address) > MAX_ID_CHARS or not _printable(req.address):
-        problems.append(f"address: not a host name or IP address: {echo(req.address)}")
-    if req.store_port > 65535:
-        problems.append(f"store_port: {req.store_port} is not a TCP port")
-    if not (math.isfinite(req.price_per_hour) and req.price_per_hour >= 0):
-        problems.append(f"price_per_hour: must be a finite number >= 0, got {req.price_per_hour}")
-    if req.lifecycle not in NODE_LIFECYCLES:
-        problems.append(f"lifecycle: must be spot or on-demand, got {echo(req.lifecycle)}")
-    for name in ("node_id", "instance_id", "instance_type", "zone", "current_job_id",
-                 "provider_node"):
-        value = getattr(req, name)
-        if len(value) > MAX_ID_CHARS or not _printable(value):
-            problems.append(f"{name}: at most {MAX_ID_CHARS} printable characters without "
-                            f"spaces, got {echo(value)}")
-    if len(req.log_dir) > 4096 or "\0" in req.log_dir:
-        problems.append("log_dir: at most 4096 characters, no NUL")
-    return problems
-
-
-MAX_STORED_INT = 2**63 - 1
-"""The largest integer SQLite stores: larger uint64 values are refused, not overflowed."""
-
-
-def report_violations(req: agent_pb2.ReportEventRequest) -> list[str]:
-    """What is wrong with a ReportEventRequest, one "field: why" per problem (empty when fine):
-    numbers the store cannot hold (a uint64 beyond 2**63 - 1) or times and rates that are not
-    finite. A NaN loss is allowed: a diverged run is worth reporting."""
-    problems = []
-    if not math.isfinite(req.time):
-        problems.append(f"time: must be a finite unix time, got {req.time}")
-    kind = req.WhichOneof("event")
-    numbers: list[tuple[str, int]] = []
-    if kind == "checkpoint_committed":
-        c = req.checkpoint_committed
-        numbers = [("step", c.step), ("bytes", c.bytes), ("cursor", c.cursor)]
-        if len(c.path) > 4096 or "\0" in c.path:
-            problems.append("checkpoint_committed.path: at most 4096 characters, no NUL")
-    elif kind == "progress":
-        p = req.progress
-        numbers = [("step", p.step)]
-        if not (math.isfinite(p.samples_per_second) and p.samples_per_second >= 0):
-            problems.append("progress.samples_per_second: must be a finite number >= 0, got "
-                            f"{p.samples_per_second}")
-    elif kind == "interruption_notice":
-        if not math.isfinite(req.interruption_notice.deadline):
-            problems.append("interruption_notice.deadline: must be a finite unix time, got "
-                            f"{req.interruption_notice.deadline}")
-        if len(req.interruption_notice.action) > MAX_ID_CHARS:
-            problems.append(f"interruption_notice.action: at most {MAX_ID_CHARS} characters")
-    for name, value in numbers:
-        if value > MAX_STORED_INT:
-            problems.append(f"{kind}.{name}: {value} is beyond {MAX_STORED_INT}")
-    return problems
+def event_bytes(row: EventRow) -> bytes:
+    """The event as sent to watchers, serialized once however many watch it."""
+    if row.wire is None:
+        row.wire = event_proto(row).SerializeToString()
+    return row.wire
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     """What job clients call (the CLI, the SDK)."""
 
-    def __init__(self, coordinator: Coordinator, *,
-                 checkpoint_prefixes: Sequence[str] = ()) -> None:
+    def __init__(self, coordinator: Coordinator, loop: ControlLoop | None = None, *,
+                 checkpoint_prefixes: tuple[str, ...] | list[str] = (),
+                 max_watchers_per_principal: int = 64, max_calls: int = 256) -> None:
         self._c = coordinator
+        self._loop = loop
         self._prefixes = tuple(checkpoint_prefixes)
+        self.max_watchers = max_watchers_per_principal
+        self.max_calls = max_calls
+        self._watchers: Counter[str] = Counter()
+        self._calls = 0
+
+    async def _committed(self) -> None:
+        if self._loop is not None:
+            await self._loop.flush()
+        else:
+            self._c.commit()
+
+    async def _job(self, job_id: str, context: grpc.aio.ServicerContext) -> JobRecord:
+        """The job if the caller may see it; NOT_FOUND otherwise (the same answer for another
+        principal's job, so ids do not leak)."""
+        job = self._c.jobs.get(job_id)
+        if job is None or not visible(job, _principal()):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(job_id)}")
+        return job  # type: ignore[return-value]
+
+    async def _enter(self, context: grpc.aio.ServicerContext) -> None:
+        if self._calls >= self.max_calls:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the daemon is serving {self._calls} calls; try again")
+        self._calls += 1
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.SubmitJobResponse:
+        size = request.spec.ByteSize()
+        if size > MAX_SPEC_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"spec: {size} bytes is more than the {MAX_SPEC_BYTES} allowed")
         try:
             spec = validate_spec_proto(request.spec)
             if self._prefixes:
@@ -220,18 +114,22 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 except ValueError as exc:
                     raise SpecError([("checkpoint.uri", str(exc))]) from None
         except SpecError as exc:
+            from spotwise.daemon.validation import bad_request_status
+
             log.info("refused a job spec: %s", exc)
             await context.abort_with_status(bad_request_status(exc))
-        job = self._c.submit(spec.to_proto())
+        who = _principal()
+        await self._enter(context)
+        try:
+            job = self._c.submit(spec.to_proto(), owner=who.name if who else "")
+            await self._committed()
+        finally:
+            self._calls -= 1
         return jobs_pb2.SubmitJobResponse(job_id=job.row.id)
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest,
                      context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
-        try:
-            return self._c.job_proto(self._c.job(request.job_id))
-        except UnknownJob:
-            await _abort_unknown(context, request.job_id)
-            raise AssertionError("unreachable") from None
+        return self._c.job_proto(await self._job(request.job_id, context))
 
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
                        context: grpc.aio.ServicerContext) -> jobs_pb2.ListJobsResponse:
@@ -240,68 +138,168 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"states: unknown job state in {list(request.states)}")
-        jobs = sorted(self._c.jobs.values(), key=lambda j: (j.row.created_at, j.row.id))
-        return jobs_pb2.ListJobsResponse(
-            jobs=[self._c.job_proto(j) for j in jobs if not wanted or j.state in wanted]
-        )
+        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        after: tuple[float, str] | None = None
+        if request.page_token:
+            try:
+                created, _, job_id = base64.urlsafe_b64decode(
+                    request.page_token.encode()).decode().partition(" ")
+                after = (float(created), job_id)
+            except (ValueError, UnicodeDecodeError):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "page_token: not a token this daemon gave")
+        who = _principal()
+        jobs = sorted((j for j in self._c.jobs.values()
+                       if visible(j, who) and (not wanted or j.state in wanted)
+                       and (after is None or (j.row.created_at, j.row.id) > after)),
+                      key=lambda j: (j.row.created_at, j.row.id))
+        page = jobs[:size]
+        token = ""
+        if len(jobs) > size:
+            last = page[-1].row
+            token = base64.urlsafe_b64encode(f"{last.created_at!r} {last.id}".encode()).decode()
+        return jobs_pb2.ListJobsResponse(jobs=[self._c.job_proto(j) for j in page],
+                                         next_page_token=token)
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+        job = await self._job(request.job_id, context)
+        who = _principal()
         try:
-            job = self._c.cancel(request.job_id)
+            self._c.cancel(job.row.id, by=who.name if who else "")
         except UnknownJob:
-            await _abort_unknown(context, request.job_id)
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(request.job_id)}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await self._committed()
         return self._c.job_proto(job)
 
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[jobs_pb2.JobEvent]:
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        job = await self._job(request.job_id, context)
+        who = _principal()
+        name = who.name if who else ""
+        if self._watchers[name] >= self.max_watchers:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self._watchers[name]} watch streams already open for "
+                                f"{name or 'this daemon'} (at most {self.max_watchers})")
+        self._watchers[name] += 1
         try:
-            job = self._c.job(request.job_id)
-        except UnknownJob:
-            await _abort_unknown(context, request.job_id)
-        stream = self._c.events.watch(job.row.id, replay=request.replay,
-                                      ended=lambda: job.state.terminal)
-        try:
+            stream = self._c.events.watch(job.row.id, replay=request.replay,
+                                          ended=lambda: job.state.terminal)
             async for row in stream:
-                yield self._c.event_proto(row)
+                yield event_bytes(row)
         except WatcherLagged as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            self._watchers[name] -= 1
 
     async def GetCost(self, request: jobs_pb2.GetCostRequest,
                       context: grpc.aio.ServicerContext) -> jobs_pb2.CostReport:
-        try:
-            job = self._c.job(request.job_id)
-        except UnknownJob:
-            await _abort_unknown(context, request.job_id)
-        return self._c.cost_report(job)
+        return self._c.cost_report(await self._job(request.job_id, context))
+
+
+def add_job_service(servicer: JobServicer, server: grpc.aio.Server) -> None:
+    """Register JobService as the generated code does, except that WatchJob's answers are
+    bytes serialized once per event (see `event_bytes`)."""
+
+    class _Capture:
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+        def add_generic_rpc_handlers(self, _handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _name: str, handlers: dict) -> None:
+            self.handlers = handlers
+
+    capture = _Capture()
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, capture)
+    handlers = dict(capture.handlers)
+    handlers["WatchJob"] = grpc.unary_stream_rpc_method_handler(
+        servicer.WatchJob, request_deserializer=jobs_pb2.WatchJobRequest.FromString,
+        response_serializer=lambda b: b)
+    service = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """What node agents call."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, loop: ControlLoop | None = None) -> None:
         self._c = coordinator
+        self._loop = loop
+        self._streams: dict[str, object] = {}
+        """Node id -> the token of its current Heartbeats stream (a newer one replaces it)."""
 
     async def Register(self, request: agent_pb2.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> agent_pb2.RegisterResponse:
         problems = register_violations(request)
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
-        return self._c.register(request)
+        try:
+            response = self._c.agents.register(request, self._c.clock())
+        except NodeCredentialError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        if self._loop is not None:
+            await self._loop.flush()
+        else:
+            self._c.commit()
+        return response
 
     async def Heartbeat(self, request: agent_pb2.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> agent_pb2.HeartbeatResponse:
         started = time.perf_counter()
-        response = self._c.heartbeat(request)
+        try:
+            response = self._c.heartbeat(request)
+        except NodeCredentialError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         if self._c.metrics is not None:
             self._c.metrics.observe_heartbeat_latency(time.perf_counter() - started)
         return response
+
+    async def Heartbeats(self, request_iterator: AsyncIterator[agent_pb2.HeartbeatRequest],
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[agent_pb2.HeartbeatResponse]:
+        agents, metrics, clock = self._c.agents, self._c.metrics, self._c.clock
+        node_id, token = "", object()
+        try:
+            async for req in request_iterator:
+                started = time.perf_counter()
+                if not node_id:
+                    if req.node_id not in self._c.nodes:
+                        yield agent_pb2.HeartbeatResponse(reregister=True)
+                        return
+                    try:
+                        agents.authenticate(req.node_id, req.node_secret)
+                    except NodeCredentialError as exc:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                    node_id = req.node_id
+                    self._streams[node_id] = token
+                elif self._streams.get(node_id) is not token:
+                    await context.abort(grpc.StatusCode.ABORTED,
+                                        f"a newer heartbeat stream of node {node_id} replaced "
+                                        "this one")
+                elif req.node_id and req.node_id != node_id:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "a heartbeat stream speaks for one node")
+                yield agents.beat(self._c.nodes.get(node_id), req, clock())
+                if metrics is not None:
+                    metrics.observe_heartbeat_latency(time.perf_counter() - started)
+        finally:
+            if node_id and self._streams.get(node_id) is token:
+                del self._streams[node_id]
 
     async def ReportEvent(self, request: agent_pb2.ReportEventRequest,
                           context: grpc.aio.ServicerContext) -> agent_pb2.ReportEventResponse:
         problems = report_violations(request)
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
-        return self._c.report(request)
+        if request.node_id not in self._c.nodes:
+            return agent_pb2.ReportEventResponse(accepted=False,
+                                                 reason=f"unknown node {echo(request.node_id)}")
+        try:
+            return self._c.report(request)
+        except NodeCredentialError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            raise AssertionError("unreachable") from exc

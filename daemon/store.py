@@ -131,6 +131,17 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE jobs ADD COLUMN on_demand_usd REAL NOT NULL DEFAULT 0",
         ),
     ),
+    Migration(
+        4,
+        "node credentials, job owners, checkpoint health, and an index to thin progress events",
+        (
+            "ALTER TABLE nodes ADD COLUMN secret_hash TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE jobs ADD COLUMN checkpoint_failures INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE jobs ADD COLUMN last_checkpoint_error TEXT NOT NULL DEFAULT ''",
+            "CREATE INDEX events_by_job_kind ON events (job_id, kind, id)",
+        ),
+    ),
 ]
 
 
@@ -160,6 +171,12 @@ class JobRow:
     """Clock seconds up to which cost_usd is charged (0: never charged)."""
     on_demand_usd: float = 0.0
     """What the node-seconds charged so far would have cost on demand."""
+    owner: str = ""
+    """The principal that submitted the job ("" when the daemon checks no tokens)."""
+    checkpoint_failures: int = 0
+    """Checkpoint saves that failed in a row since the last commit."""
+    last_checkpoint_error: str = ""
+    """Why the last failed save failed."""
 
 
 @dataclass(kw_only=True)
@@ -185,6 +202,8 @@ class NodeRow:
     node_rank: int = 0
     drain_since: float | None = None
     drain_deadline: float | None = None
+    secret_hash: str = ""
+    """SHA-256 (hex) of the node's credential; "" for a node registered before credentials."""
 
 
 @dataclass(kw_only=True)
@@ -204,7 +223,8 @@ class GenerationRow:
 
 @dataclass(kw_only=True)
 class EventRow:
-    """A job event; `job` is the serialized spotwise.v1.Job after the event (may be empty)."""
+    """A job event; `job` is the serialized spotwise.v1.Job after the event, without its spec
+    (its figures: state, generation, world size, step, loss, cost ...; may be empty)."""
 
     job_id: str
     time: float
@@ -213,6 +233,9 @@ class EventRow:
     message: str
     job: bytes = b""
     id: int = 0
+    wire: bytes | None = field(default=None, compare=False, repr=False,
+                               metadata={"transient": True})
+    """The JobEvent as sent to watchers, serialized once (not stored)."""
 
 
 @dataclass(kw_only=True)
@@ -230,7 +253,34 @@ class CheckpointRow:
 
 
 def _columns(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
+    return [f.name for f in fields(cls) if not f.metadata.get("transient")]
+
+
+TABLE_KEYS: dict[type, tuple[str, tuple[str, ...]]] = {
+    JobRow: ("jobs", ("id",)),
+    NodeRow: ("nodes", ("id",)),
+    GenerationRow: ("generations", ("job_id", "generation")),
+}
+"""Each upserted row type's table and primary key."""
+
+
+def row_values(row: JobRow | NodeRow | GenerationRow) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """A row's table, key and column values, copied now (the caller may change the row next)."""
+    table, key = TABLE_KEYS[type(row)]
+    data = asdict(row)
+    if table == "generations":
+        data["members"] = json.dumps(data["members"])
+    return table, key, data
+
+
+@dataclass
+class StoredBatch:
+    """One tick's writes, as values copied on the event loop (the write runs in a thread)."""
+
+    rows: list[tuple[str, tuple[str, ...], dict[str, Any]]] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
+    checkpoints: list[CheckpointRow] = field(default_factory=list)
+    thin_progress: list[str] = field(default_factory=list)
 
 
 class Store:
@@ -317,10 +367,9 @@ class Store:
 
     # ---- writes (each one transaction unless given a connection inside one) ------------
 
-    def _upsert(self, conn: sqlite3.Connection, table: str, row: Any, key: tuple[str, ...]) -> None:
-        data = asdict(row)
-        if table == "generations":
-            data["members"] = json.dumps(data["members"])
+    @staticmethod
+    def _upsert(conn: sqlite3.Connection, table: str, key: tuple[str, ...],
+                data: dict[str, Any]) -> None:
         cols = list(data)
         updates = ", ".join(f"{c}=excluded.{c}" for c in cols if c not in key)
         conn.execute(
@@ -329,14 +378,13 @@ class Store:
             [data[c] for c in cols],
         )
 
-    def put_job(self, row: JobRow, conn: sqlite3.Connection | None = None) -> None:
-        self._write(lambda c: self._upsert(c, "jobs", row, ("id",)), conn)
+    def put(self, row: JobRow | NodeRow | GenerationRow,
+            conn: sqlite3.Connection | None = None) -> None:
+        """Insert or replace a job, node or generation row."""
+        values = row_values(row)
+        self._write(lambda c: self._upsert(c, *values), conn)
 
-    def put_node(self, row: NodeRow, conn: sqlite3.Connection | None = None) -> None:
-        self._write(lambda c: self._upsert(c, "nodes", row, ("id",)), conn)
-
-    def put_generation(self, row: GenerationRow, conn: sqlite3.Connection | None = None) -> None:
-        self._write(lambda c: self._upsert(c, "generations", row, ("job_id", "generation")), conn)
+    put_job = put_node = put_generation = put
 
     def add_event(self, row: EventRow, conn: sqlite3.Connection | None = None) -> int:
         """Store an event; returns its id (increasing: the order WatchJob replays)."""
@@ -369,6 +417,35 @@ class Store:
         self._write(write, conn)
         row.id = ids[0]
         return ids[0]
+
+    def write_batch(self, batch: StoredBatch) -> None:
+        """Write one tick's changes in one transaction (all or nothing); sets each event's id."""
+        with self.transaction() as conn:
+            for table, key, data in batch.rows:
+                self._upsert(conn, table, key, data)
+            for row in batch.checkpoints:
+                self.add_checkpoint(row, conn)
+            for row in batch.events:
+                self.add_event(row, conn)
+            for job_id in batch.thin_progress:
+                self._thin_progress(conn, job_id)
+
+    @staticmethod
+    def _thin_progress(conn: sqlite3.Connection, job_id: str) -> None:
+        """Delete every second progress event of the job: its history keeps its shape at half
+        the resolution (the other kinds are kept for the job's life)."""
+        conn.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
+            "(ORDER BY id) AS n FROM events WHERE job_id = ? AND kind = 'progress') "
+            "WHERE n % 2 = 0)",
+            (job_id,),
+        )
+
+    def progress_counts(self) -> dict[str, int]:
+        """Stored progress events per job."""
+        rows = self._select("SELECT job_id, COUNT(*) AS n FROM events WHERE kind = 'progress' "
+                            "GROUP BY job_id")
+        return {r["job_id"]: int(r["n"]) for r in rows}
 
     def _write(self, fn: Any, conn: sqlite3.Connection | None) -> None:
         if conn is not None:

@@ -36,6 +36,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from typing_extensions import Self
 
+from spotwise.common.address import check_host_port
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
@@ -128,10 +130,7 @@ class _Config(BaseSettings):
 
 
 def _check_host_port(value: str, what: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{what} must be host:port, got {value!r}")
-    return value
+    return check_host_port(value, what)
 
 
 class PricingSettings(BaseModel):
@@ -304,6 +303,11 @@ class DaemonConfig(_Config):
         default_factory=PricingSettings,
         description="Where node prices come from ([daemon.pricing]); an agent's non-zero "
         "price_per_hour overrides them.",
+    )
+    agent_prices: bool = Field(
+        False,
+        description="Charge each node the price_per_hour its agent reports (only for fleets "
+        "whose agents the operator controls); off: the price book prices every node.",
     )
     local_max_nodes: int = Field(
         3, ge=0, description="local provider: the most agent subprocesses it runs at once."

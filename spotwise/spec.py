@@ -18,7 +18,6 @@ import re
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -31,6 +30,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from spotwise.common.uri import check_uri
 
 if TYPE_CHECKING:
     from spotwise.proto.v1 import jobs_pb2
@@ -62,9 +63,6 @@ RESERVED_ENV = frozenset(
 RESERVED_ENV_PREFIX = "SPOTWISE_"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# S3 bucket naming rules (general purpose buckets): 3-63 of [a-z0-9.-], alphanumeric at both ends.
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_SCHEME_TYPO = re.compile(r"^(s3|s3a|file|gs|gcs|hdfs|https?|az|abfs):", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -90,56 +88,6 @@ class SpecError(ValueError):
                 return f"{prefix}{parts[0]}"
             return f"{prefix}invalid job spec: {parts[0]}"
         return f"{prefix}invalid job spec ({len(parts)} {noun}): " + "; ".join(parts)
-
-
-def check_checkpoint_uri(uri: str) -> str:
-    """Return `uri` if it names a place checkpoints can go, else raise ValueError saying why.
-
-    Accepted: a local path ("runs/ckpt", "/data/ckpt"), "file:///absolute/path" and
-    "s3://bucket" or "s3://bucket/prefix". It accepts exactly what the runtime's
-    spotwise.worker.storage.parse_uri accepts, so a job is never refused only at its first
-    checkpoint; this copy avoids importing fsspec where only the spec is checked.
-    """
-    if not uri or not uri.strip():
-        raise ValueError("must not be empty")
-    if uri != uri.strip():
-        raise ValueError("must not start or end with whitespace")
-    if _CONTROL.search(uri):
-        raise ValueError("must not contain control characters")
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme not in ("", "file", "s3"):
-        if "://" not in uri and _SCHEME_TYPO.match(uri):
-            raise ValueError(f"malformed URI {uri!r}: a scheme needs '://' (e.g. s3://bucket/prefix)")
-        raise ValueError(
-            f"unsupported URI scheme {parts.scheme!r} in {uri!r}: use a local path, "
-            "file:///path or s3://bucket/prefix"
-        )
-    if "://" not in uri and scheme == "s3":
-        raise ValueError(f"malformed URI {uri!r}: a scheme needs '://' (e.g. s3://bucket/prefix)")
-    if parts.query or parts.fragment or "?" in uri or "#" in uri:
-        raise ValueError(f"malformed URI {uri!r}: '?' and '#' are not allowed")
-    if scheme == "s3":
-        bucket, prefix = parts.netloc, parts.path.strip("/")
-        if not bucket:
-            raise ValueError(f"malformed URI {uri!r}: no bucket (expected s3://bucket/prefix)")
-        if not _S3_BUCKET.match(bucket) or ".." in bucket:
-            raise ValueError(
-                f"malformed URI {uri!r}: {bucket!r} is not a valid S3 bucket name "
-                "(3-63 lowercase letters, digits, '.' or '-')"
-            )
-        if "//" in prefix or any(part in (".", "..") for part in prefix.split("/")):
-            raise ValueError(f"malformed URI {uri!r}: the prefix has an empty or relative segment")
-        return uri
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(
-                f"malformed URI {uri!r}: file:// takes no host; write file:///absolute/path "
-                "or a plain path"
-            )
-        if not parts.path:
-            raise ValueError(f"malformed URI {uri!r}: no path")
-    return uri
 
 
 def _check_env_name(key: str) -> str:
@@ -208,7 +156,7 @@ class CheckpointSpec(_Model):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return check_checkpoint_uri(value)
+        return check_uri(value)
 
 
 class JobSpec(_Model):

@@ -29,7 +29,7 @@ import pytest
 from spotwise.client import Client, state_name
 from spotwise.cloud.local import LocalProvider, scan_marked
 from spotwise.cloud.provider import NodeRequest
-from spotwise.worker.ledger import verify_ledger
+from spotwise.worker.runtime.ledger import verify_ledger
 from tests.support.wait import until as _until
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ import yaml
 from spotwise.client import Client, state_name
 from spotwise.cloud.local import LocalProvider, processes_with_env, scan_marked
 from spotwise.cloud.provider import NodeRequest
-from spotwise.worker.ledger import verify_ledger
+from spotwise.worker.runtime.ledger import verify_ledger
 from tests.support.wait import until as _until
 
 pytestmark = pytest.mark.slow

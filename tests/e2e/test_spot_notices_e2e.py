@@ -32,7 +32,7 @@ from spotwise.cloud.local import LocalProvider, scan_marked, stop_process_group
 from spotwise.cloud.provider import NodeRequest
 from spotwise.cloud.replay import TraceReplayer
 from spotwise.cloud.trace import ReplayEvent, ReplaySchedule
-from spotwise.worker.ledger import verify_ledger
+from spotwise.worker.runtime.ledger import verify_ledger
 from tests.support.wait import until as _until
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from spotwise.worker.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
+from spotwise.worker.runtime.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
 from tests.support.launch import TINY, checked, torchrun
 from tests.support.s3 import make_bucket, moto_s3
 from tests.test_checkpoint_common import assert_equal_state

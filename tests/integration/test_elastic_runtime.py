@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from spotwise.worker.ledger import verify_ledger
+from spotwise.worker.runtime.ledger import verify_ledger
 from tests.support.launch import TINY, checked, torchrun
 
 STEPS, EVERY, GLOBAL, DATASET = 20, 3, 24, 100

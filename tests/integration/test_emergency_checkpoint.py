@@ -7,7 +7,7 @@ step through the per-step control all-reduce, so they checkpoint together.
 import json
 import signal
 
-from spotwise.worker.events import EventsTail
+from spotwise.worker.runtime.events import EventsTail
 from tests.support.launch import TINY, kill_all, spawn_ranks
 from tests.support.wait import until as _wait_for
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from spotwise.daemon.sdnotify import (
+from spotwise.common.sdnotify import (
     Notifier,
     NotifyError,
     child_environment,
@@ -157,7 +157,7 @@ def test_no_watchdog_task_without_watchdog_usec(systemd: FakeSystemd) -> None:
 CHILD = textwrap.dedent(
     """
     import asyncio, signal
-    from spotwise.daemon.sdnotify import Notifier, start_watchdog
+    from spotwise.common.sdnotify import Notifier, start_watchdog
 
     async def main():
         notifier = Notifier.from_env()

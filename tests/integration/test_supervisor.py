@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spotwise.worker.supervisor import LaunchSpec, Supervisor
+from spotwise.worker.agent.supervisor import LaunchSpec, Supervisor
 from tests.support.wait import until as _wait_for
 
 CONTRACT_VARS = {
@@ -205,7 +205,7 @@ def test_logs_capture_stdout_and_stderr_per_rank(tmp_path: Path) -> None:
 
 
 def test_bad_working_dir_is_refused(tmp_path: Path) -> None:
-    from spotwise.worker.supervisor import SupervisorError
+    from spotwise.worker.agent.supervisor import SupervisorError
 
     sup = Supervisor(_spec([sys.executable, "-c", "pass"], working_dir=str(tmp_path / "nope")),
                      log_dir=tmp_path / "logs")

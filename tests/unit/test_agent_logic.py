@@ -9,7 +9,7 @@ import pytest
 
 from spotwise.proto.v1 import agent_pb2, jobs_pb2
 from spotwise.worker.agent import Backoff, event_report, launch_spec
-from spotwise.worker.events import EventsTail
+from spotwise.worker.runtime.events import EventsTail
 
 
 def test_restores_progress_and_commits_of_rank0_become_reports() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from spotwise.common.uri import check_checkpoint_uri
 from spotwise.daemon.auth import (
     AGENT_SERVICE,
     JOB_SERVICE,
@@ -17,7 +18,6 @@ from spotwise.daemon.auth import (
     Principal,
     Role,
     TokenStore,
-    check_checkpoint_uri,
     check_listen,
     decide_access,
     hash_token,
@@ -69,7 +69,7 @@ def test_duplicate_hash_is_refused() -> None:
 
 def test_bad_mint_arguments() -> None:
     with pytest.raises(ValueError):
-        mint_token("admin", "alice")
+        mint_token("root", "alice")
     with pytest.raises(ValueError):
         mint_token("client", "has space")
 

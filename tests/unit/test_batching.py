@@ -1,6 +1,6 @@
 import pytest
 
-from spotwise.worker.batching import BatchPlan
+from spotwise.worker.runtime.batching import BatchPlan
 
 
 def test_accumulation_absorbs_world_size_changes():

@@ -14,6 +14,10 @@ from spotwise.proto.v1 import agent_pb2
 from spotwise.spec import JobSpec
 
 
+SECRETS: dict[str, str] = {}
+"""Node id -> the credential its Register issued."""
+
+
 class Clock:
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
@@ -36,8 +40,9 @@ def spec(**kw: object) -> JobSpec:
 
 
 def join(coord: Coordinator, address: str) -> str:
-    return coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1)
-                          ).node_id
+    resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1))
+    SECRETS[resp.node_id] = resp.node_secret
+    return resp.node_id
 
 
 def test_lost_steps_count_the_work_replayed_from_the_last_commit(tmp_path: Path) -> None:
@@ -48,15 +53,15 @@ def test_lost_steps_count_the_work_replayed_from_the_last_commit(tmp_path: Path)
     clock.now += 1
     coord.tick()
     assert job.row.generation == 1 and sorted(job.members) == sorted([a, b])
-    report = agent_pb2.ReportEventRequest(node_id=a, job_id=job.row.id, generation=1)
+    report = agent_pb2.ReportEventRequest(node_id=a, node_secret=SECRETS[a], job_id=job.row.id, generation=1)
     report.checkpoint_committed.step = 10
     assert coord.report(report).accepted
-    report = agent_pb2.ReportEventRequest(node_id=a, job_id=job.row.id, generation=1)
+    report = agent_pb2.ReportEventRequest(node_id=a, node_secret=SECRETS[a], job_id=job.row.id, generation=1)
     report.progress.step = 14
     assert coord.report(report).accepted
     # b goes silent; a keeps heartbeating.
     clock.now += 2.5
-    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=a, job_id=job.row.id, generation=1))
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=a, node_secret=SECRETS[a], job_id=job.row.id, generation=1))
     coord.tick()
     assert coord.nodes[b].state is NodeState.LOST
     assert job.row.generation == 2 and job.members == [a]
@@ -70,7 +75,7 @@ def test_lost_steps_count_the_work_replayed_from_the_last_commit(tmp_path: Path)
 
 def _report(coord: Coordinator, node: str, job_id: str, generation: int, kind: str,
             **fields: int) -> bool:
-    req = agent_pb2.ReportEventRequest(node_id=node, job_id=job_id, generation=generation)
+    req = agent_pb2.ReportEventRequest(node_id=node, node_secret=SECRETS[node], job_id=job_id, generation=generation)
     getattr(req, kind).SetInParent()
     for name, value in fields.items():
         setattr(getattr(req, kind), name, value)
@@ -94,7 +99,7 @@ def test_lost_steps_follow_where_the_generation_really_restored(
     assert _report(coord, a, job.row.id, 1, "checkpoint_committed", step=10)
     assert _report(coord, a, job.row.id, 1, "progress", step=14)
     clock.now += 2.5
-    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=a, job_id=job.row.id, generation=1))
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=a, node_secret=SECRETS[a], job_id=job.row.id, generation=1))
     coord.tick()
     assert job.row.generation == 2 and job.row.lost_steps == 4 and job.restore_step == 10
     assert _report(coord, a, job.row.id, 2, "restored", step=restored, world_size=1)
@@ -103,6 +108,7 @@ def test_lost_steps_follow_where_the_generation_really_restored(
     assert _report(coord, a, job.row.id, 2, "restored", step=restored, world_size=1)
     assert job.row.lost_steps == lost
     assert not _report(coord, a, job.row.id, 1, "restored", step=14, world_size=1)
+    coord.tick()  # reports are stored with the next tick
     assert make(tmp_path, clock).jobs[job.row.id].row.lost_steps == lost
 
 
@@ -135,9 +141,11 @@ def test_a_nan_loss_is_reported_without_breaking_the_store(tmp_path: Path) -> No
     clock.now += 1
     coord.tick()
     for step, loss in ((3, 2.5), (4, float("nan"))):
-        report = agent_pb2.ReportEventRequest(node_id=a, job_id=job.row.id, generation=job.row.generation)
+        report = agent_pb2.ReportEventRequest(node_id=a, node_secret=SECRETS[a], job_id=job.row.id, generation=job.row.generation)
         report.progress.step, report.progress.loss = step, loss
         assert coord.report(report).accepted
     assert (job.row.step, job.row.loss) == (4, 2.5)
+    clock.now += 5  # progress is soft state, stored every few seconds
+    coord.tick()
     reloaded = Coordinator(Store(tmp_path / "db"), policy=Policy(), heartbeat_interval_s=0.5, clock=clock)
     assert reloaded.jobs[job.row.id].row.step == 4

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 import torch
 
-from spotwise.worker.dcp_reader import load_tensor
+from spotwise.worker.runtime.dcp_reader import load_tensor
 
 
 def _saved(t):
@@ -63,7 +63,7 @@ def test_not_an_archive_falls_back_to_torch_load_which_refuses():
 def test_real_dcp_items_take_the_fast_path_not_torch_load(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    from spotwise.worker.dcp_reader import LocalReader
+    from spotwise.worker.runtime.dcp_reader import LocalReader
 
     # Tensors only: DCP loads non-tensor values with torch.load itself (patched here too).
     saved = {"w": torch.randn(64, 32), "b": torch.arange(7, dtype=torch.int32)}
@@ -73,6 +73,6 @@ def test_real_dcp_items_take_the_fast_path_not_torch_load(tmp_path, monkeypatch)
     def no_torch_load(*args, **kwargs):
         raise AssertionError("tensor items must not need torch.load")
 
-    monkeypatch.setattr("spotwise.worker.dcp_reader.torch.load", no_torch_load)
+    monkeypatch.setattr("spotwise.worker.runtime.dcp_reader.torch.load", no_torch_load)
     dcp.load(target, storage_reader=LocalReader(str(tmp_path)))
     assert torch.equal(target["w"], saved["w"]) and torch.equal(target["b"], saved["b"])

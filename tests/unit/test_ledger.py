@@ -1,7 +1,7 @@
 import pytest
 
-from spotwise.worker.ledger import Ledger, LedgerError, verify_ledger
-from spotwise.worker.sampler import GlobalSampler
+from spotwise.worker.runtime.ledger import Ledger, LedgerError, verify_ledger
+from spotwise.worker.runtime.sampler import GlobalSampler
 
 N, B = 10, 4
 

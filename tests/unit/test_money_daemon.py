@@ -38,6 +38,10 @@ G4_OD = OFFLINE.on_demand["g4dn.xlarge"]
 G4_SPOT = OFFLINE.spot_price("g4dn.xlarge")
 
 
+SECRETS: dict[str, str] = {}
+"""Node id -> the credential its Register issued."""
+
+
 class Clock:
     def __init__(self, now: float = 1_800_000_000.0) -> None:
         self.now = now
@@ -188,7 +192,7 @@ def test_no_cap_without_budget_for_a_job_without_nodes_or_of_unknown_length() ->
 def make(tmp_path: Path, clock: Clock, **kw: object) -> Coordinator:
     policy = Policy(lease_s=1e9, settle_s=0.5, settle_max_s=1.5, grow_checkpoint_timeout_s=0)
     return Coordinator(Store(tmp_path / "db"), policy=policy, heartbeat_interval_s=0.5,
-                       accounting_interval_s=10.0, clock=clock, **kw)
+                       accounting_interval_s=10.0, clock=clock, agent_prices=True, **kw)
 
 
 def spec(**kw: object) -> JobSpec:
@@ -202,13 +206,15 @@ def join(coord: Coordinator, address: str, **kw: object) -> str:
     fields: dict[str, object] = {"instance_type": "g4dn.xlarge", "zone": "us-east-1a",
                                  "lifecycle": "spot"}
     fields.update(kw)
-    return coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1,
-                                                    **fields)).node_id
+    resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1,
+                                                    **fields))
+    SECRETS[resp.node_id] = resp.node_secret
+    return resp.node_id
 
 
 def progress(coord: Coordinator, node: str, job_id: str, generation: int, step: int,
              sps: float) -> None:
-    report = agent_pb2.ReportEventRequest(node_id=node, job_id=job_id, generation=generation)
+    report = agent_pb2.ReportEventRequest(node_id=node, node_secret=SECRETS[node], job_id=job_id, generation=generation)
     report.progress.step = step
     report.progress.samples_per_second = sps
     report.progress.world_size = 1
@@ -319,7 +325,7 @@ def test_growth_the_projection_cannot_carry_is_refused_and_said(tmp_path: Path) 
     # spent $2 so far (2 s at $1/s), 200 steps left at 1 step/s at $1/s
     assert report.projected_usd == pytest.approx(report.spent_usd + 200.0)
     # the price falls (the agent re-registers cheaper): growth is allowed again, and happens
-    coord.register(agent_pb2.RegisterRequest(node_id=b, address="10.0.0.2", store_port=7000,
+    coord.register(agent_pb2.RegisterRequest(node_id=b, node_secret=SECRETS[b], address="10.0.0.2", store_port=7000,
                                              slots=1, price_per_hour=3600.0))
     clock.now += 1
     coord.tick()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from spotwise.worker.sampler import GlobalSampler
+from spotwise.worker.runtime.sampler import GlobalSampler
 
 
 def test_every_index_once_per_epoch_including_windows_across_epochs():

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from spotwise.common.uri import check_uri
 from spotwise.proto.v1 import jobs_pb2
 from spotwise.spec import (
     CheckpointSpec,
     JobSpec,
     NodeRange,
     SpecError,
-    check_checkpoint_uri,
     validate_spec_dict,
     validate_spec_proto,
 )
@@ -238,7 +238,7 @@ GOOD_URIS = [
 
 @pytest.mark.parametrize("uri", GOOD_URIS)
 def test_good_checkpoint_uris_are_accepted_by_the_spec_and_the_runtime(uri: str) -> None:
-    from spotwise.worker.storage import parse_uri
+    from spotwise.worker.runtime.storage import parse_uri
 
     assert validate_spec_dict(_minimal(checkpoint={"uri": uri})).checkpoint.uri == uri
     # What the spec accepts, the runtime's storage layer must accept too (checked at submit
@@ -247,12 +247,12 @@ def test_good_checkpoint_uris_are_accepted_by_the_spec_and_the_runtime(uri: str)
 
 
 def test_spec_never_accepts_a_uri_the_runtime_refuses() -> None:
-    from spotwise.worker.storage import parse_uri
+    from spotwise.worker.runtime.storage import parse_uri
 
     candidates = ["C:/x", "ckpt:v1", "s3a://bucket/x", "hdfs://nn/x", "file:", "s3://b", "a?b"]
     for uri in candidates:
         try:
-            check_checkpoint_uri(uri)
+            check_uri(uri)
         except ValueError:
             continue
         parse_uri(uri)  # raises if the spec was more lenient than the runtime

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from spotwise.worker.storage import AlreadyExists, filesystem, parse_uri, write_create_only
+from spotwise.worker.runtime.storage import AlreadyExists, filesystem, parse_uri, write_create_only
 
 
 @pytest.mark.parametrize(
@@ -28,13 +28,13 @@ def test_relative_path_becomes_absolute():
     "uri, words",
     [
         ("", "empty"),
-        ("gs://bucket/x", "unsupported scheme 'gs'"),
-        ("s3:///prefix", "names no bucket"),
+        ("gs://bucket/x", "unsupported URI scheme 'gs'"),
+        ("s3:///prefix", "no bucket"),
         ("s3://Bad_Bucket/x", "not a valid S3 bucket name"),
-        ("s3://b/x?versionId=1", "query"),
-        ("file://host/x", "take no host"),
+        ("s3://b/x?versionId=1", "'?' and '#' are not allowed"),
+        ("file://host/x", "file:// takes no host"),
         (" /tmp/x", "whitespace"),
-        ("s3://bucket/a//b", "empty path segment"),
+        ("s3://bucket/a//b", "empty or relative segment"),
     ],
 )
 def test_malformed_uris_say_what_is_wrong(uri, words):

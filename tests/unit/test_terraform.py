@@ -30,8 +30,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from spotwise.common.uri import check_checkpoint_uri
 from spotwise.config import AgentConfig, DaemonConfig
-from spotwise.daemon.auth import check_checkpoint_uri, check_listen
+from spotwise.daemon.auth import check_listen
 
 ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM = ROOT / "deploy" / "terraform"

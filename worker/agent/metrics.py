@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from spotwise.daemon.metrics import HEARTBEAT_BUCKETS_S
+from spotwise.common.exporter import HEARTBEAT_BUCKETS_S
 
 EXIT_OUTCOMES = ("ok", "stopped", "failed")
 """How a training process ended: exit 0, stopped on request (143), anything else."""

@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-from spotwise.worker.dcp_reader import LocalReader, RemoteReader
-from spotwise.worker.storage import (
+from spotwise.worker.runtime.dcp_reader import LocalReader, RemoteReader
+from spotwise.worker.runtime.storage import (
     AlreadyExists,
     StorageError,
     StorageURI,

@@ -38,19 +38,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
-from spotwise.worker.batching import BatchPlan
-from spotwise.worker.checkpoint import (
+from spotwise.worker.runtime.batching import BatchPlan
+from spotwise.worker.runtime.checkpoint import (
     CheckpointConfig,
     Checkpointer,
     CheckpointError,
     Manifest,
     newest_generation,
 )
-from spotwise.worker.events import EventLog
-from spotwise.worker.ledger import Ledger
-from spotwise.worker.sampler import GlobalSampler
-from spotwise.worker.sharding import shard_model
-from spotwise.worker.storage import filesystem, parse_uri
+from spotwise.worker.runtime.events import EventLog
+from spotwise.worker.runtime.ledger import Ledger
+from spotwise.worker.runtime.sampler import GlobalSampler
+from spotwise.worker.runtime.sharding import shard_model
+from spotwise.worker.runtime.storage import filesystem, parse_uri
 
 log = logging.getLogger("spotwise.runtime")
 
@@ -442,7 +442,7 @@ def run_main(main: Any) -> None:
     the way out the process group is destroyed and the process exits at once with the script's
     code (atexit handlers do not run).
     """
-    from spotwise.worker.storage import StorageError
+    from spotwise.worker.runtime.storage import StorageError
 
     code = 0
     try:

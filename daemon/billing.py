@@ -1,0 +1,221 @@
+"""Where a node is billed: each job's ledger, charged at every accounting tick and membership
+change, the budget's stop and growth cap, instance-type ranking, and GetCost (flow 8).
+
+The rules are pure and live in `daemon.budget` (ledger, projection, stop, growth cap, ranking)
+and `daemon.prices` (one node's quote); this module gathers their inputs from the state and
+stages what they change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from spotwise.daemon.budget import (
+    BudgetJob,
+    InstanceOption,
+    Ledger,
+    NodePrice,
+    choose_instance_types,
+    cost_summary,
+    plan_budget_stop,
+    plan_growth_cap,
+)
+from spotwise.daemon.model import JobState, NodeState, SetJobState
+from spotwise.daemon.outbox import Outbox
+from spotwise.daemon.prices import NodePricer, Quote, combined_source
+from spotwise.daemon.state import JobRecord, NodeRecord, State
+from spotwise.daemon.store import NodeRow
+from spotwise.proto.v1 import jobs_pb2
+
+if TYPE_CHECKING:
+    from spotwise.daemon.metrics import Metrics
+
+log = logging.getLogger("spotwise.daemon.coordinator")
+
+
+class Billing:
+    """The ledgers of every job and the decisions money takes."""
+
+    def __init__(self, state: State, outbox: Outbox, *, pricer: NodePricer,
+                 accounting_interval_s: float, default_instance_types: tuple[str, ...],
+                 metrics: Metrics | None, clock: Callable[[], float]) -> None:
+        self.state = state
+        self.outbox = outbox
+        self.pricer = pricer
+        self.accounting_interval_s = accounting_interval_s
+        self.default_instance_types = default_instance_types
+        self.metrics = metrics
+        self.clock = clock
+        self.ledgers: dict[str, Ledger] = {}
+
+    def billed_nodes(self, job: JobRecord) -> list[NodeRecord]:
+        """The nodes the job pays for: its live members, and idle nodes a provider launched
+        for it (they cost money while they wait to join it)."""
+        nodes = self.state.nodes
+        members = [nodes[n] for n in job.members
+                   if n in nodes and nodes[n].state is not NodeState.LOST]
+        idle = [n for n in nodes.values()
+                if n.launched_for == job.row.id and not n.row.job_id and n.row.id not in job.members
+                and n.state in (NodeState.JOINING, NodeState.READY)]
+        return members + sorted(idle, key=lambda n: n.row.id)
+
+    def bill(self, job: JobRecord, now: float, *, ending: bool = False) -> Ledger:
+        """Charge the job's nodes up to now, and bill its nodes (none if `ending`) from now on."""
+        quotes = {} if ending else {n.row.id: self.quote(n.row) for n in self.billed_nodes(job)}
+        if quotes:
+            job.price_source = combined_source({q.source for q in quotes.values()})
+        prices: dict[str, NodePrice] = {n: q.price for n, q in quotes.items()}
+        ledger = self.ledgers.get(job.row.id)
+        if ledger is None:
+            # The first charge since this daemon started. After a restart the spend so far
+            # comes from the store, and the time the daemon was down is charged at the prices
+            # of the nodes the job holds now: they ran (and cost money) while nobody watched.
+            # A node that died meanwhile is charged to now, so the spend errs high, never low.
+            ledger = Ledger(last_tick=job.row.cost_at or now, spent_usd=job.row.cost_usd,
+                            on_demand_equivalent_usd=job.row.on_demand_usd or job.row.cost_usd,
+                            billing=prices if job.row.cost_at and job.members else {})
+        ledger = ledger.tick(now, prices)
+        self.ledgers[job.row.id] = ledger
+        job.row.cost_usd, job.row.cost_at = ledger.spent_usd, ledger.last_tick
+        job.row.on_demand_usd = ledger.on_demand_equivalent_usd
+        if self.metrics is not None:
+            self.metrics.set_cost_total(job.row.id, ledger.spent_usd)
+        return ledger
+
+    def quote(self, row: NodeRow) -> Quote:
+        return self.pricer.quote(instance_type=row.instance_type, zone=row.zone,
+                                 lifecycle=row.lifecycle, override_usd_per_hour=row.price_per_hour)
+
+    def budget_job(self, job: JobRecord) -> BudgetJob:
+        """What the budget policy knows of a job: its remaining samples come from the spec's
+        total_steps (None when unknown) and the last reported step."""
+        spec = job.spec
+        remaining = None
+        if spec.total_steps:
+            remaining = max(0, spec.total_steps - job.row.step) * spec.global_batch_size
+        # Throughput measured at another world size (a rescale just happened) says little
+        # about this one: unknown until the new generation reports.
+        measured = job.progress_world_size in (0, len(job.members) * spec.nproc_per_node)
+        return BudgetJob(job_id=job.row.id, budget_usd=spec.budget_usd,
+                         remaining_samples=remaining,
+                         samples_per_second=job.row.samples_per_second if measured else 0.0,
+                         nodes=len(job.members))
+
+    def _added_node_prices(self, job: JobRecord) -> list[float]:
+        """Hourly prices of the nodes a growth would add, in the order the controller would
+        take them: free READY nodes that fit, then new nodes of the best-ranked type."""
+        room = max(0, job.spec.nodes.max - len(job.members))
+        if room == 0:
+            return []
+        free = sorted(
+            (n for n in self.state.nodes.values()
+             if n.state in (NodeState.READY, NodeState.JOINING) and not n.row.job_id
+             and (n.row.slots == 0 or n.row.slots >= job.spec.nproc_per_node)),
+            key=lambda n: (n.launched_for != job.row.id, n.row.joined_at, n.row.id))
+        prices = [self.quote(n.row).price.usd_per_hour for n in free[:room]]
+        types = self.instance_types_for(job)
+        new = self.pricer.type_price(types[0], job.spec.market or "spot") if types else None
+        if new is not None:
+            prices += [new] * (room - len(prices))
+        return prices
+
+    def cap_growth(self, now: float) -> None:
+        """Before each plan: the most nodes each running job's budget lets it grow to
+        (budget.plan_growth_cap, priced with the nodes it would get), so the controller never
+        takes a node the projection cannot carry, even one that just became free."""
+        for job in self.state.jobs.values():
+            ledger = self.ledgers.get(job.row.id)
+            if job.state.terminal or not job.members or ledger is None or not job.spec.budget_usd:
+                job.budget_cap = job.announced_cap = None  # nothing to cap
+                continue
+            cap = plan_growth_cap(now, self.budget_job(job), ledger,
+                                  tick_s=self.accounting_interval_s, max_nodes=job.spec.nodes.max,
+                                  added_usd_per_hour=self._added_node_prices(job))
+            job.budget_cap = cap.max_nodes if cap.refused else None
+            job.budget_cap_reason = cap.reason
+
+    def account(self, now: float, event: Callable[[JobRecord, float, str, str], None]
+                ) -> list[SetJobState]:
+        """An accounting tick: charge every live job and stage its row; return the stops of
+        those the budget cannot carry for one more tick (BUDGET_EXHAUSTED; their agents'
+        SIGTERM takes the final checkpoint); announce growth caps that changed."""
+        stops = []
+        for job in self.state.jobs.values():
+            if job.state.terminal:
+                continue
+            ledger = self.bill(job, now)
+            self.outbox.stage(job.row)
+            stop = plan_budget_stop(now, self.budget_job(job), ledger,
+                                    tick_s=self.accounting_interval_s)
+            if stop is not None:
+                stops.append(SetJobState(job_id=job.row.id, state=JobState.BUDGET_EXHAUSTED,
+                                         release=True, reason=stop.reason))
+                continue
+            if job.budget_cap != job.announced_cap:
+                # Announced at accounting ticks only, so a projection hovering at the
+                # budget does not flood the job's events.
+                job.announced_cap = job.budget_cap
+                message = (f"budget: {job.budget_cap_reason}" if job.budget_cap is not None
+                           else f"budget: growth allowed again ({job.budget_cap_reason})")
+                job.row.message = message
+                job.row.updated_at = now
+                log.log(logging.WARNING if job.budget_cap is not None else logging.INFO,
+                        "job=%s generation=%d: %s", job.row.id, job.row.generation, message)
+                event(job, now, "cost", message)
+        return stops
+
+    def instance_types_for(self, job: JobRecord) -> tuple[str, ...]:
+        """The job's allowed instance types, best first by price per unit of measured
+        throughput (budget.choose_instance_types); types no price source knows go last, in
+        the spec's order. A spec that names none gets the provider's defaults ranked (empty
+        if it has none)."""
+        types = list(job.spec.instance_types) or list(self.default_instance_types)
+        if len(types) < 2:
+            return tuple(types)
+        market = job.spec.market or "spot"
+        options, unpriced = [], []
+        for itype in types:
+            usd = self.pricer.type_price(itype, market)
+            if usd is None:
+                unpriced.append(itype)
+            else:
+                options.append(InstanceOption(
+                    instance_type=itype, usd_per_hour=usd,
+                    samples_per_second=job.type_samples_per_second.get(itype)))
+        if not options:
+            return tuple(types)
+        choice = choose_instance_types(options)
+        ranked = choice.ranked + tuple(unpriced)
+        if ranked != job.instance_order:
+            job.instance_order = ranked
+            log.info("job=%s: instance types %s: %s", job.row.id, ", ".join(ranked),
+                     choice.reason)
+        return ranked
+
+    def cost_report(self, job: JobRecord, now: float | None = None) -> jobs_pb2.CostReport:
+        """GetCost: spend and rate as of `now` (the running interval included), the projection
+        to completion (0 when unknown: no total_steps or no throughput yet; the final spend once
+        the job ended), and the saving against the same node-seconds on demand."""
+        now = self.clock() if now is None else now
+        ledger = self.ledgers.get(job.row.id)
+        if ledger is not None and not job.state.terminal:
+            summary = cost_summary(now, self.budget_job(job), ledger)
+            spent, rate = summary.spent_usd, summary.rate_usd_per_hour
+            projected = summary.projected_usd or 0.0
+            on_demand = summary.on_demand_equivalent_usd
+        else:
+            spent, rate = job.row.cost_usd, 0.0
+            projected = spent if job.state.terminal else 0.0
+            on_demand = ledger.on_demand_equivalent_usd if ledger is not None else spent
+        return jobs_pb2.CostReport(
+            job_id=job.row.id,
+            spent_usd=spent,
+            rate_usd_per_hour=rate,
+            projected_usd=projected,
+            budget_usd=job.spec.budget_usd,
+            on_demand_equivalent_usd=max(on_demand, spent),
+            savings_usd=max(0.0, on_demand - spent),
+            price_source=job.price_source or "no node billed since the daemon started",
+        )

@@ -1,0 +1,80 @@
+"""The one control loop: plan over what changed, carry it out, write the tick in one
+transaction off the event loop, then publish it.
+
+Handlers wake the loop (`wake`); it also ticks every `tick_s` for the rules that depend on the
+clock (leases, settle windows, drain deadlines). Ticks are at least `min_gap_s` apart, so a
+burst of facts (2,000 agents reporting a new generation) is planned in a few ticks, not in
+thousands. Callers whose answer must follow their write (Submit, Cancel, Register) `await
+flush()`: it resolves once the tick holding their change is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from spotwise.daemon.coordinator import Coordinator
+
+log = logging.getLogger(__name__)
+
+
+class ControlLoop:
+    def __init__(self, coordinator: Coordinator, *, tick_s: float, min_gap_s: float = 0.02,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.coordinator = coordinator
+        self.tick_s = tick_s
+        self.min_gap_s = min_gap_s
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self.ticks = 0
+        coordinator.wake = self.wake
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until what is staged now is committed; raises the store's error if the write
+        failed (then the change did not happen)."""
+        waiter = self.coordinator.outbox.waiter()
+        self.wake()
+        await waiter
+
+    async def tick_once(self) -> None:
+        c = self.coordinator
+        c.plan_tick(self.clock())
+        batch = c.take()
+        if batch.empty:
+            return
+        try:
+            await asyncio.to_thread(c.store.write_batch, batch.stored)
+        except Exception as exc:  # any store failure: the tick did not happen
+            c.write_failed(batch, exc)
+            raise
+        c.committed(batch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            self._wake.clear()
+            try:
+                await self.tick_once()
+            except Exception:
+                # A bug or a failed write in one tick must not stop the loop that detects lost
+                # nodes; it is logged with its traceback and the next tick tries again.
+                log.exception("control loop tick failed")
+            self.ticks += 1
+            gap = self.min_gap_s - (time.monotonic() - started)
+            if gap > 0:
+                await asyncio.sleep(gap)
+            if self._wake.is_set() or stop.is_set():
+                continue
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, timeout=self.tick_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stopper.cancel()

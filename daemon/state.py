@@ -1,0 +1,223 @@
+"""The daemon's live state: jobs and nodes in memory, loaded from the store (flow 9).
+
+A record holds a stored row (what survives a restart) and soft facts that agents report again
+after one (heartbeat times, what runs, progress). The controller's views are kept, not rebuilt:
+`State.snapshot()` refreshes only the views of records marked `changed` since the last one, so
+a tick costs what changed, not the size of the fleet.
+
+Everything here runs on the daemon's event loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from spotwise.daemon.model import ClusterState, JobState, JobView, NodeState, NodeView, Policy
+from spotwise.daemon.store import JobRow, NodeRow, Store
+from spotwise.proto.v1 import jobs_pb2
+
+log = logging.getLogger(__name__)
+
+
+class UnknownJob(KeyError):
+    """No job has this id."""
+
+
+@dataclass(kw_only=True)
+class JobRecord:
+    row: JobRow
+    spec: jobs_pb2.JobSpec
+    members: list[str] = field(default_factory=list)
+    generation_started_at: float = 0.0
+    restore_step: int = -1
+    step_before: int = 0
+    """The job's step when the current generation started (0 after a daemon restart)."""
+    lost_this_generation: int = 0
+    """Steps of step_before that the current generation replays: counted from restore_step
+    when it starts, from where it really restored once it says (its Restored report)."""
+    restored_seen: bool = False
+    """Whether the current generation's processes said where they restored."""
+    generation_reason: str = ""
+    # Soft state of the current generation, rebuilt from heartbeats after a restart.
+    exit_codes: dict[int, int] = field(default_factory=dict)
+    failed_at: float | None = None
+    checkpoint_requested_at: float | None = None
+    # Money (soft state, rebuilt after a restart by the next accounting tick and progress).
+    budget_cap: int | None = None
+    """Most nodes the budget lets the job grow to; None: not capped."""
+    budget_cap_reason: str = ""
+    announced_cap: int | None = None
+    """The cap the job's message and events last told about."""
+    price_source: str = ""
+    """Where the prices of the nodes last billed came from."""
+    type_samples_per_second: dict[str, float] = field(default_factory=dict)
+    """Instance type -> measured samples/s of one node, from progress with one type only."""
+    instance_order: tuple[str, ...] = ()
+    """The last instance-type ranking (logged when it changes)."""
+    progress_world_size: int = 0
+    """World size of the last progress report (0: none since the daemon started)."""
+    last_progress_loss: float = math.nan
+    """The loss of the last progress report (NaN when it diverged, or none yet)."""
+    progress_dirty: bool = False
+    """Progress arrived since the row was last staged (it is written every few seconds)."""
+    progress_events: int = 0
+    """Progress events stored for the job (thinned when it passes the bound)."""
+    checkpoint_flagged: bool = False
+    """The job's message says it cannot commit (cleared by the next commit)."""
+
+    @property
+    def state(self) -> JobState:
+        return JobState(self.row.state)
+
+    def view(self) -> JobView:
+        spec = self.spec
+        return JobView(
+            id=self.row.id,
+            state=self.state,
+            created_at=self.row.created_at,
+            min_nodes=spec.nodes.min,
+            max_nodes=spec.nodes.max,
+            nproc_per_node=spec.nproc_per_node,
+            max_failures=spec.max_failures,
+            generation=self.row.generation,
+            members=tuple(self.members),
+            generation_started_at=self.generation_started_at,
+            last_checkpoint_step=self.row.last_checkpoint_step,
+            last_checkpoint_at=self.row.last_checkpoint_at,
+            step=self.row.step,
+            failures=self.row.failures,
+            exit_codes=dict(self.exit_codes),
+            failed_at=self.failed_at,
+            checkpoint_requested_at=self.checkpoint_requested_at,
+            budget_max_nodes=self.budget_cap,
+        )
+
+
+@dataclass(kw_only=True)
+class NodeRecord:
+    row: NodeRow
+    last_seen: float
+    reported_job_id: str = ""
+    reported_generation: int = 0
+    reported_running: bool = False
+    """The agent's last heartbeat listed a running training process."""
+    launched_for: str = ""
+    _view: NodeView | None = None
+
+    @property
+    def state(self) -> NodeState:
+        return NodeState(self.row.state)
+
+    @property
+    def view(self) -> NodeView:
+        """The controller's view of this node, rebuilt only after `changed()`."""
+        if self._view is None:
+            self._view = NodeView(
+                id=self.row.id,
+                state=self.state,
+                joined_at=self.row.joined_at,
+                last_seen=self.last_seen,
+                slots=self.row.slots,
+                job_id=self.row.job_id,
+                reported_job_id=self.reported_job_id,
+                reported_generation=self.reported_generation,
+                drain_since=self.row.drain_since,
+                drain_deadline=self.row.drain_deadline,
+                launched_for=self.launched_for,
+            )
+        return self._view
+
+
+def set_node_state(rec: NodeRecord, state: NodeState) -> None:
+    """Change a node's state along model.NODE_TRANSITIONS (a programmer error otherwise)."""
+    from spotwise.daemon.model import NODE_TRANSITIONS
+
+    if rec.state is not state:
+        assert state in NODE_TRANSITIONS[rec.state], f"{rec.state} -> {state}"
+        rec.row.state = state.value
+
+
+class State:
+    """Every job and node, and the controller's views of them."""
+
+    def __init__(self, store: Store, *, policy: Policy, restart_grace_s: float,
+                 clock: Callable[[], float]) -> None:
+        self.store = store
+        self.policy = policy
+        self.restart_grace_s = restart_grace_s
+        self.clock = clock
+        self.jobs: dict[str, JobRecord] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self._node_views: dict[str, NodeView] = {}
+        self._stale: set[str] = set()
+        self.by_instance: dict[str, str] = {}
+        """Cloud instance id -> node id (the newest registration), for queue-borne notices."""
+
+    def load(self) -> None:
+        """(Re)load jobs and nodes from the store.
+
+        Every known node gets `restart_grace_s` to call again: its agent has been retrying with
+        backoff while the daemon was away, and declaring it LOST on the first tick would
+        throw away a generation that is still training.
+        """
+        now = self.clock()
+        self.jobs = {}
+        progress = self.store.progress_counts()
+        for row in self.store.jobs():
+            spec = jobs_pb2.JobSpec.FromString(row.spec)
+            record = JobRecord(row=row, spec=spec, progress_events=progress.get(row.id, 0))
+            if row.generation > 0 and not JobState(row.state).terminal:
+                gens = [g for g in self.store.generations(row.id) if g.generation == row.generation]
+                if gens and gens[0].ended_at is None:
+                    record.members = list(gens[0].members)
+                    record.generation_started_at = gens[0].started_at
+                    record.restore_step = gens[0].restore_step
+                    record.generation_reason = gens[0].reason
+            self.jobs[row.id] = record
+        seen = now - self.policy.lease_s + self.restart_grace_s
+        self.nodes = {row.id: NodeRecord(row=row, last_seen=seen) for row in self.store.nodes()}
+        self._node_views = {}
+        self._stale = set(self.nodes)
+        self.by_instance = {}
+        for rec in sorted(self.nodes.values(), key=lambda r: r.row.registered_at):
+            if rec.row.instance_id:
+                self.by_instance[rec.row.instance_id] = rec.row.id
+        log.info("loaded %d job(s) and %d node(s) from %s", len(self.jobs), len(self.nodes),
+                 self.store.path)
+
+    def job(self, job_id: str) -> JobRecord:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise UnknownJob(job_id) from None
+
+    def add_node(self, rec: NodeRecord) -> None:
+        self.nodes[rec.row.id] = rec
+        self.changed(rec)
+
+    def changed(self, rec: NodeRecord) -> None:
+        """The node's row or soft facts changed: its view is rebuilt at the next snapshot."""
+        rec._view = None
+        self._stale.add(rec.row.id)
+        if rec.row.instance_id:
+            self.by_instance[rec.row.instance_id] = rec.row.id
+
+    def snapshot(self) -> ClusterState:
+        """The controller's view of every live job (oldest first) and every node."""
+        for node_id in self._stale:
+            rec = self.nodes.get(node_id)
+            if rec is None:
+                self._node_views.pop(node_id, None)
+            else:
+                self._node_views[node_id] = rec.view
+        self._stale.clear()
+        jobs = sorted((rec.view() for rec in self.jobs.values() if not rec.state.terminal),
+                      key=lambda j: (j.created_at, j.id))
+        return ClusterState(jobs=tuple(jobs), nodes=self._node_views)
+
+    def member_views(self, job: JobRecord) -> dict[str, NodeView]:
+        """The views of the job's members (what checkpoint_now reads)."""
+        return {n: self.nodes[n].view for n in job.members if n in self.nodes}

@@ -1,0 +1,518 @@
+"""The node agent: one per machine, between the daemon and the node's training processes.
+
+It registers with the daemon, heartbeats every `heartbeat_interval_s` (told at Register), and
+makes the node run what each heartbeat answer assigns:
+
+- a new (job, generation): stop the old generation's processes (SIGTERM, grace, SIGKILL of each
+  process group; see `spotwise.worker.agent.supervisor`) and start the new ones;
+- `checkpoint_now`: SIGUSR1 to the processes, once per request (a request lasts as long as the
+  flag stays set for the same generation);
+- an empty assignment: stop everything.
+
+It tails each process's SPOTWISE_EVENTS_FILE and forwards restored, progress and
+checkpoint_committed events with ReportEvent, and each process exit as ProcessExited. While the
+daemon is unreachable the processes keep running (training does not need the daemon) and the
+agent retries with a bounded exponential backoff; once the daemon answers again after a silence
+longer than its lease (or when it asks), the agent registers again with its current job and
+generation so that a restarted daemon can reconcile.
+
+The rendezvous store is explained in `spotwise.worker.agent.store_host`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from spotwise.common.exporter import MetricsExporter, start_exporter
+from spotwise.common.sdnotify import Notifier, NotifyError, child_environment, start_watchdog
+from spotwise.config import AgentConfig
+from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
+from spotwise.worker.agent import orphans
+from spotwise.worker.agent.backoff import Backoff
+from spotwise.worker.agent.launch import fence_generation, launch_spec
+from spotwise.worker.agent.metrics import AgentMetrics, exit_outcome
+from spotwise.worker.agent.notices import identity_from_imds, notice_loop
+from spotwise.worker.agent.reports import Reporter, ReportQueue, forwarded
+from spotwise.worker.agent.session import (
+    UNKNOWN_NODE,
+    Credential,
+    HeartbeatStream,
+    agent_token,
+    channel_credentials,
+    is_transient,
+    open_channel,
+)
+from spotwise.worker.agent.store_host import StoreHost, stamp_of, wait_for_stamp
+from spotwise.worker.agent.supervisor import LaunchSpec, Supervisor, SupervisorError
+from spotwise.worker.runtime.events import EventsTail
+from spotwise.worker.runtime.storage import StorageError
+
+log = logging.getLogger("spotwise.worker.agent")
+
+EXIT_START_FAILED = 127
+"""Exit code reported for a rank whose process could not be started at all."""
+
+
+class AgentError(RuntimeError):
+    """The agent cannot go on (the daemon refused it, or it was unreachable for too long)."""
+
+
+class Agent:
+    """One node agent. `run()` until `request_stop()` or a fatal error."""
+
+    def __init__(self, config: AgentConfig, *, max_disconnect_s: float = 600.0,
+                 switch_grace_s: float = 3.0, poll_interval_s: float = 0.1,
+                 token: str | None = None, notifier: Notifier | None = None) -> None:
+        """`switch_grace_s`: the grace (at most config.grace_s) when a newer generation of the
+        same job replaces the running one and its fence marker is written. `token`: the bearer
+        token (default: config.token_file's content, else $SPOTWISE_AGENT_TOKEN or
+        $SPOTWISE_TOKEN); TLS from config.tls_*; OSError/ValueError if a file cannot be read.
+        `notifier`: systemd's notify socket (READY=1 once registered, WATCHDOG=1, STOPPING=1);
+        default none."""
+        self.config = config
+        self.switch_grace_s = switch_grace_s
+        self.log_dir = Path(config.effective_log_dir).absolute()
+        self.max_disconnect_s = max_disconnect_s
+        self.poll_interval_s = poll_interval_s
+        token = agent_token(config, token)
+        self._credentials = channel_credentials(config)
+        secret_path = (Path(config.state_dir) / "agents" / f"{config.node_id}.secret"
+                       if config.node_id else None)
+        self.credential = Credential(secret_path, config.node_id)
+        self._held_version = 0
+        self._beats: HeartbeatStream | None = None
+        self._store_lock = asyncio.Lock()
+        self._notifier = notifier or Notifier(address=None)
+        self._watchdog: asyncio.Task[None] | None = None
+        self._ready_sent = False
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.heartbeat_interval_s = 0.5
+        self.lease_s = 2.0
+        self.store: StoreHost | None = None
+        self.current: Supervisor | None = None
+        self._start_failed: list[agent_pb2.ProcessStatus] = []
+        self._stopping: list[Supervisor] = []
+        self._tails: dict[Path, EventsTail] = {}
+        self._desired: agent_pb2.Assignment | None = None
+        self._desired_key: tuple[str, int] | None = None
+        self._store_stamp = ""
+        self._store_reset: asyncio.Future[None] | None = None
+        self._checkpoint_signalled: tuple[str, int] | None = None
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._reports = ReportQueue()
+        self._reports_ready = asyncio.Event()
+        self._stub: agent_pb2_grpc.AgentServiceStub | None = None
+        self._fatal: BaseException | None = None
+        self.metrics = AgentMetrics()
+        self.metrics.count_processes(
+            lambda: len(self.current.pids()) if self.current is not None else 0)
+        self.metrics_exporter: MetricsExporter | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.credential.node_id
+
+    @property
+    def pid_file(self) -> Path:
+        return orphans.pid_file(self.config.state_dir,
+                                self.config.provider_node or self.config.node_id)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop the agent: its processes get the SIGTERM/grace/SIGKILL treatment, then run()
+        returns 0."""
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> int:
+        """Serve until stopped. Returns 0 on a requested stop; raises AgentError when the
+        daemon refuses the node or stays unreachable for max_disconnect_s."""
+        orphans.kill_orphans(self.pid_file, self.log_dir)
+        if self.config.metrics_listen:
+            try:
+                self.metrics_exporter = start_exporter(self.metrics, self.config.metrics_listen)
+            except OSError as e:
+                raise AgentError(f"cannot serve metrics on {self.config.metrics_listen}: {e}"
+                                 ) from e
+        self.config = await identity_from_imds(self.config)
+        self.store = StoreHost()
+        log.info("agent %s: store on port %d, daemon %s, log dir %s",
+                 self.config.provider_node or "-", self.store.port, self.config.daemon,
+                 self.log_dir)
+        channel = open_channel(self.config, self._credentials)
+        self._stub = agent_pb2_grpc.AgentServiceStub(channel)
+        self._beats = HeartbeatStream(self._stub, metadata=self._metadata,
+                                      timeout_s=self.config.rpc_timeout_s)
+        self._reporter = Reporter(self._reports, self._reports_ready, self._stub,
+                                  metadata=self._metadata, credential=self.credential,
+                                  timeout_s=self.config.rpc_timeout_s,
+                                  max_backoff_s=self.config.reconnect_max_backoff_s)
+        tasks = [asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                 asyncio.create_task(self._watch_loop(), name="watch"),
+                 asyncio.create_task(self._reporter.run(), name="report")]
+        if self.config.imds_endpoint:
+            tasks.append(asyncio.create_task(notice_loop(
+                self.config, self.metrics, stopped=self._stop.is_set, sleep=self._sleep,
+                on_notice=self._on_notice), name="imds"))
+        for t in tasks:
+            t.add_done_callback(self._on_task_done)
+        try:
+            await self._heartbeat_loop()
+            if self._fatal is not None:
+                raise AgentError(f"internal error: {self._fatal!r}") from self._fatal
+            return 0
+        finally:
+            self._notify(self._notifier.stopping, status="stopping: draining processes")
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._stop_all()
+            await self._reporter.flush(timeout_s=2.0)
+            if self._beats is not None:
+                self._beats.close()
+            await channel.close()
+            self.store.close()
+            if self.metrics_exporter is not None:
+                self.metrics_exporter.close()
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """A background loop that dies stops the agent (and so its processes) rather than
+        leaving a node that heartbeats but no longer follows its assignments."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("agent %s: the %s loop failed", self.node_id or "-", task.get_name(),
+                  exc_info=task.exception())
+        self._fatal = task.exception()
+        self.request_stop()
+
+    def _save_pids(self) -> None:
+        orphans.save_pids(self.pid_file, (p.pid for s in (self.current, *self._stopping)
+                                          if s is not None for p in s.processes if p.running))
+
+    def _on_notice(self, n: Any) -> None:
+        job_id, generation = self._desired_key or ("", 0)
+        log.warning("agent %s: interruption notice %s (deadline %s) for job %s g%d",
+                    self.node_id, n.action, n.deadline or "unknown", job_id or "-", generation)
+        # Tagged with the assignment the daemon gave, which is what it checks against.
+        self._reports.add(agent_pb2.ReportEventRequest(
+            job_id=job_id, generation=generation, time=n.notice_time or time.time(),
+            interruption_notice=agent_pb2.InterruptionNotice(action=n.action,
+                                                             deadline=n.deadline)))
+        self._reports_ready.set()
+
+    async def _stop_all(self) -> None:
+        sups = [s for s in (self.current, *self._stopping) if s is not None]
+        await asyncio.gather(*(s.stop(self.config.grace_s) for s in sups))
+        for s in sups:
+            self._collect(s)
+        self.current = None
+        self._save_pids()
+
+    # ---- daemon calls ---------------------------------------------------------------------
+
+    def _register_request(self) -> agent_pb2.RegisterRequest:
+        c = self.config
+        cur = self.current
+        return agent_pb2.RegisterRequest(
+            node_id=self.credential.node_id, node_secret=self.credential.secret,
+            instance_id=c.instance_id, instance_type=c.instance_type,
+            zone=c.zone, lifecycle=c.lifecycle, gpus=c.gpus, slots=c.slots, address=c.address,
+            store_port=self.store.port if self.store else 0, price_per_hour=c.price_per_hour,
+            current_job_id=cur.spec.job_id if cur else "",
+            current_generation=cur.spec.generation if cur else 0,
+            log_dir=str(self.log_dir), provider_node=c.provider_node)
+
+    async def _register(self, disconnected_since: float) -> None:
+        """Register (again), retrying transient failures with backoff until max_disconnect_s.
+        A daemon that does not accept this node's credential (it lost its state, or the node
+        was configured with an id another node holds) gets a registration as a new node."""
+        backoff = Backoff(max_s=self.config.reconnect_max_backoff_s)
+        while not self._stop.is_set():
+            try:
+                resp = await self._stub.Register(self._register_request(),
+                                                 timeout=self.config.rpc_timeout_s,
+                                                 metadata=self._metadata)
+            except aio.AioRpcError as e:
+                if e.code() is grpc.StatusCode.PERMISSION_DENIED and self.credential.node_id:
+                    log.warning("agent %s: the daemon refused this node's credential (%s); "
+                                "registering as a new node", self.node_id, e.details())
+                    self.credential.forget()
+                    continue
+                if not is_transient(e):
+                    raise AgentError(f"daemon {self.config.daemon} refused Register: "
+                                     f"{e.code().name}: {e.details()}") from e
+                self._check_disconnect(disconnected_since, e)
+                await self._sleep(backoff.next())
+                continue
+            self.credential.update(resp.node_id, resp.node_secret)
+            self.heartbeat_interval_s = resp.heartbeat_interval_s or self.heartbeat_interval_s
+            self.lease_s = resp.lease_s or self.lease_s
+            if self._beats is not None:
+                self._beats.close()  # the next beat opens a stream as this registration
+            cur = self.current
+            log.info("agent: registered as node %s (job %s g%s), heartbeat %.2fs lease %.2fs",
+                     self.node_id, cur.spec.job_id if cur else "-",
+                     cur.spec.generation if cur else "-", self.heartbeat_interval_s, self.lease_s)
+            if not self._ready_sent:  # the first registration: startup is complete
+                self._ready_sent = True
+                self._notify(self._notifier.ready,
+                             status=f"node {self.node_id} registered with {self.config.daemon}")
+                self._watchdog = start_watchdog(self._notifier)
+            return
+
+    def _notify(self, send: Any, **kwargs: Any) -> None:
+        """Send a systemd notification; a failed send is logged, never fatal."""
+        try:
+            send(**kwargs)
+        except NotifyError as e:
+            log.warning("agent %s: %s", self.node_id or "-", e)
+
+    def _check_disconnect(self, since: float, err: aio.AioRpcError) -> None:
+        if time.monotonic() - since > self.max_disconnect_s:
+            raise AgentError(f"daemon {self.config.daemon} unreachable for more than "
+                             f"{self.max_disconnect_s:.0f}s: {err.code().name}: {err.details()}")
+
+    def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
+        req = agent_pb2.HeartbeatRequest(node_id=self.node_id, node_secret=self.credential.secret,
+                                         assignment_version=self._held_version)
+        cur = self.current
+        if cur is not None:
+            req.job_id, req.generation = cur.spec.job_id, cur.spec.generation
+            cur.poll()
+            for p in cur.processes:
+                req.processes.add(local_rank=p.local_rank, rank=p.rank, pid=p.pid,
+                                  running=p.running, exit_code=p.exit_code or 0)
+            req.processes.extend(self._start_failed)
+        return req
+
+    async def _heartbeat_loop(self) -> None:
+        await self._register(time.monotonic())
+        backoff = Backoff(max_s=self.config.reconnect_max_backoff_s)
+        last_ok = time.monotonic()
+        failed = False
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                resp = await self._beats.beat(self._heartbeat_request())
+            except aio.AioRpcError as e:
+                if e.code() in UNKNOWN_NODE or e.code() is grpc.StatusCode.PERMISSION_DENIED:
+                    await self._register(time.monotonic())
+                    continue
+                if not is_transient(e):
+                    raise AgentError(f"daemon {self.config.daemon} refused Heartbeat: "
+                                     f"{e.code().name}: {e.details()}") from e
+                self.metrics.daemon_errors.inc()
+                self._check_disconnect(last_ok, e)
+                failed = True
+                delay = backoff.next()
+                log.warning("agent %s: heartbeat failed (%s), processes keep running; retry in "
+                            "%.2fs", self.node_id, e.code().name, delay)
+                await self._sleep(delay)
+                continue
+            self.metrics.heartbeat_seconds.observe(time.monotonic() - t0)
+            silent_for = time.monotonic() - last_ok
+            last_ok = time.monotonic()
+            backoff.reset()
+            # After a silence longer than the lease the daemon has declared this node LOST (or
+            # restarted): register again with what runs here so that it can reconcile.
+            lost = failed and silent_for > self.lease_s
+            failed = False
+            if resp.reregister or lost:
+                log.info("agent %s: registering again (%s)", self.node_id,
+                         "daemon asked" if resp.reregister else f"silent for {silent_for:.1f}s")
+                await self._register(time.monotonic())
+                continue
+            if resp.HasField("assignment"):
+                self._held_version = resp.assignment_version
+                self._apply(resp.assignment)
+            await self._sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when the agent is asked to stop."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # ---- assignments ----------------------------------------------------------------------
+
+    def _apply(self, a: agent_pb2.Assignment) -> None:
+        key = (a.job_id, a.generation) if a.job_id else None
+        if key != self._desired_key:
+            log.info("agent %s: assignment %s -> %s", self.node_id, _key_str(self._desired_key),
+                     _key_str(key) + (f" ranks {a.rank_start}..{a.rank_start + a.nproc - 1} of "
+                                      f"{a.world_size}, node rank {a.node_rank}, rendezvous "
+                                      f"{a.master_addr}:{a.master_port}, restore step "
+                                      f"{a.restore_step}" if key else ""))
+            # A fresh store at once: no process of the new generation may see the old keys,
+            # and the old generation's processes lose the store they rendezvoused on.
+            stamp = stamp_of(*key) if key else ""
+            if stamp != self._store_stamp and self.store is not None:
+                # Rebinding the port can take a moment: in a thread, off the heartbeat path.
+                self._store_stamp = stamp
+                self._store_reset = asyncio.ensure_future(self._reset_store(stamp))
+            self._desired_key = key
+            self._desired = a if key else None
+            self._checkpoint_signalled = None
+            self._wake.set()
+        elif key is not None:
+            self._desired = a
+        cur = self.current
+        if (a.checkpoint_now and key is not None and cur is not None
+                and (cur.spec.job_id, cur.spec.generation) == key
+                and self._checkpoint_signalled != key):
+            n = cur.signal(signal.SIGUSR1)
+            self._checkpoint_signalled = key
+            log.info("agent %s: job %s g%d: checkpoint requested, SIGUSR1 to %d process(es)",
+                     self.node_id, key[0], key[1], n)
+        elif not a.checkpoint_now and self._checkpoint_signalled == key:
+            self._checkpoint_signalled = None  # the request is over; the next one signals again
+
+    async def _reset_store(self, stamp: str) -> None:
+        async with self._store_lock:
+            if self._store_stamp == stamp and self.store is not None:
+                await asyncio.to_thread(self.store.reset, stamp)
+
+    async def _reconcile_loop(self) -> None:
+        """Make the running generation the desired one; stopping takes up to the grace period,
+        so this runs beside the heartbeat loop, which keeps the lease meanwhile."""
+        while not self._stop.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            cur = self.current
+            cur_key = (cur.spec.job_id, cur.spec.generation) if cur else None
+            if cur_key == self._desired_key:
+                continue
+            desired = self._desired
+            fenced = desired is not None and await self._fence(desired)
+            if cur is not None:
+                self.current = None
+                self._start_failed = []
+                self._stopping.append(cur)
+                # A generation that a newer one of its job replaced cannot commit anything any
+                # more (the fence marker is written), so a long grace buys no checkpoint; it
+                # only delays recovery when a process hangs in a collective with a lost peer.
+                grace = self.config.grace_s
+                if fenced and desired.job_id == cur.spec.job_id:
+                    grace = min(grace, self.switch_grace_s)
+                # If this task is cancelled mid-stop, `cur` stays in _stopping and run()'s
+                # shutdown stops it again (stop is idempotent).
+                await cur.stop(grace)
+                self._stopping.remove(cur)
+                self._collect(cur)
+                self._save_pids()
+            desired = self._desired
+            if desired is None or (desired.job_id, desired.generation) != self._desired_key:
+                self._wake.set()  # changed again while stopping: look again
+                continue
+            await self._start(desired)
+
+    async def _fence(self, a: agent_pb2.Assignment) -> bool:
+        """fence_generation for the assignment, bounded; True when the marker is in place. A
+        failure is logged, not fatal (the new generation's rank 0 writes the marker too)."""
+        try:
+            spec = launch_spec(a)
+            return await asyncio.wait_for(asyncio.to_thread(fence_generation, spec),
+                                          timeout=2 * self.config.rpc_timeout_s)
+        except (StorageError, OSError, ValueError, asyncio.TimeoutError) as e:
+            log.warning("agent %s: job %s g%d: cannot write the fence marker: %s",
+                        self.node_id, a.job_id, a.generation, e)
+            return False
+
+    async def _start(self, a: agent_pb2.Assignment) -> None:
+        try:
+            spec = launch_spec(a)
+        except ValueError as e:
+            log.error("agent %s: bad assignment for job %s g%d: %s", self.node_id, a.job_id,
+                      a.generation, e)
+            return
+        if self._store_reset is not None:
+            await self._store_reset  # this node's store is fresh for the new generation
+        if spec.node_rank != 0:
+            stamp = stamp_of(spec.job_id, spec.generation)
+            ok = await asyncio.to_thread(wait_for_stamp, spec.master_addr, spec.master_port,
+                                         stamp, timeout_s=30.0)
+            if (a.job_id, a.generation) != self._desired_key:
+                self._wake.set()
+                return
+            if not ok:
+                log.warning("agent %s: job %s g%d: store %s:%d has no stamp %s after 30s; "
+                            "starting anyway", self.node_id, spec.job_id, spec.generation,
+                            spec.master_addr, spec.master_port, stamp)
+        # Training processes must not inherit systemd's notify socket or watchdog.
+        sup = Supervisor(spec, log_dir=self.log_dir, base_env=child_environment(os.environ))
+        self.current = sup
+        try:
+            sup.start()
+        except SupervisorError as e:
+            log.error("agent %s: job %s g%d: %s", self.node_id, spec.job_id, spec.generation, e)
+            self._start_failed = [
+                agent_pb2.ProcessStatus(local_rank=i, rank=spec.rank_start + i, pid=0,
+                                        running=False, exit_code=EXIT_START_FAILED)
+                for i in range(spec.nproc)]
+            for st in self._start_failed:
+                self._queue(spec, agent_pb2.ReportEventRequest(
+                    time=time.time(), process_exited=agent_pb2.ProcessExited(
+                        local_rank=st.local_rank, rank=st.rank, exit_code=EXIT_START_FAILED)))
+            return
+        for p in sup.processes:
+            self._tails[p.events_path] = EventsTail(p.events_path)
+        self.metrics.generation.set(spec.generation)
+        self._save_pids()
+
+    # ---- watching processes ---------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while not self._stop.is_set():
+            for sup in [s for s in (self.current, *self._stopping) if s is not None]:
+                self._collect(sup, final=False)
+            await self._sleep(self.poll_interval_s)
+
+    def _collect(self, sup: Supervisor, *, final: bool = True) -> None:
+        """Forward new events and exits of `sup`'s processes; `final` forgets their files."""
+        for p in sup.processes:
+            tail = self._tails.get(p.events_path)
+            if tail is None:
+                continue
+            for event in tail.read():
+                self._on_event(sup, p.rank, event)
+            if final:
+                del self._tails[p.events_path]
+        for p in sup.take_exits():
+            self.metrics.process_exits.labels(exit_outcome(p.exit_code)).inc()
+            # Read the events written just before the exit first, so a commit precedes it.
+            self._queue(sup.spec, agent_pb2.ReportEventRequest(
+                time=time.time(), process_exited=agent_pb2.ProcessExited(
+                    local_rank=p.local_rank, rank=p.rank, exit_code=p.exit_code)))
+
+    def _on_event(self, sup: Supervisor, rank: int, event: dict[str, Any]) -> None:
+        req = forwarded(self.node_id, sup.spec, rank, event, self.metrics)
+        if req is not None:
+            self._queue(sup.spec, req)
+
+    # ---- reports --------------------------------------------------------------------------
+
+    def _queue(self, spec: LaunchSpec, req: agent_pb2.ReportEventRequest) -> None:
+        req.job_id, req.generation = spec.job_id, spec.generation
+        self._reports.add(req)
+        self._reports_ready.set()
+
+
+def _key_str(key: tuple[str, int] | None) -> str:
+    return f"{key[0]} g{key[1]}" if key else "nothing"
+

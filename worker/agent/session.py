@@ -1,0 +1,168 @@
+"""The agent's connection to the daemon: credentials, Register, the Heartbeats stream, reports.
+
+The fleet's agent token is an enrollment credential: the first Register answers with the
+node's own secret, which every later call of this node carries (the daemon keeps only its
+hash; another agent token cannot register, heartbeat or report as this node). Beats travel on
+one long-lived stream (`AgentService.Heartbeats`): one message per beat each way, far cheaper
+than a unary call; a daemon without the stream (UNIMPLEMENTED) gets unary Heartbeat calls.
+The answer carries the assignment only when it changed (`assignment_version`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+from spotwise.config import AgentConfig
+from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger("spotwise.worker.agent")
+
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       grpc.StatusCode.ABORTED})
+"""Codes that mean "the daemon is not there right now" (or replaced this stream): retry."""
+UNKNOWN_NODE = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
+"""Codes that mean "the daemon does not know this node": register again."""
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace stripped). OSError if unreadable,
+    ValueError if empty."""
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the daemon when config.tls_ca_file is set (with a client
+    certificate when tls_cert_file is); None = plaintext. OSError if a file is unreadable."""
+    if not config.tls_ca_file:
+        return None
+    cert = Path(config.tls_cert_file).read_bytes() if config.tls_cert_file else None
+    key = Path(config.tls_key_file).read_bytes() if config.tls_key_file else None
+    return grpc.ssl_channel_credentials(root_certificates=Path(config.tls_ca_file).read_bytes(),
+                                        private_key=key, certificate_chain=cert)
+
+
+def agent_token(config: AgentConfig, token: str | None) -> str | None:
+    """The enrollment token: `token`, else config.token_file's content, else
+    $SPOTWISE_AGENT_TOKEN or $SPOTWISE_TOKEN."""
+    if token is None and config.token_file:
+        token = read_token_file(config.token_file)
+    if token is not None:
+        return token
+    return os.environ.get("SPOTWISE_AGENT_TOKEN") or os.environ.get("SPOTWISE_TOKEN")
+
+
+class HeartbeatStream:
+    """One open Heartbeats stream (or unary calls, for a daemon without it)."""
+
+    def __init__(self, stub: agent_pb2_grpc.AgentServiceStub, *, metadata: tuple,
+                 timeout_s: float) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._timeout_s = timeout_s
+        self._call: aio.StreamStreamCall | None = None
+        self.unary = False
+
+    async def beat(self, req: agent_pb2.HeartbeatRequest) -> agent_pb2.HeartbeatResponse:
+        """Send one beat and read its answer. Raises aio.AioRpcError when the stream breaks
+        (the next beat opens a new one)."""
+        if self.unary:
+            return await self._stub.Heartbeat(req, timeout=self._timeout_s,
+                                              metadata=self._metadata)
+        if self._call is None:
+            self._call = self._stub.Heartbeats(metadata=self._metadata)
+        call = self._call
+        try:
+            await asyncio.wait_for(call.write(req), self._timeout_s)
+            resp = await asyncio.wait_for(call.read(), self._timeout_s)
+        except asyncio.TimeoutError:
+            self.close()
+            raise _timeout() from None
+        except aio.AioRpcError as e:
+            self.close()
+            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                log.info("the daemon has no Heartbeats stream: unary heartbeats")
+                self.unary = True
+                return await self.beat(req)
+            raise
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            # The call ended under us (the daemon closed it): read its status as the error.
+            self.close()
+            raise _ended(call) from None
+        if resp is aio.EOF:
+            self.close()
+            raise _ended(call)
+        return resp
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class _StreamEnded(aio.AioRpcError):
+    pass
+
+
+def _ended(call: aio.StreamStreamCall) -> aio.AioRpcError:
+    return _StreamEnded(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), aio.Metadata(),
+                        details="the daemon ended the heartbeat stream")
+
+
+def _timeout() -> aio.AioRpcError:
+    return _StreamEnded(grpc.StatusCode.DEADLINE_EXCEEDED, aio.Metadata(), aio.Metadata(),
+                        details="no heartbeat answer in time")
+
+
+class Credential:
+    """This node's id and secret, kept under the agent's state dir when the node id is
+    configured (so that a restarted agent with the same --node-id can register again)."""
+
+    def __init__(self, path: Path | None, node_id: str) -> None:
+        self.path = path
+        self.node_id = node_id
+        self.secret = ""
+        if path is not None and node_id:
+            try:
+                self.secret = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                pass
+
+    def update(self, node_id: str, secret: str) -> None:
+        self.node_id = node_id
+        if not secret:
+            return  # a re-register keeps the credential it presented
+        self.secret = secret
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(secret)
+
+    def forget(self) -> None:
+        """The daemon does not accept this node: join as a new one next time."""
+        self.node_id, self.secret = "", ""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def open_channel(config: AgentConfig, credentials: grpc.ChannelCredentials | None
+                 ) -> aio.Channel:
+    options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+    if credentials is not None:
+        return aio.secure_channel(config.daemon, credentials, options=options)
+    return aio.insecure_channel(config.daemon, options=options)
+
+
+def is_transient(e: aio.AioRpcError) -> bool:
+    return e.code() in TRANSIENT
