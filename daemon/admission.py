@@ -116,7 +116,9 @@ class ReportFacts:
     job_generation: int
     """The newest generation of the report's job (0: no such job)."""
     job_members: tuple[str, ...]
-    """Members of that generation (node-rank order)."""
+    """Members of that generation now (node-rank order; none once the job released them)."""
+    generation_members: tuple[str, ...]
+    """Who that generation started with (kept after it ended: its commits still count)."""
     job_terminal: bool
     nproc_per_node: int
     checkpoint_root: str
@@ -131,7 +133,7 @@ def report_verdict(node_id: str, kind: str, job_id: str, generation: int, facts:
         # PENDING its last generation's processes may still commit, and that commit is the
         # right place to restore from. But only a member may report it, and only for a path
         # under the job's own location (a foreign path would be restored by the next one).
-        if node_id not in facts.job_members:
+        if node_id not in facts.generation_members:
             return Verdict(route=Route.REFUSE,
                            reason=f"node {node_id} is no member of generation {generation}")
         if path and facts.checkpoint_root and not _under(path, facts.checkpoint_root):

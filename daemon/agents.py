@@ -189,11 +189,13 @@ class AgentProtocol:
     def _facts(self, rec: NodeRecord, job: JobRecord | None) -> ReportFacts:
         if job is None:
             return ReportFacts(node_state=rec.state, node_job=rec.row.job_id, job_generation=0,
-                               job_members=(), job_terminal=True, nproc_per_node=1,
+                               job_members=(), generation_members=(), job_terminal=True,
+                               nproc_per_node=1,
                                checkpoint_root="")
         ck = job.spec.checkpoint.uri
         return ReportFacts(node_state=rec.state, node_job=rec.row.job_id,
                            job_generation=job.row.generation, job_members=tuple(job.members),
+                           generation_members=tuple(job.generation_members),
                            job_terminal=job.state.terminal,
                            nproc_per_node=job.spec.nproc_per_node,
                            checkpoint_root=job_uri(ck, job.row.id) if ck else "")

@@ -112,6 +112,7 @@ class Executor:
             self.state.changed(node)
             self.outbox.stage(node.row)
         job.members = list(d.members)
+        job.generation_members = list(d.members)
         job.generation_started_at = now
         job.restore_step = d.restore_step
         job.generation_reason = d.reason

@@ -95,6 +95,18 @@ class Metrics:
             buckets=HEARTBEAT_BUCKETS_S,
             registry=r,
         )
+        self.last_commit = Gauge(
+            "spotwise_job_last_commit_timestamp_seconds",
+            "Unix time the daemon heard of the job's newest committed checkpoint.",
+            ["job"],
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "spotwise_checkpoint_failures",
+            "Checkpoint saves of the job that failed or timed out (not committed).",
+            ["job"],
+            registry=r,
+        )
         self._cost_seen: dict[str, float] = {}
         self._lock = threading.Lock()
         self.set_jobs_by_state({})
@@ -124,6 +136,14 @@ class Metrics:
     def observe_checkpoint(self, job_id: str, seconds: float) -> None:
         """One committed checkpoint and how long it took."""
         self.checkpoint_seconds.labels(job=job_id).observe(seconds)
+
+    def observe_commit(self, job_id: str, at: float) -> None:
+        """A commit of the job was reported at unix time `at`."""
+        self.last_commit.labels(job=job_id).set(at)
+
+    def inc_checkpoint_failures(self, job_id: str) -> None:
+        """A checkpoint save of the job failed."""
+        self.checkpoint_failures.labels(job=job_id).inc()
 
     def inc_preemptions(self, job_id: str, count: int = 1) -> None:
         """Nodes of the job taken back by the cloud."""
@@ -163,6 +183,8 @@ class Metrics:
             self.checkpoint_seconds,
             self.preemptions,
             self.cost_usd,
+            self.last_commit,
+            self.checkpoint_failures,
         ):
             try:
                 metric.remove(job_id)

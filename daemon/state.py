@@ -31,6 +31,8 @@ class JobRecord:
     row: JobRow
     spec: jobs_pb2.JobSpec
     members: list[str] = field(default_factory=list)
+    generation_members: list[str] = field(default_factory=list)
+    """Members of the newest generation, kept after it ended (its commits still count)."""
     generation_started_at: float = 0.0
     restore_step: int = -1
     step_before: int = 0
@@ -171,6 +173,8 @@ class State:
             record = JobRecord(row=row, spec=spec, progress_events=progress.get(row.id, 0))
             if row.generation > 0 and not JobState(row.state).terminal:
                 gens = [g for g in self.store.generations(row.id) if g.generation == row.generation]
+                if gens:
+                    record.generation_members = list(gens[0].members)
                 if gens and gens[0].ended_at is None:
                     record.members = list(gens[0].members)
                     record.generation_started_at = gens[0].started_at

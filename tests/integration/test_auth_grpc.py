@@ -124,8 +124,8 @@ def spotwise_methods() -> list[Method]:
             response_cls = getattr(module, m.output_type.name, None) or getattr(
                 jobs_pb2, m.output_type.name
             )
-            assert not m.client_streaming
-            kind = "server_stream" if m.server_streaming else "unary"
+            kind = ("bidi" if m.client_streaming else
+                    "server_stream" if m.server_streaming else "unary")
             methods.append(Method(f"/{desc.full_name}/{m.name}", request_cls(), response_cls, kind))
     return methods
 
@@ -228,7 +228,7 @@ def expected(method: Method, caller: str) -> grpc.StatusCode:
 @pytest.mark.parametrize("caller", ["none", "bad", "malformed", "client", "agent"])
 def test_every_method_against_every_caller(caller: str, tokens: Tokens) -> None:
     methods = spotwise_methods() + OPEN_METHODS
-    assert len(methods) == 12  # 6 JobService + 3 AgentService + 3 open
+    assert len(methods) == 13  # 6 JobService + 4 AgentService + 3 open
 
     async def run() -> None:
         recorder = Recorder()

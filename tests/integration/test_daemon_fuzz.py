@@ -41,7 +41,8 @@ from spotwise.spec import JobSpec, SpecError, validate_spec_proto
 REPO = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT_S = 10.0
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-           grpc.StatusCode.FAILED_PRECONDITION}
+           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED}
+"""PERMISSION_DENIED: a call naming a known node without its credential."""
 
 
 def allowed(request: Message | bytes) -> set[grpc.StatusCode]:
@@ -88,6 +89,7 @@ class Fuzzed:
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.agents = agent_pb2_grpc.AgentServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.secret = ""
 
     def known_job_ids(self) -> list[str]:
         return [j.id for j in self.jobs.ListJobs(jobs_pb2.ListJobsRequest(),
@@ -125,9 +127,9 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
         f.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=_valid_spec(tmp)), timeout=CALL_TIMEOUT_S)
         f.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=_valid_spec(tmp, min_nodes=9)),
                          timeout=CALL_TIMEOUT_S)
-        f.agents.Register(agent_pb2.RegisterRequest(node_id="fuzz-node", address="127.0.0.1",
-                                                    store_port=1, slots=1),
-                          timeout=CALL_TIMEOUT_S)
+        f.secret = f.agents.Register(
+            agent_pb2.RegisterRequest(node_id="fuzz-node", address="127.0.0.1", store_port=1,
+                                      slots=1), timeout=CALL_TIMEOUT_S).node_secret
         try:
             yield f
             f.assert_healthy()
@@ -399,11 +401,13 @@ def test_agent_calls_about_known_nodes_and_generations(fuzzed: Fuzzed) -> None:
            time=st.floats(allow_nan=True, allow_infinity=True))
     def run(job_id: str, generation: int, procs: list[Message], event: dict[str, Message],
             time: float) -> None:
-        hb = agent_pb2.HeartbeatRequest(node_id="fuzz-node", job_id=job_id,
+        hb = agent_pb2.HeartbeatRequest(node_id="fuzz-node", node_secret=fuzzed.secret,
+                                        job_id=job_id,
                                         generation=generation, processes=procs)
         code = _call(fuzzed, "AgentService", "Heartbeat", hb)
         assert code in allowed(hb), (code, _short(hb))
-        report = agent_pb2.ReportEventRequest(node_id="fuzz-node", job_id=job_id,
+        report = agent_pb2.ReportEventRequest(node_id="fuzz-node", node_secret=fuzzed.secret,
+                                              job_id=job_id,
                                               generation=generation, time=time, **event)
         code = _call(fuzzed, "AgentService", "ReportEvent", report)
         assert code in allowed(report), (code, _short(report))
@@ -565,6 +569,7 @@ def test_a_fuzzed_fleet_never_breaks_the_daemon(fuzzed: Fuzzed) -> None:
     ids = _ids(fuzzed)
     base = _valid_spec(fuzzed.tmp)
     assigned: dict[int, agent_pb2.Assignment] = {}
+    secrets: dict[int, str] = {}
     seen = {"generations": 0}
 
     def check(code: grpc.StatusCode, what: object) -> None:
@@ -581,15 +586,22 @@ def test_a_fuzzed_fleet_never_breaks_the_daemon(fuzzed: Fuzzed) -> None:
                 _, k, slots, price, lifecycle, claim = op
                 a = assigned.get(k)
                 req = agent_pb2.RegisterRequest(
-                    node_id=f"fleet-{k}", address="127.0.0.1", store_port=20000 + k,
+                    node_id=f"fleet-{k}", node_secret=secrets.get(k, ""), address="127.0.0.1",
+                    store_port=20000 + k,
                     slots=slots, price_per_hour=price, lifecycle=lifecycle, zone="z",
                     instance_type="t", current_job_id=a.job_id if a and claim else "",
                     current_generation=a.generation if a and claim else 0)
-                check(_call(fuzzed, "AgentService", "Register", req), req)
+                try:
+                    resp = fuzzed.agents.Register(req, timeout=CALL_TIMEOUT_S)
+                    secrets[k] = resp.node_secret or secrets.get(k, "")
+                    check(grpc.StatusCode.OK, req)
+                except grpc.RpcError as e:
+                    check(e.code(), req)
             elif kind == "heartbeat":
                 _, k, exits, as_assigned = op
                 a = assigned.get(k)
-                req = agent_pb2.HeartbeatRequest(node_id=f"fleet-{k}")
+                req = agent_pb2.HeartbeatRequest(node_id=f"fleet-{k}",
+                                                 node_secret=secrets.get(k, ""))
                 if a is not None and as_assigned:
                     req.job_id, req.generation = a.job_id, a.generation
                     for rank, code in exits:
@@ -609,7 +621,8 @@ def test_a_fuzzed_fleet_never_breaks_the_daemon(fuzzed: Fuzzed) -> None:
             elif kind == "report":
                 _, k, event, as_assigned = op
                 a = assigned.get(k)
-                req = agent_pb2.ReportEventRequest(node_id=f"fleet-{k}", time=1.7e9, **event)
+                req = agent_pb2.ReportEventRequest(node_id=f"fleet-{k}", time=1.7e9,
+                                                   node_secret=secrets.get(k, ""), **event)
                 if a is not None and as_assigned:
                     req.job_id, req.generation = a.job_id, a.generation
                 check(_call(fuzzed, "AgentService", "ReportEvent", req), req)

@@ -43,7 +43,7 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float = 10.0) -> 
 
 def config(state_dir: Path) -> DaemonConfig:
     # Fast, but with leases long enough that a loaded 2-core machine does not lose nodes.
-    return DaemonConfig(listen="127.0.0.1:0", state_dir=state_dir, heartbeat_interval_s=0.1,
+    return DaemonConfig(listen="127.0.0.1:0", state_dir=state_dir, agent_prices=True, heartbeat_interval_s=0.1,
                         lease_s=2.0, failure_lease_s=1.0, settle_s=0.2, tick_s=0.05,
                         grow_checkpoint_timeout_s=5.0)
 
@@ -78,6 +78,8 @@ class Agent:
         self.store_port = store_port
         self.price_per_hour = price_per_hour
         self.node_id = ""
+        self.secret = ""
+        self.version = 0
         self.job_id = ""
         self.generation = 0
         self.assignment = agent_pb2.Assignment()
@@ -86,7 +88,8 @@ class Agent:
 
     def register(self) -> str:
         resp = self.stub.Register(
-            agent_pb2.RegisterRequest(node_id=self.node_id, address=self.address,
+            agent_pb2.RegisterRequest(node_id=self.node_id, node_secret=self.secret,
+                                      address=self.address,
                                       store_port=self.store_port, slots=2,
                                       price_per_hour=self.price_per_hour,
                                       current_job_id=self.job_id,
@@ -94,12 +97,17 @@ class Agent:
             timeout=RPC_TIMEOUT_S,
         )
         self.node_id = resp.node_id
+        self.secret = resp.node_secret or self.secret
         return resp.node_id
 
     def beat(self, **kw: object) -> agent_pb2.HeartbeatResponse:
-        req = agent_pb2.HeartbeatRequest(node_id=self.node_id, job_id=self.job_id,
-                                         generation=self.generation, **kw)
+        req = agent_pb2.HeartbeatRequest(node_id=self.node_id, node_secret=self.secret,
+                                         job_id=self.job_id, generation=self.generation,
+                                         assignment_version=self.version, **kw)
         resp = self.stub.Heartbeat(req, timeout=RPC_TIMEOUT_S)
+        if not resp.HasField("assignment"):
+            return resp  # unchanged
+        self.version = resp.assignment_version
         self.assignment = resp.assignment
         # Like the agent: run what it is assigned (here: just claim to).
         self.job_id, self.generation = resp.assignment.job_id, resp.assignment.generation
@@ -124,7 +132,7 @@ class Agent:
                **event: object) -> agent_pb2.ReportEventResponse:
         return self.stub.ReportEvent(
             agent_pb2.ReportEventRequest(
-                node_id=self.node_id,
+                node_id=self.node_id, node_secret=self.secret,
                 job_id=self.job_id if job_id is None else job_id,
                 generation=self.generation if generation is None else generation,
                 time=time.time(),
@@ -217,7 +225,7 @@ def test_watch_streams_stored_then_live_events_until_the_job_ends(channel: grpc.
         wait_for("an assignment", lambda: agent.assignment.job_id == job_id)
         assert agent.report(progress=agent_pb2.Progress(step=5, loss=2.5, world_size=1)).accepted
         assert agent.report(checkpoint_committed=agent_pb2.CheckpointCommitted(
-            step=5, path="/tmp/ck/5", bytes=100, cursor=40)).accepted
+            step=5, path=f"/tmp/ck/{job_id}/data/step-5", bytes=100, cursor=40)).accepted
         assert agent.report(process_exited=agent_pb2.ProcessExited(rank=0, exit_code=0)).accepted
         reader.join(10)
         assert not reader.is_alive(), "the stream did not end with the job"
@@ -225,11 +233,13 @@ def test_watch_streams_stored_then_live_events_until_the_job_ends(channel: grpc.
         agent.stop()
     kinds = [e.kind for e in events]
     assert kinds[0] == "state" and "PENDING" in events[0].message
-    assert kinds.index("generation") < kinds.index("progress") < kinds.index("checkpoint")
+    # Progress is soft state, stored every few seconds: the checkpoint event carries its step.
+    assert kinds.index("generation") < kinds.index("checkpoint")
     assert kinds[-1] == "state" and events[-1].job.state == jobs_pb2.JOB_STATE_SUCCEEDED
     checkpoint = next(e for e in events if e.kind == "checkpoint")
     assert checkpoint.job.last_checkpoint_step == 5 and checkpoint.generation == 1
-    assert get(jobs, job_id).last_checkpoint_path == "/tmp/ck/5"
+    assert checkpoint.job.step == 5 and not checkpoint.job.HasField("spec")
+    assert get(jobs, job_id).last_checkpoint_path == f"/tmp/ck/{job_id}/data/step-5"
 
 
 # ---- AgentService ------------------------------------------------------------------------------
@@ -256,7 +266,7 @@ def test_assignments_are_consistent_and_stale_generations_are_fenced(channel: gr
         rank0 = a if pa.node_rank == 0 else b
         for p in (pa, pb):
             assert (p.master_addr, p.master_port) == (rank0.address, rank0.store_port)
-        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=20, path="/c/20"))\
+        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=20, path=""))\
             .accepted
 
         # b goes silent: its lease runs out and a runs generation 2 alone, from step 20.
@@ -268,19 +278,19 @@ def test_assignments_are_consistent_and_stale_generations_are_fenced(channel: gr
 
         # Fencing: b's processes of generation 1 come back and try to commit; refused.
         refused = b.report(job_id=job_id, generation=1,
-                           checkpoint_committed=agent_pb2.CheckpointCommitted(step=30, path="/c/30"))
+                           checkpoint_committed=agent_pb2.CheckpointCommitted(step=30, path=""))
         assert not refused.accepted and refused.reason
         stale_a = a.report(generation=1,
-                           checkpoint_committed=agent_pb2.CheckpointCommitted(step=31, path="/c/31"))
+                           checkpoint_committed=agent_pb2.CheckpointCommitted(step=31, path=""))
         assert not stale_a.accepted and "stale" in stale_a.reason
         job = get(jobs, job_id)
-        assert job.last_checkpoint_step == 20 and job.last_checkpoint_path == "/c/20"
+        assert job.last_checkpoint_step == 20 and job.last_checkpoint_path == ""
         assert job.generation == 2 and list(job.node_ids) == [a.node_id]
         # A lost node is told to register again and gets no work.
         resp = b.beat()
         assert resp.reregister and not resp.assignment.job_id
         # The current generation's report goes through.
-        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=32, path="/c/32"))\
+        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=32, path=""))\
             .accepted
         assert get(jobs, job_id).last_checkpoint_step == 32
     finally:
@@ -305,14 +315,14 @@ def test_a_commit_of_the_newest_generation_counts_after_the_job_fell_back_to_pen
         # a's processes of generation 1 were stopped with SIGTERM and checkpointed on the way
         # out: no newer generation exists, so the commit is real and is where to go on from.
         assert a.report(job_id=job_id, generation=1, checkpoint_committed=agent_pb2.
-                        CheckpointCommitted(step=12, path="/c/12")).accepted
+                        CheckpointCommitted(step=12, path="")).accepted
         b.register()  # b's lease ran out; it comes back as a new join
         b.start()
         wait_for("generation 2", lambda: a.assignment.generation == 2 and b.assignment.generation == 2)
         assert a.assignment.restore_step == 12
         # ... while generation 1's reports are stale now.
         assert not a.report(job_id=job_id, generation=1, checkpoint_committed=agent_pb2.
-                            CheckpointCommitted(step=13, path="/c/13")).accepted
+                            CheckpointCommitted(step=13, path="")).accepted
         assert get(jobs, job_id).last_checkpoint_step == 12
     finally:
         a.stop()
@@ -333,15 +343,16 @@ def test_a_heartbeat_of_an_old_generation_gets_the_current_assignment(channel: g
         # Growth asks a to checkpoint first, and grows from that commit.
         wait_for("a checkpoint request", lambda: a.assignment.checkpoint_now)
         assert a.assignment.generation == 1
-        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=4, path="/c/4"))\
+        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=4, path=""))\
             .accepted
         wait_for("growth to generation 2", lambda: a.assignment.generation == 2)
         assert a.assignment.restore_step == 4 and a.assignment.world_size == 2
         assert not a.assignment.checkpoint_now
         b.stop()
         # An agent still running generation 1 is answered with generation 2, so it restarts.
-        stale = a.stub.Heartbeat(agent_pb2.HeartbeatRequest(node_id=a.node_id, job_id=job_id,
-                                                            generation=1), timeout=RPC_TIMEOUT_S)
+        stale = a.stub.Heartbeat(agent_pb2.HeartbeatRequest(
+            node_id=a.node_id, node_secret=a.secret, job_id=job_id, generation=1),
+            timeout=RPC_TIMEOUT_S)
         assert stale.assignment.job_id == job_id and stale.assignment.generation >= 2
     finally:
         a.stop()
@@ -363,7 +374,7 @@ def test_an_interruption_notice_drains_the_node_after_the_checkpoint(channel: gr
         # Every member is asked to checkpoint now; nobody leaves before the commit.
         wait_for("checkpoint_now", lambda: a.assignment.checkpoint_now and b.assignment.checkpoint_now)
         assert a.assignment.generation == 1
-        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=7, path="/c/7"))\
+        assert a.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=7, path=""))\
             .accepted
         wait_for("generation 2 without b", lambda: a.assignment.generation == 2)
         assert a.assignment.restore_step == 7 and a.assignment.world_size == 1
@@ -405,7 +416,7 @@ def test_a_restarted_daemon_reloads_its_state_and_reconciles_re_registering_agen
         agent.register()
         agent.start()
         wait_for("generation 1", lambda: agent.assignment.generation == 1)
-        assert agent.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=9, path="/c/9"))\
+        assert agent.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=9, path=""))\
             .accepted
         agent.stop()
     node_id = agent.node_id
@@ -417,6 +428,7 @@ def test_a_restarted_daemon_reloads_its_state_and_reconciles_re_registering_agen
         assert list(job.node_ids) == [node_id]
         back = Agent(ch, "10.0.0.1", 5001)
         back.node_id, back.job_id, back.generation = node_id, job_id, 1
+        back.secret = agent.secret  # the node's credential survives the restart
         back.register()  # with its current job and generation: kept, no rescale
         back.start()
         try:

@@ -58,12 +58,14 @@ def test_a_queued_spot_warning_drains_the_node_on_that_instance(tmp_path: Path,
                                        "global_batch_size": 4, "nodes": {"min": 1, "max": 1}})
         job_id = jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec.to_proto()),
                                 timeout=RPC_TIMEOUT_S).job_id
-        node_id = agents.Register(agent_pb2.RegisterRequest(
+        registered = agents.Register(agent_pb2.RegisterRequest(
             address="10.0.0.1", store_port=5001, slots=1, instance_id="i-0abc123"),
-            timeout=RPC_TIMEOUT_S).node_id
+            timeout=RPC_TIMEOUT_S)
+        node_id = registered.node_id
 
         def beat() -> agent_pb2.Assignment:
-            return agents.Heartbeat(agent_pb2.HeartbeatRequest(node_id=node_id),
+            return agents.Heartbeat(agent_pb2.HeartbeatRequest(
+                node_id=node_id, node_secret=registered.node_secret),
                                     timeout=RPC_TIMEOUT_S).assignment
 
         deadline = time.monotonic() + 10

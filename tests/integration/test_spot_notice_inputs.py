@@ -108,10 +108,16 @@ def test_agent_ignores_malformed_notices_and_reports_a_repeated_one_once(
         assert agent.poll() is None
 
 
+SECRETS: dict[str, str] = {}
+"""Node id -> the credential its Register issued."""
+
+
 def _register(agents: agent_pb2_grpc.AgentServiceStub, instance_id: str) -> str:
-    return agents.Register(agent_pb2.RegisterRequest(
+    resp = agents.Register(agent_pb2.RegisterRequest(
         address="127.0.0.1", store_port=5001, slots=1, instance_id=instance_id),
-        timeout=RPC_TIMEOUT_S).node_id
+        timeout=RPC_TIMEOUT_S)
+    SECRETS[resp.node_id] = resp.node_secret
+    return resp.node_id
 
 
 def test_daemon_takes_late_and_duplicate_notices_in_stride(tmp_path: Path) -> None:
@@ -123,7 +129,8 @@ def test_daemon_takes_late_and_duplicate_notices_in_stride(tmp_path: Path) -> No
         a, b = _register(agents, "i-0aaaa"), _register(agents, "i-0bbbb")
 
         def beat(node: str) -> agent_pb2.Assignment:
-            return agents.Heartbeat(agent_pb2.HeartbeatRequest(node_id=node),
+            return agents.Heartbeat(agent_pb2.HeartbeatRequest(node_id=node,
+                                                               node_secret=SECRETS[node]),
                                     timeout=RPC_TIMEOUT_S).assignment
 
         def world() -> jobs_pb2.Job:
@@ -135,7 +142,7 @@ def test_daemon_takes_late_and_duplicate_notices_in_stride(tmp_path: Path) -> No
 
         # A notice whose deadline passed 30 s ago: nothing to wait for, b leaves at once.
         late = agent_pb2.ReportEventRequest(
-            node_id=b, job_id=job_id, generation=generation, time=time.time(),
+            node_id=b, node_secret=SECRETS[b], job_id=job_id, generation=generation, time=time.time(),
             interruption_notice=agent_pb2.InterruptionNotice(action="terminate",
                                                              deadline=time.time() - 30))
         assert agents.ReportEvent(late, timeout=RPC_TIMEOUT_S).accepted
