@@ -240,8 +240,9 @@ class Daemon:
                                  options=[("grpc.so_reuseport", 0),
                                           ("grpc.max_receive_message_length",
                                            MAX_REQUEST_BYTES)])
-        add_job_service(JobServicer(self.coordinator, self.loop,
-                                    checkpoint_prefixes=config.checkpoint_prefixes), server)
+        add_job_service(JobServicer(
+            self.coordinator, self.loop, checkpoint_prefixes=config.checkpoint_prefixes,
+            max_watchers_per_principal=config.max_watchers_per_principal), server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.coordinator, self.loop), server)
         self._health = health.aio.HealthServicer()

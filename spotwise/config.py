@@ -304,6 +304,9 @@ class DaemonConfig(_Config):
         description="Where node prices come from ([daemon.pricing]); an agent's non-zero "
         "price_per_hour overrides them.",
     )
+    max_watchers_per_principal: int = Field(
+        64, ge=1, description="WatchJob streams one principal may hold open at once."
+    )
     agent_prices: bool = Field(
         False,
         description="Charge each node the price_per_hour its agent reports (only for fleets "

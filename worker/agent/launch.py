@@ -3,12 +3,16 @@ marker that the agent writes before it stops the old generation."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 
 from spotwise.proto.v1 import agent_pb2
 from spotwise.worker.agent.supervisor import LaunchSpec
 from spotwise.worker.runtime.checkpoint import write_fence
-from spotwise.worker.runtime.storage import filesystem, job_uri, parse_uri
+from spotwise.worker.runtime.storage import StorageError, filesystem, job_uri, parse_uri
+
+log = logging.getLogger("spotwise.worker.agent")
 
 
 def fence_generation(spec: LaunchSpec) -> bool:
@@ -43,3 +47,14 @@ def launch_spec(a: agent_pb2.Assignment) -> LaunchSpec:
         checkpoint_uri=job_uri(ck.uri, a.job_id) if ck.uri else "",
         checkpoint_every=ck.every_steps, checkpoint_keep=ck.keep,
         global_batch_size=spec.global_batch_size)
+
+
+async def fence_assignment(a: agent_pb2.Assignment, *, timeout_s: float) -> bool:
+    """fence_generation for an assignment, bounded; True when the marker is in place. A
+    failure is logged, not fatal (the new generation's rank 0 writes the marker too)."""
+    try:
+        spec = launch_spec(a)
+        return await asyncio.wait_for(asyncio.to_thread(fence_generation, spec), timeout_s)
+    except (StorageError, OSError, ValueError, asyncio.TimeoutError) as e:
+        log.warning("job %s g%d: cannot write the fence marker: %s", a.job_id, a.generation, e)
+        return False

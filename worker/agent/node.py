@@ -38,7 +38,7 @@ from spotwise.config import AgentConfig
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 from spotwise.worker.agent import orphans
 from spotwise.worker.agent.backoff import Backoff
-from spotwise.worker.agent.launch import fence_generation, launch_spec
+from spotwise.worker.agent.launch import fence_assignment, launch_spec
 from spotwise.worker.agent.metrics import AgentMetrics, exit_outcome
 from spotwise.worker.agent.notices import identity_from_imds, notice_loop
 from spotwise.worker.agent.reports import Reporter, ReportQueue, forwarded
@@ -48,13 +48,14 @@ from spotwise.worker.agent.session import (
     HeartbeatStream,
     agent_token,
     channel_credentials,
+    heartbeat_request,
     is_transient,
     open_channel,
+    register_request,
 )
 from spotwise.worker.agent.store_host import StoreHost, stamp_of, wait_for_stamp
 from spotwise.worker.agent.supervisor import LaunchSpec, Supervisor, SupervisorError
 from spotwise.worker.runtime.events import EventsTail
-from spotwise.worker.runtime.storage import StorageError
 
 log = logging.getLogger("spotwise.worker.agent")
 
@@ -224,16 +225,10 @@ class Agent:
     # ---- daemon calls ---------------------------------------------------------------------
 
     def _register_request(self) -> agent_pb2.RegisterRequest:
-        c = self.config
-        cur = self.current
-        return agent_pb2.RegisterRequest(
-            node_id=self.credential.node_id, node_secret=self.credential.secret,
-            instance_id=c.instance_id, instance_type=c.instance_type,
-            zone=c.zone, lifecycle=c.lifecycle, gpus=c.gpus, slots=c.slots, address=c.address,
-            store_port=self.store.port if self.store else 0, price_per_hour=c.price_per_hour,
-            current_job_id=cur.spec.job_id if cur else "",
-            current_generation=cur.spec.generation if cur else 0,
-            log_dir=str(self.log_dir), provider_node=c.provider_node)
+        return register_request(self.config, self.credential,
+                                store_port=self.store.port if self.store else 0,
+                                running=self.current.spec if self.current else None,
+                                log_dir=self.log_dir)
 
     async def _register(self, disconnected_since: float) -> None:
         """Register (again), retrying transient failures with backoff until max_disconnect_s.
@@ -286,17 +281,8 @@ class Agent:
                              f"{self.max_disconnect_s:.0f}s: {err.code().name}: {err.details()}")
 
     def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
-        req = agent_pb2.HeartbeatRequest(node_id=self.node_id, node_secret=self.credential.secret,
-                                         assignment_version=self._held_version)
-        cur = self.current
-        if cur is not None:
-            req.job_id, req.generation = cur.spec.job_id, cur.spec.generation
-            cur.poll()
-            for p in cur.processes:
-                req.processes.add(local_rank=p.local_rank, rank=p.rank, pid=p.pid,
-                                  running=p.running, exit_code=p.exit_code or 0)
-            req.processes.extend(self._start_failed)
-        return req
+        return heartbeat_request(self.credential, self._held_version, self.current,
+                                 self._start_failed)
 
     async def _heartbeat_loop(self) -> None:
         await self._register(time.monotonic())
@@ -399,7 +385,7 @@ class Agent:
             if cur_key == self._desired_key:
                 continue
             desired = self._desired
-            fenced = desired is not None and await self._fence(desired)
+            fenced = desired is not None and await fence_assignment(desired, timeout_s=2 * self.config.rpc_timeout_s)
             if cur is not None:
                 self.current = None
                 self._start_failed = []
@@ -421,18 +407,6 @@ class Agent:
                 self._wake.set()  # changed again while stopping: look again
                 continue
             await self._start(desired)
-
-    async def _fence(self, a: agent_pb2.Assignment) -> bool:
-        """fence_generation for the assignment, bounded; True when the marker is in place. A
-        failure is logged, not fatal (the new generation's rank 0 writes the marker too)."""
-        try:
-            spec = launch_spec(a)
-            return await asyncio.wait_for(asyncio.to_thread(fence_generation, spec),
-                                          timeout=2 * self.config.rpc_timeout_s)
-        except (StorageError, OSError, ValueError, asyncio.TimeoutError) as e:
-            log.warning("agent %s: job %s g%d: cannot write the fence marker: %s",
-                        self.node_id, a.job_id, a.generation, e)
-            return False
 
     async def _start(self, a: agent_pb2.Assignment) -> None:
         try:

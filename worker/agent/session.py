@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -166,3 +167,33 @@ def open_channel(config: AgentConfig, credentials: grpc.ChannelCredentials | Non
 
 def is_transient(e: aio.AioRpcError) -> bool:
     return e.code() in TRANSIENT
+
+
+def register_request(config: AgentConfig, credential: Credential, *, store_port: int,
+                     running: Any, log_dir: Path) -> agent_pb2.RegisterRequest:
+    """What this node says of itself when it registers (`running`: the LaunchSpec of the
+    generation it runs, for a restarted daemon to reconcile)."""
+    c = config
+    return agent_pb2.RegisterRequest(
+        node_id=credential.node_id, node_secret=credential.secret,
+        instance_id=c.instance_id, instance_type=c.instance_type, zone=c.zone,
+        lifecycle=c.lifecycle, gpus=c.gpus, slots=c.slots, address=c.address,
+        store_port=store_port, price_per_hour=c.price_per_hour,
+        current_job_id=running.job_id if running else "",
+        current_generation=running.generation if running else 0,
+        log_dir=str(log_dir), provider_node=c.provider_node)
+
+
+def heartbeat_request(credential: Credential, held_version: int, current: Any,
+                      start_failed: list[agent_pb2.ProcessStatus]) -> agent_pb2.HeartbeatRequest:
+    """One beat: what runs (the Supervisor `current`, polled now) and the version held."""
+    req = agent_pb2.HeartbeatRequest(node_id=credential.node_id, node_secret=credential.secret,
+                                     assignment_version=held_version)
+    if current is not None:
+        req.job_id, req.generation = current.spec.job_id, current.spec.generation
+        current.poll()
+        for p in current.processes:
+            req.processes.add(local_rank=p.local_rank, rank=p.rank, pid=p.pid,
+                              running=p.running, exit_code=p.exit_code or 0)
+        req.processes.extend(start_failed)
+    return req

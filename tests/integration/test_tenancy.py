@@ -1,0 +1,165 @@
+"""Clients are isolated: a job belongs to the token that submitted it, env values never leave
+the daemon in an answer, lists page, and watch streams and specs are bounded. Against a real
+daemon with a tokens file; each attack asserts it fails and that nothing changed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from spotwise.config import DaemonConfig
+from spotwise.daemon import servicers
+from spotwise.daemon.auth import Role, mint_token
+from spotwise.daemon.server import DaemonThread
+from spotwise.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from spotwise.spec import JobSpec
+from tests.support.wait import until
+
+RPC_TIMEOUT_S = 10.0
+
+
+class Fleet:
+    def __init__(self, daemon: DaemonThread, tokens: dict[str, str]) -> None:
+        self.daemon = daemon
+        self.tokens = tokens
+        self.channel = grpc.insecure_channel(daemon.address)
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+
+    def meta(self, who: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.tokens[who]}"),)
+
+    def submit(self, who: str, **kw: object) -> str:
+        spec: dict[str, object] = {"entrypoint": ["python", "t.py"],
+                                   "checkpoint": {"uri": "/tmp/ck"}, "global_batch_size": 4,
+                                   "nodes": {"min": 1, "max": 1}}
+        spec.update(kw)
+        return self.jobs.SubmitJob(
+            jobs_pb2.SubmitJobRequest(spec=JobSpec.model_validate(spec).to_proto()),
+            metadata=self.meta(who), timeout=RPC_TIMEOUT_S).job_id
+
+    def code(self, method: str, request: object, who: str) -> grpc.StatusCode:
+        try:
+            result = getattr(self.jobs, method)(request, metadata=self.meta(who),
+                                                timeout=RPC_TIMEOUT_S)
+            if method == "WatchJob":
+                next(result)
+                result.cancel()
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    minted = {"alice": mint_token(Role.CLIENT, "alice"), "bob": mint_token(Role.CLIENT, "bob"),
+              "ops": mint_token(Role.ADMIN, "ops"), "ops2": mint_token(Role.ADMIN, "ops2")}
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("".join(m.line + "\n" for m in minted.values()))
+    config = DaemonConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state",
+                          tokens_file=str(tokens_file), max_watchers_per_principal=2,
+                          tick_s=0.05)
+    with DaemonThread(config) as d:
+        f = Fleet(d, {k: m.token for k, m in minted.items()})
+        try:
+            yield f
+        finally:
+            f.channel.close()
+
+
+def test_a_client_sees_watches_and_cancels_only_its_own_jobs(fleet: Fleet) -> None:
+    job_id = fleet.submit("alice", env={"WANDB_API_KEY": "s3cr3t"})
+    for method, request in (("GetJob", jobs_pb2.GetJobRequest(job_id=job_id)),
+                            ("WatchJob", jobs_pb2.WatchJobRequest(job_id=job_id, replay=True)),
+                            ("GetCost", jobs_pb2.GetCostRequest(job_id=job_id)),
+                            ("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id))):
+        # The same answer as for a job that does not exist: ids do not leak.
+        assert fleet.code(method, request, "bob") is grpc.StatusCode.NOT_FOUND, method
+    assert not fleet.jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=fleet.meta("bob"),
+                                   timeout=RPC_TIMEOUT_S).jobs
+    mine = fleet.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=fleet.meta("alice"),
+                             timeout=RPC_TIMEOUT_S)
+    assert mine.state == jobs_pb2.JOB_STATE_PENDING  # bob's cancel changed nothing
+    assert mine.owner == "alice"
+    assert dict(mine.spec.env) == {"WANDB_API_KEY": "<redacted>"}  # not even to its owner
+    listed = fleet.jobs.ListJobs(jobs_pb2.ListJobsRequest(), metadata=fleet.meta("ops"),
+                                 timeout=RPC_TIMEOUT_S).jobs
+    assert [j.id for j in listed] == [job_id] and listed[0].spec.env["WANDB_API_KEY"] == "<redacted>"
+    stored = fleet.daemon.daemon.store.jobs()[0]  # type: ignore[union-attr]
+    assert stored.owner == "alice" and b"s3cr3t" in stored.spec  # the nodes still get it
+    # An admin may cancel anyone's job, and the cancel names who did it.
+    assert fleet.code("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "ops") \
+        is grpc.StatusCode.OK
+
+
+def test_lists_page_and_specs_and_watchers_are_bounded(fleet: Fleet) -> None:
+    ids = [fleet.submit("alice", name=f"j{k}") for k in range(5)]
+    fleet.submit("bob")
+    seen, token = [], ""
+    while True:
+        page = fleet.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_size=2, page_token=token),
+                                   metadata=fleet.meta("alice"), timeout=RPC_TIMEOUT_S)
+        assert len(page.jobs) <= 2
+        seen += [j.id for j in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ids
+    assert fleet.code("ListJobs", jobs_pb2.ListJobsRequest(page_token="bogus!"), "alice") \
+        is grpc.StatusCode.INVALID_ARGUMENT
+
+    big = JobSpec.model_validate({"entrypoint": ["python", "t.py"], "checkpoint": {"uri": "/c"},
+                                  "global_batch_size": 4}).to_proto()
+    big.env["BLOB"] = "x" * 70_000
+    assert fleet.code("SubmitJob", jobs_pb2.SubmitJobRequest(spec=big), "alice") \
+        is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(fleet.daemon.daemon.store.jobs()) == 6  # type: ignore[union-attr]
+
+    streams = [fleet.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=ids[0], replay=True),
+                                   metadata=fleet.meta("alice"), timeout=30) for _ in range(2)]
+    try:
+        for s in streams:
+            next(s)  # both open
+        assert fleet.code("WatchJob", jobs_pb2.WatchJobRequest(job_id=ids[0]), "alice") \
+            is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Another principal has its own allowance.
+        assert fleet.code("WatchJob", jobs_pb2.WatchJobRequest(job_id=ids[0], replay=True),
+                          "ops") is grpc.StatusCode.OK
+    finally:
+        for s in streams:
+            s.cancel()
+
+
+def test_a_live_event_is_serialized_once_however_many_watch_it(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = fleet.submit("ops")
+    calls: list[str] = []
+    real = servicers.event_proto
+
+    def counting(row):  # noqa: ANN001, ANN202
+        calls.append(row.kind)
+        return real(row)
+
+    monkeypatch.setattr(servicers, "event_proto", counting)
+    got: list[list[str]] = [[] for _ in range(4)]
+    streams = [(k, fleet.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id),
+                                       metadata=fleet.meta("ops" if k < 2 else "ops2"),
+                                       timeout=30)) for k in range(4)]
+    readers = []
+    for k, s in streams:
+        t = threading.Thread(target=lambda k=k, s=s: got[k].extend(e.kind for e in s),
+                             daemon=True)
+        t.start()
+        readers.append(t)
+    until(lambda: fleet.daemon.call(
+        lambda: fleet.daemon.daemon.coordinator.events.watchers(job_id)) == len(streams),
+        10, "the watchers to subscribe")
+    assert fleet.code("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "ops") \
+        is grpc.StatusCode.OK
+    for t in readers:
+        t.join(10)
+    assert all(got[k] == ["state"] for k, _ in streams)
+    assert calls == ["state"]  # one cancel event, serialized once for all four watchers
