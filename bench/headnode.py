@@ -71,6 +71,14 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process `pid` has used (/proc/<pid>/stat utime+stime)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 class HeadNode:
     """One daemon process in `directory` (state, config, credentials and log)."""
 
@@ -134,19 +142,20 @@ class HeadNode:
     def log_tail(self, chars: int = 2000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def _stat_fields(self) -> list[str]:
-        # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
-        raw = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        return raw[raw.rindex(")") + 2:].split()
-
     def cpu_s(self) -> float:
-        """User plus system CPU seconds the daemon has used (/proc/<pid>/stat utime+stime)."""
-        fields = self._stat_fields()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """CPU seconds the daemon has used."""
+        return cpu_seconds(self.proc.pid)
 
     def rss_bytes(self) -> int:
         """The daemon's resident memory now (/proc/<pid>/statm)."""
         return int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1]) * PAGE_BYTES
+
+    def peak_rss_bytes(self) -> int:
+        """The most resident memory the daemon has had (VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
 
     def db_size(self) -> DbSize:
         """The database's size on disk and in use (read with a reader's connection, which WAL

@@ -126,9 +126,10 @@ class SimAgent:
     # ---- connection ---------------------------------------------------------------------
 
     def open(self) -> None:
-        """Make this agent's own channel. `grpc.use_local_subchannel_pool` keeps gRPC from
-        sharing one connection between the channels of a process (it would by default, and
-        the daemon would then see a few connections instead of one per node)."""
+        """Make this agent's own channel. `grpc.use_local_subchannel_pool` and an option of
+        its own keep gRPC from sharing one connection between channels of a process (it may
+        when two channels' target, arguments and credentials are equal), which would show
+        the daemon a few connections instead of one per node."""
         s = self.settings
         options = [("grpc.use_local_subchannel_pool", 1), ("spotwise.bench.agent", self.index)]
         if s.ca_pem is not None:

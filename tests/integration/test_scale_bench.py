@@ -30,6 +30,17 @@ AGENTS = 20
 pytestmark = pytest.mark.timeout(60)
 
 
+def established_to(port: int) -> int:
+    """Established TCP connections whose local end is `port` (the server's side of each; gRPC
+    may serve 127.0.0.1 from an IPv6 socket, so both tables count)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            count += int(local.rpartition(":")[2], 16) == port and state == "01"
+    return count
+
+
 @pytest.fixture
 def head(tmp_path: Path) -> Iterator[tuple[DaemonThread, Credentials]]:
     creds = make_credentials(tmp_path / "pki")
@@ -59,6 +70,9 @@ def test_simulated_agents_register_beat_run_a_job_and_a_silent_one_is_replaced(
         if "Heartbeats: UNIMPLEMENTED" in first.errors:
             pytest.skip("this daemon does not serve the Heartbeats stream yet")
         assert first.counters["registered"] == AGENTS
+        # One connection per agent (plus none shared): the daemon's port has at least that many
+        # established peers.
+        assert established_to(int(daemon.address.rpartition(":")[2])) >= AGENTS
         assert not first.errors, first.errors
 
         job_id = client.submit({
