@@ -27,11 +27,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from simagent import AgentSettings, AgentStats, SimAgent
+from grpc import aio
+from simagent import MAX_BACKOFF_S, AgentSettings, AgentStats, SimAgent
 
 REGISTER_CONCURRENCY = 64
 """Register calls in flight per generator process (a fleet coming up is not all at once)."""
-REPLY_TIMEOUT_S = 120.0
+REGISTER_ATTEMPTS = 5
+"""Register calls an agent makes (with backoff) before the run counts it as failed."""
+REPLY_TIMEOUT_S = 180.0
 """Longest wait for a generator's reply (registering a large fleet on a slow daemon is the
 slowest command)."""
 START_TIMEOUT_S = 60.0
@@ -84,12 +87,19 @@ class _Generator:
 
         async def one(agent: SimAgent) -> None:
             nonlocal last
-            async with gate:
-                try:
-                    await agent.register()
-                except Exception as exc:  # reported to the harness, which fails the run
-                    failed.append(f"{agent.index}: {exc!r}"[:300])
-                    return
+            backoff = 0.5
+            for attempt in range(1, REGISTER_ATTEMPTS + 1):
+                async with gate:
+                    try:
+                        await agent.register()  # counts its failures in the stats
+                        break
+                    except aio.AioRpcError as exc:
+                        if attempt == REGISTER_ATTEMPTS:
+                            failed.append(f"{agent.index}: {exc.code().name} {exc.details()}")
+                            return
+                # As an agent does when the daemon is slow or away: wait, then try again.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
             last = max(last, time.time())
             self.tasks.append(asyncio.create_task(agent.run(self.stop)))
 

@@ -236,6 +236,10 @@ def _phases(n: int, cfg: ScaleConfig, head: HeadNode, gen: LoadGenerator, client
     started = time.time()
     result["register_all_s"] = _round(gen.register() - started)
     hold(head, cfg.lease_s)
+    beats = gen.collect()
+    if not beats.counters["answered"]:
+        raise PhaseFailed(f"no heartbeat was answered (failed calls: {dict(beats.errors)}); a "
+                          "daemon without the Heartbeats stream needs --unary")
     meter = Meter(head, gen)
     hold(head, cfg.phase_s)
     result["idle"] = meter.figures()
@@ -259,7 +263,9 @@ def _phases(n: int, cfg: ScaleConfig, head: HeadNode, gen: LoadGenerator, client
         return
     meter = Meter(head, gen)
     held = gen.assignments()
-    victim = next(h for h in held if h.job_id == big and h.rank == n // 2)
+    victim = next((h for h in held if h.job_id == big and h.rank == n // 2), None)
+    if victim is None:
+        raise PhaseFailed(f"no agent holds rank {n // 2} of {big}")
     last_beat = gen.silence(victim.node_id)
 
     def survivors() -> list[float] | None:
