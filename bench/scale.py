@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -59,10 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from headnode import DaemonSettings, HeadNode, cpu_seconds  # noqa: E402  (bench/, beside this)
-from loadgen import REGISTER_CONCURRENCY, Batch, LoadGenerator  # noqa: E402
+from loadgen import REGISTER_CONCURRENCY, Batch, GeneratorError, LoadGenerator  # noqa: E402
 from simagent import AgentSettings  # noqa: E402
 
-from spotwise.client import Client, state_name  # noqa: E402
+from spotwise.client import Client, SpotwiseError, state_name  # noqa: E402
 
 T = TypeVar("T")
 
@@ -133,7 +134,7 @@ def wait_for(cond: Callable[[], T], timeout_s: float, what: str, head: HeadNode,
         if value:
             return value
         time.sleep(interval_s)
-    raise PhaseFailed(f"{what}: not within {timeout_s:.0f}s")
+    raise PhaseFailed(f"{what}: not within {timeout_s:g}s")
 
 
 class Meter:
@@ -215,15 +216,17 @@ def run_fleet(n: int, cfg: ScaleConfig, work: Path) -> dict[str, Any]:
                 Client(head.address, token=creds.client_token, ca_file=creds.ca_file) as client:
             try:
                 _phases(n, cfg, head, gen, client, work, result)
-            except PhaseFailed as exc:
-                result["error"] = str(exc)
+            except (PhaseFailed, GeneratorError, SpotwiseError) as exc:
+                # The figures of the phases before stay; the later phases are skipped.
+                result["error"] = f"{type(exc).__name__}: {exc}"
             final = gen.collect()
             result["reregisters"] = final.counters["reregisters"]
             result["reregister_answers"] = final.counters["reregister_answers"]
             result["stream_restarts"] = final.counters["stream_restarts"]
             result["progress_reports"] = final.counters["reports"]
             result["errors"] = dict(final.errors)
-        result["daemon_peak_rss_mb"] = _round(head.peak_rss_bytes() / 2**20, 1)
+        if head.alive():
+            result["daemon_peak_rss_mb"] = _round(head.peak_rss_bytes() / 2**20, 1)
     finally:
         head.stop()
     return result
@@ -394,6 +397,18 @@ def parse_args(argv: list[str] | None) -> ScaleConfig:
                        settle_timeout_s=a.settle_timeout_s, out=out)
 
 
+def raise_fd_limit(nodes: int) -> None:
+    """Lift the open-files limit (inherited by the daemon and the generators) to its hard cap:
+    the daemon holds one socket per agent. SystemExit if even the cap is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = nodes + 512  # the agents' sockets plus the daemon's files, pipes and database
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise SystemExit(f"the open-files hard limit ({hard}) is below the {wanted} that "
+                         f"{nodes} agents need: raise it (ulimit -Hn) or use fewer --nodes")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _terminate(signum: int, _frame: object) -> None:
     # SIGTERM unwinds like Ctrl-C, through every finally that stops a process.
     raise SystemExit(128 + signum)
@@ -401,6 +416,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    raise_fd_limit(max(cfg.nodes))
     signal.signal(signal.SIGTERM, _terminate)
     runs = []
     for n in cfg.nodes:
