@@ -74,6 +74,9 @@ class AgentStats:
     """Failed calls by "method: status code"."""
     stream_restarts: int = 0
     """Heartbeats streams reopened after failing."""
+    silent_streams_closed: int = 0
+    """Streams of silenced agents that the daemon closed (not an error: it may close the
+    stream of a node it declared lost)."""
     reports: int = 0
     """Progress reports answered."""
     reports_refused: int = 0
@@ -87,6 +90,7 @@ class AgentStats:
         return {"answered": self.answered, "registered": self.registered,
                 "reregisters": self.reregisters, "reregister_answers": self.reregister_answers,
                 "errors": dict(self.errors), "stream_restarts": self.stream_restarts,
+                "silent_streams_closed": self.silent_streams_closed,
                 "reports": self.reports, "reports_refused": self.reports_refused}
 
 
@@ -172,6 +176,9 @@ class SimAgent:
         self.node_secret = resp.node_secret or self.node_secret
         if resp.heartbeat_interval_s > 0:
             self.interval_s = resp.heartbeat_interval_s
+        # A (re)registered node holds no version of the daemon's new record: the next
+        # answer must carry the assignment.
+        self.version = 0
         if again:
             self.stats.reregisters += 1
         else:
@@ -224,8 +231,13 @@ class SimAgent:
         await _sleep_or_stop(stop, random.uniform(0, self.interval_s))
         backoff = 0.1
         while not stop.is_set():
+            if self.silent:
+                # Its stream ended or the daemon asked it to register again: a silent node
+                # does neither; its channel (the connection) stays open until the run ends.
+                await _sleep_or_stop(stop, self.interval_s)
+                continue
             try:
-                if self._must_register and not self.silent:
+                if self._must_register:
                     await self.register()  # counts its own failures
                 elif self.settings.unary:
                     await self._run_unary(stop)
@@ -234,6 +246,10 @@ class SimAgent:
                 backoff = 0.1
                 continue
             except (aio.AioRpcError, asyncio.TimeoutError, StreamEnded) as exc:
+                if self.silent:
+                    # The daemon may close the stream of a node it declared lost.
+                    self.stats.silent_streams_closed += 1
+                    continue
                 if not self._must_register:
                     self.stats.errors[f"Heartbeats: {_code(exc)}"] += 1
                     self.stats.stream_restarts += 1
