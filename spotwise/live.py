@@ -192,7 +192,13 @@ class LiveView:
     def update(self, event: jobs_pb2.JobEvent) -> None:
         """Take in one event from the stream."""
         if event.HasField("job"):
-            self.job = event.job
+            job = event.job
+            if not job.HasField("spec") and self.job is not None and self.job.HasField("spec"):
+                # Events carry the job's figures without its spec: keep the one GetJob gave.
+                job = jobs_pb2.Job()
+                job.CopyFrom(event.job)
+                job.spec.CopyFrom(self.job.spec)
+            self.job = job
         self.events.append(event)
 
     def set_job(self, job: jobs_pb2.Job) -> None:
