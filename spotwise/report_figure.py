@@ -27,6 +27,9 @@ CAUSE_COLORS = {
 """One colour per cause (spotwise.report.CAUSES)."""
 assert set(CAUSE_COLORS) == set(CAUSES)
 
+BUDGET_IN_SCALE = 5.0
+"""The budget is drawn as a line while it is at most this many times the largest cost shown."""
+
 
 def render_png(data: ReportData, *, dpi: int = 100) -> bytes:
     """The report's figure as PNG bytes."""
@@ -96,8 +99,16 @@ def _cost(ax, data: ReportData) -> None:
         t, spent, on_demand = zip(*data.cost, strict=True)
         ax.plot(t, spent, color="#4c72b0", label="spent")
         ax.plot(t, on_demand, color="#8c8c8c", linestyle=":", label="same node-hours on demand")
-    if data.budget_usd > 0:
+        ax.set_ylim(bottom=0)
+    top = max((max(c[1], c[2]) for c in data.cost), default=0.0)
+    spent_now = data.cost[-1][1] if data.cost else 0.0
+    if data.budget_usd > 0 and data.budget_usd <= BUDGET_IN_SCALE * top:
         ax.axhline(data.budget_usd, color="#c44e52", linestyle="--", label="budget")
+    elif data.budget_usd > 0:
+        # A budget far above the spend would flatten both lines to the axis: say it instead.
+        ax.text(0.99, 0.95, f"budget ${data.budget_usd:,.2f}: {100 * spent_now / data.budget_usd:.1f}% "
+                "used (off the scale)", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color="#c44e52")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("seconds since the job's first event")
     ax.set_ylabel("USD")
