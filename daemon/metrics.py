@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -84,6 +85,18 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self.job_generation = Gauge(
+            "spotwise_job_generation",
+            "The job's current generation (it grows by one at every change of membership).",
+            ["job"],
+            registry=r,
+        )
+        self.job_last_checkpoint_timestamp_seconds = Gauge(
+            "spotwise_job_last_checkpoint_timestamp_seconds",
+            "Unix time of the job's newest committed checkpoint (its age: time() minus this).",
+            ["job"],
+            registry=r,
+        )
         self.checkpoint_seconds = Histogram(
             "spotwise_checkpoint_seconds",
             "Seconds from a checkpoint request (or the previous commit) to its commit.",
@@ -136,9 +149,20 @@ class Metrics:
         """The job's current step rate."""
         self.job_steps_per_second.labels(job=job_id).set(steps_per_second)
 
-    def observe_checkpoint(self, job_id: str, seconds: float) -> None:
-        """One committed checkpoint and how long it took."""
+    def set_job_generation(self, job_id: str, generation: int) -> None:
+        """The job's current generation (call at every generation start, and at load)."""
+        self.job_generation.labels(job=job_id).set(generation)
+
+    def observe_checkpoint(self, job_id: str, seconds: float, *, at: float | None = None) -> None:
+        """One committed checkpoint and how long it took; `at` (unix seconds, default now) is
+        when it committed, exported as the job's last-commit time."""
         self.checkpoint_seconds.labels(job=job_id).observe(seconds)
+        self.set_job_last_checkpoint(job_id, time.time() if at is None else at)
+
+    def set_job_last_checkpoint(self, job_id: str, committed_at: float) -> None:
+        """When the job's newest checkpoint committed (unix seconds): what observe_checkpoint
+        sets, and what a restarted daemon sets from its stored jobs."""
+        self.job_last_checkpoint_timestamp_seconds.labels(job=job_id).set(committed_at)
 
     def inc_preemptions(self, job_id: str, count: int = 1) -> None:
         """Nodes of the job taken back by the cloud."""
@@ -175,6 +199,8 @@ class Metrics:
         for metric in (
             self.job_world_size,
             self.job_steps_per_second,
+            self.job_generation,
+            self.job_last_checkpoint_timestamp_seconds,
             self.checkpoint_seconds,
             self.preemptions,
             self.cost_usd,

@@ -102,6 +102,9 @@ def _cost(ax, data: ReportData) -> None:
         ax.set_ylim(bottom=0)
     top = max((max(c[1], c[2]) for c in data.cost), default=0.0)
     spent_now = data.cost[-1][1] if data.cost else 0.0
+    if top == 0:
+        ax.text(0.5, 0.5, "nothing charged (the nodes' price is 0)", transform=ax.transAxes,
+                ha="center", va="center", fontsize=9, color="#8c8c8c")
     if data.budget_usd > 0 and data.budget_usd <= BUDGET_IN_SCALE * top:
         ax.axhline(data.budget_usd, color="#c44e52", linestyle="--", label="budget")
     elif data.budget_usd > 0:
