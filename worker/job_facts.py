@@ -20,6 +20,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,23 @@ class JobFact:
     def to_line(self) -> str:
         """The fact as one line of the file (with its newline)."""
         return json.dumps(asdict(self), sort_keys=True) + "\n"
+
+
+def fact_from_assignment(assignment: Any, now: float) -> JobFact:
+    """The fact an agent writes when it starts a generation: from its Assignment (spotwise.v1;
+    generation, world size, the step restored, and the job's lost steps, cost and reason when
+    the generation started), at unix time `now`."""
+    return JobFact(time=now, kind="generation", generation=int(assignment.generation),
+                   world_size=int(assignment.world_size),
+                   step=max(0, int(assignment.restore_step)),
+                   lost_steps=int(assignment.lost_steps), cost_usd=float(assignment.cost_usd),
+                   message=str(assignment.reason))
+
+
+def facts_path(job_dir: str | os.PathLike[str]) -> Path:
+    """Where an agent keeps a job's facts file: `<job_dir>/job-facts.jsonl` (one per job and
+    node; every generation's processes on the node read the same file)."""
+    return Path(job_dir) / "job-facts.jsonl"
 
 
 def append_fact(path: str | os.PathLike[str], fact: JobFact) -> None:

@@ -3,7 +3,7 @@
 Generation 1 trains the tiny workload at world size 2 and SIGKILLs itself between checkpoints,
 as a machine lost without notice; generation 2 restores the newest commit at world size 1,
 replays the steps after it and finishes. The agent's part (the job's figures in the facts file)
-is played by this test, through the same writer the agent uses.
+is played by this test, through the same functions the agent is to call.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from spotwise.worker.job_facts import ENV_VAR, JobFact, append_fact
+from spotwise.proto.v1 import agent_pb2
+from spotwise.worker.job_facts import ENV_VAR, append_fact, fact_from_assignment
 from tests.support.launch import TINY, checked, torchrun
 
 pytest.importorskip("mlflow")
@@ -43,8 +44,10 @@ def test_one_run_each_step_once_with_its_final_value_through_a_rescale(tmp_path:
     common = ["--steps", str(STEPS), "--global-batch-size", "24", "--dataset-size", "100",
               "--loss-log", str(tmp_path / "loss.txt"), "--mlflow-uri", uri]
 
-    append_fact(facts, JobFact(time=1.0, kind="generation", generation=1, world_size=2,
-                               message="start on 2 node(s): n1, n2"))
+    # As the agent does when it starts each generation: the assignment's figures, appended.
+    append_fact(facts, fact_from_assignment(agent_pb2.Assignment(
+        job_id=JOB, generation=1, world_size=2, restore_step=-1,
+        reason="start on 2 node(s): n1, n2"), now=1.0))
     r = torchrun(TINY, 2, *common, "--die-at", str(DIE_AT), env=env)
     assert r.returncode != 0, r.stdout[-3000:]
 
@@ -58,9 +61,9 @@ def test_one_run_each_step_once_with_its_final_value_through_a_rescale(tmp_path:
     assert run.info.status == "RUNNING"
 
     # The agent learns of the loss from the daemon and writes it down for the next generation.
-    append_fact(facts, JobFact(time=2.0, kind="generation", generation=2, world_size=1,
-                               step=committed, lost_steps=DIE_AT - committed, cost_usd=0.25,
-                               message="lost n2: 1 node(s)"))
+    append_fact(facts, fact_from_assignment(agent_pb2.Assignment(
+        job_id=JOB, generation=2, world_size=1, restore_step=committed,
+        lost_steps=DIE_AT - committed, cost_usd=0.25, reason="lost n2: 1 node(s)"), now=2.0))
     checked(torchrun(TINY, 1, *common, env=env))
 
     (run,) = client.search_runs([experiment.experiment_id])

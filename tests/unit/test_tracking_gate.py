@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from spotwise.worker.job_facts import JobFact, JobFactsTail, append_fact
+from spotwise.proto.v1 import agent_pb2
+from spotwise.worker.job_facts import JobFact, JobFactsTail, append_fact, fact_from_assignment
 from spotwise.worker.tracking import CommitGate
 
 
@@ -93,3 +94,13 @@ def test_a_fact_round_trips_and_bad_ones_are_refused() -> None:
     for bad in ("[]", '{"kind": "x"}', '{"time": "soon", "kind": "x", "generation": 1}'):
         with pytest.raises(ValueError):
             JobFact.parse(bad)
+
+
+def test_the_agent_writes_a_generations_fact_from_its_assignment() -> None:
+    a = agent_pb2.Assignment(job_id="j", generation=3, world_size=2, restore_step=40,
+                             lost_steps=6, cost_usd=0.5, reason="lost n2: 1 node(s)")
+    assert fact_from_assignment(a, 12.5) == JobFact(
+        time=12.5, kind="generation", generation=3, world_size=2, step=40, lost_steps=6,
+        cost_usd=0.5, message="lost n2: 1 node(s)")
+    fresh = agent_pb2.Assignment(job_id="j", generation=1, world_size=1, restore_step=-1)
+    assert fact_from_assignment(fresh, 1.0).step == 0
