@@ -234,7 +234,7 @@ class ReportPaths:
     """What the figure shows."""
 
 
-def write_report(client: Any, job_id: str, out_dir: Path, *, quiet_s: float = 1.0,
+def write_report(client: Any, job_id: str, out_dir: Path, *, quiet_s: float = 2.0,
                  timeout_s: float = 60.0) -> ReportPaths:
     """Read the job's events, record and cost from the daemon and write
     `<out_dir>/<job_id>-report.png` and `.html`.

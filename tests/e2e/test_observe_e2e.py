@@ -165,10 +165,11 @@ def test_report_of_a_run_through_a_rescale(observed: Observed) -> None:
     steps = [s for s, _, _ in ended.progress]
     assert steps and max(steps) == STEPS and all(r > 0 for _, r, _ in ended.progress)
     assert ended.progress[-1][2] < ended.progress[0][2]
-    # Checkpoints: every 5 steps, all committed.
+    # Checkpoints: every 5 steps, the one the daemon asked for before growing, the final one;
+    # none failed.
     commits = sorted({c.step for c in ended.checkpoints if c.ok})
-    assert commits and all(s % 5 == 0 for s in commits) and not [
-        c for c in ended.checkpoints if not c.ok]
+    assert commits[-1] == STEPS and len([s for s in commits if s % 5 == 0]) >= 3, commits
+    assert not [c for c in ended.checkpoints if not c.ok]
     # Cost: it grew, with the budget from the spec.
     assert ended.budget_usd == 50.0
     spent = [c for _, c, _ in ended.cost]
