@@ -273,6 +273,8 @@ class AgentProtocol:
 
     def _checkpoint(self, job: JobRecord, req: agent_pb2.ReportEventRequest, now: float) -> None:
         c = req.checkpoint_committed
+        since = job.checkpoint_requested_at or job.row.last_checkpoint_at \
+            or job.generation_started_at or now
         self.outbox.checkpoint(CheckpointRow(
             job_id=job.row.id, generation=req.generation, step=c.step, path=c.path,
             bytes=c.bytes, cursor=c.cursor, committed_at=now))
@@ -289,7 +291,7 @@ class AgentProtocol:
         self.executor.event(job, now, "checkpoint",
                             f"checkpoint at step {c.step} committed ({c.bytes} bytes): {c.path}")
         if self.metrics is not None:
-            self.metrics.observe_commit(job.row.id, now)
+            self.metrics.observe_checkpoint(job.row.id, max(0.0, now - since), at=now)
         log.info("job=%s generation=%d: checkpoint step %d committed: %s", job.row.id,
                  job.row.generation, c.step, c.path)
         self.wake()

@@ -121,6 +121,12 @@ class Coordinator:
         """(Re)load the state from the store and serve the stored assignments."""
         self.outbox.clear()
         self.state.load()
+        if self.metrics is not None:
+            for job in self.state.jobs.values():
+                if not job.state.terminal:
+                    self.metrics.set_job_generation(job.row.id, job.row.generation)
+                    if job.row.last_checkpoint_at:
+                        self.metrics.set_job_last_checkpoint(job.row.id, job.row.last_checkpoint_at)
         self.assignments.install(compute_assignments(
             self.state.jobs, self.state.nodes, self.state.member_views,
             {j for j, rec in self.state.jobs.items() if not rec.state.terminal},

@@ -138,6 +138,7 @@ class Executor:
                  d.reason if len(d.reason) <= 400 else d.reason[:400] + "...")
         if self.metrics is not None:
             self.metrics.set_job_world_size(job.row.id, d.world_size)
+            self.metrics.set_job_generation(job.row.id, d.generation)
         self.event(job, now, "generation", d.reason)
 
     def _set_job_state(self, d: SetJobState, now: float) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -69,6 +70,18 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self.job_generation = Gauge(
+            "spotwise_job_generation",
+            "The job's current generation (it grows by one at every change of membership).",
+            ["job"],
+            registry=r,
+        )
+        self.job_last_checkpoint_timestamp_seconds = Gauge(
+            "spotwise_job_last_checkpoint_timestamp_seconds",
+            "Unix time of the job's newest committed checkpoint (its age: time() minus this).",
+            ["job"],
+            registry=r,
+        )
         self.checkpoint_seconds = Histogram(
             "spotwise_checkpoint_seconds",
             "Seconds from a checkpoint request (or the previous commit) to its commit.",
@@ -93,12 +106,6 @@ class Metrics:
             "spotwise_heartbeat_latency_seconds",
             "Seconds the daemon took to handle one agent heartbeat.",
             buckets=HEARTBEAT_BUCKETS_S,
-            registry=r,
-        )
-        self.last_commit = Gauge(
-            "spotwise_job_last_commit_timestamp_seconds",
-            "Unix time the daemon heard of the job's newest committed checkpoint.",
-            ["job"],
             registry=r,
         )
         self.checkpoint_failures = Counter(
@@ -133,13 +140,20 @@ class Metrics:
         """The job's current step rate."""
         self.job_steps_per_second.labels(job=job_id).set(steps_per_second)
 
-    def observe_checkpoint(self, job_id: str, seconds: float) -> None:
-        """One committed checkpoint and how long it took."""
-        self.checkpoint_seconds.labels(job=job_id).observe(seconds)
+    def set_job_generation(self, job_id: str, generation: int) -> None:
+        """The job's current generation (call at every generation start, and at load)."""
+        self.job_generation.labels(job=job_id).set(generation)
 
-    def observe_commit(self, job_id: str, at: float) -> None:
-        """A commit of the job was reported at unix time `at`."""
-        self.last_commit.labels(job=job_id).set(at)
+    def observe_checkpoint(self, job_id: str, seconds: float, *, at: float | None = None) -> None:
+        """One committed checkpoint and how long it took; `at` (unix seconds, default now) is
+        when it committed, exported as the job's last-commit time."""
+        self.checkpoint_seconds.labels(job=job_id).observe(seconds)
+        self.set_job_last_checkpoint(job_id, time.time() if at is None else at)
+
+    def set_job_last_checkpoint(self, job_id: str, committed_at: float) -> None:
+        """When the job's newest checkpoint committed (unix seconds): what observe_checkpoint
+        sets, and what a restarted daemon sets from its stored jobs."""
+        self.job_last_checkpoint_timestamp_seconds.labels(job=job_id).set(committed_at)
 
     def inc_checkpoint_failures(self, job_id: str) -> None:
         """A checkpoint save of the job failed."""
@@ -180,10 +194,11 @@ class Metrics:
         for metric in (
             self.job_world_size,
             self.job_steps_per_second,
+            self.job_generation,
+            self.job_last_checkpoint_timestamp_seconds,
             self.checkpoint_seconds,
             self.preemptions,
             self.cost_usd,
-            self.last_commit,
             self.checkpoint_failures,
         ):
             try:

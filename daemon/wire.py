@@ -100,6 +100,9 @@ def assignments_for(job: JobRecord, nodes: Mapping[str, NodeRecord], *,
             master_port=master.store_port,
             restore_step=job.restore_step,
             checkpoint_now=checkpoint_now,
+            lost_steps=job.row.lost_steps,
+            cost_usd=job.row.cost_usd,
+            reason=job.generation_reason,
         )
     return out
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spotwise.worker.runtime import Runtime, run_main
+from spotwise.worker.runtime.tracking import MLflowTracker
 
 
 def load_corpus(max_bytes: int) -> torch.Tensor:
@@ -103,6 +104,10 @@ def main() -> None:
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--step-sleep", type=float, default=0.0, help="sleep after each step (demos)")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="log to this MLflow tracking store (e.g. sqlite:///mlflow.db): one run "
+                        "for the job across generations, each step once it is committed")
+    p.add_argument("--mlflow-experiment", default="spotwise", help="MLflow experiment name")
     args = p.parse_args()
     logging.basicConfig(level=os.environ.get("SPOTWISE_LOG_LEVEL", "WARNING"))
     global_batch = args.global_batch_size or int(os.environ.get("SPOTWISE_GLOBAL_BATCH_SIZE") or 24)
@@ -129,6 +134,9 @@ def main() -> None:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     start = rt.restore(model, optimizer, scheduler)
+    tracker = (MLflowTracker.from_env(rt, tracking_uri=args.mlflow_uri,
+                                      experiment=args.mlflow_experiment, params=vars(args))
+               if args.mlflow_uri else None)
     if rt.rank == 0:
         print(
             f"generation {rt.generation}: world {rt.world_size}, "
@@ -146,11 +154,15 @@ def main() -> None:
 
     while rt.step < args.steps:
         loss = rt.train_step(sampler, loss_of, max_grad_norm=1.0)
+        if tracker is not None:  # it records the loss itself; anything else goes here
+            tracker.log({"lr": scheduler.get_last_lr()[0]})
         if rt.rank == 0 and (rt.step % args.log_every == 0 or rt.step == args.steps):
             print(f"step {rt.step} loss {loss:.4f} world {rt.world_size} generation {rt.generation}", flush=True)
         if args.step_sleep:
             time.sleep(args.step_sleep)
     rt.finish()
+    if tracker is not None:
+        tracker.finish()
 
 
 if __name__ == "__main__":

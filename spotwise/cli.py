@@ -132,6 +132,13 @@ def build_parser(delegate: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cost)
 
+    p = sub.add_parser("report", parents=[common],
+                       help="draw a job's life (world size, steps, checkpoints, cost) as PNG+HTML")
+    p.add_argument("job", metavar="JOB", help="job id")
+    p.add_argument("--out", type=Path, default=Path("."),
+                   help="folder for JOB-report.png and JOB-report.html (default: here)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("daemon", help="run the coordinator daemon")
     p.add_argument("--config", type=Path, default=None, help="TOML config file ([daemon] table)")
     p.add_argument("--listen", default=None, help="host:port to serve on (overrides the config)")
@@ -275,6 +282,16 @@ def cmd_cost(args: argparse.Namespace) -> int:
         _print_json(_to_dict(report))
     else:
         print(cost_text(report))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spotwise.report import write_report
+
+    job_id = _job_id(args.job)
+    with _client(args) as client:
+        paths = write_report(client, job_id, args.out)
+    print(f"{paths.data.title}\n{paths.png}\n{paths.html}")
     return EXIT_OK
 
 

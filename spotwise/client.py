@@ -16,6 +16,8 @@ Results are the proto messages of spotwise.v1 (Job, JobEvent, CostReport).
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -302,6 +304,55 @@ class Client:
             raise self._translate(err, job_id=job_id) from None
         finally:
             call.cancel()
+
+    def history(self, job_id: str, *, quiet_s: float = 1.0,
+                timeout: float = 60.0) -> list[jobs_pb2.JobEvent]:
+        """The events recorded for the job so far, oldest first (a replaying watch).
+
+        The stream of an ended job ends after its replay; that of a running job never does,
+        so the read stops once no event came for `quiet_s` (the replay streams without
+        pauses), or after `timeout` seconds in all (then what arrived is returned). Raises
+        JobNotFound, DaemonUnavailable, WatchInterrupted.
+        """
+        if quiet_s <= 0 or timeout <= 0:
+            raise ValueError(f"quiet_s and timeout must be positive, got {quiet_s}, {timeout}")
+        call = self._stub.WatchJob(
+            jobs_pb2.WatchJobRequest(job_id=job_id, replay=True), metadata=self._metadata
+        )
+        inbox: queue.Queue[jobs_pb2.JobEvent | BaseException | None] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for event in call:
+                    inbox.put(event)
+                inbox.put(None)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                inbox.put(err)
+
+        reader = threading.Thread(target=read, name=f"history-{job_id}", daemon=True)
+        reader.start()
+        events: list[jobs_pb2.JobEvent] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = inbox.get(timeout=min(quiet_s, left))
+                except queue.Empty:
+                    break  # quiet: the replay is over
+                if item is None:
+                    break
+                if isinstance(item, grpc.RpcError):
+                    if _code(item) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise WatchInterrupted(_details(item) or "watch interrupted",
+                                               code=_code(item)) from None
+                    raise self._translate(item, job_id=job_id) from None
+                if isinstance(item, BaseException):
+                    raise item
+                events.append(item)
+        finally:
+            call.cancel()
+            reader.join(timeout=5.0)
+        return events
 
     def wait(self, job_id: str, *, timeout: float | None = None) -> jobs_pb2.Job:
         """Block until the job is in a final state and return it.

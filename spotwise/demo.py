@@ -287,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
     replayer = TraceReplayer(provider, schedule, request, seed=replay.seed)
     client = Client(address, timeout=10)
     live: Live | None = None
+    report = None
     try:
         timeline.add(f"daemon serving on {address} (SQLite in {state_dir})")
         timeline.add(f"trace {trace.name}: samples {replay.start}-"
@@ -306,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
                         refresh_per_second=4, transient=False)
             live.start()
         result = _drive(client, replayer, actions, job_id, view, timeline, args, live)
+        report = _write_report(client, job_id, state_dir)
     finally:
         if live is not None:
             live.stop()
@@ -315,8 +317,23 @@ def run(args: argparse.Namespace) -> int:
         stop_process_group(daemon)
     wall = time.monotonic() - wall0
     _summary(console, result, wall)
+    if report is not None:
+        console.print(f"spotwise demo: report of the job: {report.html} (picture: {report.png})",
+                      highlight=False)
     ok = result.job is not None and state_name(result.job.state) == "SUCCEEDED"
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _write_report(client: Client, job_id: str, state_dir: Path):
+    """The job's report (spotwise.report) in the state directory, while the daemon still
+    serves; None (and the reason printed) if it could not be written."""
+    from spotwise.report import write_report
+
+    try:
+        return write_report(client, job_id, state_dir)
+    except (SpotwiseError, OSError) as e:
+        print(f"spotwise demo: no report: {e}", file=sys.stderr)
+        return None
 
 
 @dataclass

@@ -100,7 +100,7 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[ProcessStatus, _Mapping]]] = ..., node_secret: _Optional[str] = ..., assignment_version: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("job_id", "generation", "spec", "world_size", "node_rank", "num_nodes", "rank_start", "nproc", "master_addr", "master_port", "restore_step", "checkpoint_now")
+    __slots__ = ("job_id", "generation", "spec", "world_size", "node_rank", "num_nodes", "rank_start", "nproc", "master_addr", "master_port", "restore_step", "checkpoint_now", "lost_steps", "cost_usd", "reason")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,9 @@ class Assignment(_message.Message):
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
     RESTORE_STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_NOW_FIELD_NUMBER: _ClassVar[int]
+    LOST_STEPS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     generation: int
     spec: _jobs_pb2.JobSpec
@@ -125,7 +128,10 @@ class Assignment(_message.Message):
     master_port: int
     restore_step: int
     checkpoint_now: bool
-    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., spec: _Optional[_Union[_jobs_pb2.JobSpec, _Mapping]] = ..., world_size: _Optional[int] = ..., node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., rank_start: _Optional[int] = ..., nproc: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., restore_step: _Optional[int] = ..., checkpoint_now: _Optional[bool] = ...) -> None: ...
+    lost_steps: int
+    cost_usd: float
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., spec: _Optional[_Union[_jobs_pb2.JobSpec, _Mapping]] = ..., world_size: _Optional[int] = ..., node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., rank_start: _Optional[int] = ..., nproc: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., restore_step: _Optional[int] = ..., checkpoint_now: _Optional[bool] = ..., lost_steps: _Optional[int] = ..., cost_usd: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("assignment", "reregister", "assignment_version")

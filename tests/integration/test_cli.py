@@ -79,8 +79,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *ne
 def test_help_works_for_every_command(cli_env: dict[str, str]) -> None:
     proc = run_cli("--help", env=cli_env)
     assert proc.returncode == 0, proc.stderr
-    for command in ("submit", "jobs", "status", "watch", "logs", "cancel", "cost", "daemon",
-                    "agent", "demo"):
+    for command in ("submit", "jobs", "status", "watch", "logs", "cancel", "cost", "report",
+                    "daemon", "agent", "demo"):
         assert command in proc.stdout
     proc = run_cli("submit", "--help", env=cli_env, module="spotwise")
     assert proc.returncode == 0 and "--follow" in proc.stdout
@@ -95,6 +95,7 @@ def test_help_works_for_every_command(cli_env: dict[str, str]) -> None:
         (("status",), "required: JOB"),
         (("jobs", "--state", "sleeping"), "unknown job state 'sleeping'"),
         (("status", "../etc"), "is not a job id"),
+        (("report", "../etc"), "is not a job id"),
         (("--timeout", "0", "jobs"), "--timeout must be positive"),
         (("--timeout", "soon", "jobs"), "invalid float value"),
         (("submit", "no-such.yaml"), "no-such.yaml: no such file"),

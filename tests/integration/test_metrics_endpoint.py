@@ -15,6 +15,8 @@ EXPECTED_FAMILIES = {
     "spotwise_jobs": "gauge",
     "spotwise_job_world_size": "gauge",
     "spotwise_job_steps_per_second": "gauge",
+    "spotwise_job_generation": "gauge",
+    "spotwise_job_last_checkpoint_timestamp_seconds": "gauge",
     "spotwise_checkpoint_seconds": "histogram",
     "spotwise_preemptions": "counter",
     "spotwise_cost_usd": "counter",
@@ -59,8 +61,9 @@ def test_scrape_shows_every_update(served: tuple[Metrics, MetricsExporter]) -> N
     metrics.set_jobs_by_state({"RUNNING": 2, "JOB_STATE_PENDING": 1})
     metrics.set_job_world_size("job-a", 8)
     metrics.set_job_steps_per_second("job-a", 3.5)
-    metrics.observe_checkpoint("job-a", 4.0)
-    metrics.observe_checkpoint("job-a", 40.0)
+    metrics.set_job_generation("job-a", 3)
+    metrics.observe_checkpoint("job-a", 4.0, at=1_700_000_000.0)
+    metrics.observe_checkpoint("job-a", 40.0, at=1_700_000_060.0)
     metrics.inc_preemptions("job-a")
     metrics.inc_preemptions("job-a", 2)
     metrics.add_cost("job-a", 0.25)
@@ -73,6 +76,8 @@ def test_scrape_shows_every_update(served: tuple[Metrics, MetricsExporter]) -> N
     job = (("job", "job-a"),)
     assert s["spotwise_job_world_size"][job] == 8
     assert s["spotwise_job_steps_per_second"][job] == 3.5
+    assert s["spotwise_job_generation"][job] == 3
+    assert s["spotwise_job_last_checkpoint_timestamp_seconds"][job] == 1_700_000_060.0
     assert s["spotwise_checkpoint_seconds_count"][job] == 2
     assert s["spotwise_checkpoint_seconds_sum"][job] == 44.0
     buckets = {dict(k)["le"]: v for k, v in s["spotwise_checkpoint_seconds_bucket"].items()}
@@ -122,6 +127,7 @@ def test_forget_job_removes_its_series(served: tuple[Metrics, MetricsExporter]) 
     metrics, exporter = served
     for job in ("old", "new"):
         metrics.set_job_world_size(job, 2)
+        metrics.set_job_generation(job, 1)
         metrics.observe_checkpoint(job, 1)
         metrics.add_cost(job, 1)
     metrics.inc_preemptions("old")

@@ -13,7 +13,6 @@ from spotwise.daemon.store import Store
 from spotwise.proto.v1 import agent_pb2
 from spotwise.spec import JobSpec
 
-
 SECRETS: dict[str, str] = {}
 """Node id -> the credential its Register issued."""
 

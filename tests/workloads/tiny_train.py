@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from spotwise.worker.runtime import Runtime, run_main
+from spotwise.worker.runtime.tracking import MLflowTracker
 
 
 class Block(nn.Module):
@@ -74,6 +75,10 @@ def main() -> None:
     p.add_argument("--save-full", default=None, help="rank 0 writes the full state here after restore")
     p.add_argument("--save-full-end", default=None, help="rank 0 writes the full state here at the end")
     p.add_argument("--loss-log", default=None, help="rank 0 appends 'step loss' lines here")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="log to this MLflow tracking store (e.g. sqlite:///mlflow.db): one run "
+                        "for the job across generations, each step once it is committed")
+    p.add_argument("--mlflow-experiment", default="spotwise", help="MLflow experiment name")
     args = p.parse_args()
     logging.basicConfig(level=os.environ.get("SPOTWISE_LOG_LEVEL", "WARNING"))
     if args.ledger:
@@ -86,6 +91,9 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.01 * s))
     rt.restore(model, optimizer, scheduler)
+    tracker = (MLflowTracker.from_env(rt, tracking_uri=args.mlflow_uri,
+                                      experiment=args.mlflow_experiment, params=vars(args))
+               if args.mlflow_uri else None)
     if args.save_full:
         save_full(rt, model, optimizer, args.save_full)
     x, y = dataset(args.dataset_size, args.dim)
@@ -96,6 +104,8 @@ def main() -> None:
 
     while rt.step < args.steps:
         loss = rt.train_step(sampler, loss_of)
+        if tracker is not None:  # it records the loss itself; anything else goes here
+            tracker.log({"lr": scheduler.get_last_lr()[0]})
         if args.loss_log and rt.rank == 0:
             with open(args.loss_log, "a") as f:
                 f.write(f"{rt.step} {loss!r} {rt.generation}\n")
@@ -106,6 +116,8 @@ def main() -> None:
     if args.save_full_end:
         save_full(rt, model, optimizer, args.save_full_end)
     rt.finish()
+    if tracker is not None:
+        tracker.finish()
 
 
 def save_full(rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:

@@ -21,6 +21,9 @@ from spotwise.common.exporter import HEARTBEAT_BUCKETS_S
 
 EXIT_OUTCOMES = ("ok", "stopped", "failed")
 """How a training process ended: exit 0, stopped on request (143), anything else."""
+NOTICE_ACTIONS = ("terminate", "stop", "hibernate", "rebalance")
+"""The notices IMDS gives: exported from the start at 0, so that a rate over them is 0 (not
+"no data") on a node that never had one."""
 
 
 def exit_outcome(exit_code: int) -> str:
@@ -59,6 +62,8 @@ class AgentMetrics:
             "spotwise_agent_interruption_notices_total",
             "Interruption notices read from the instance metadata service, by action "
             "(terminate, stop, hibernate, rebalance).", ["action"], registry=r)
+        for action in NOTICE_ACTIONS:
+            self.notices.labels(action)
         self.imds_errors = Counter(
             "spotwise_agent_imds_errors_total",
             "Polls of the instance metadata service that failed or timed out.", registry=r)

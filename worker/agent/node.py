@@ -56,6 +56,7 @@ from spotwise.worker.agent.session import (
 from spotwise.worker.agent.store_host import StoreHost, stamp_of, wait_for_stamp
 from spotwise.worker.agent.supervisor import LaunchSpec, Supervisor, SupervisorError
 from spotwise.worker.runtime.events import EventsTail
+from spotwise.worker.runtime.job_facts import append_fact, fact_from_assignment, facts_path
 
 log = logging.getLogger("spotwise.worker.agent")
 
@@ -428,6 +429,13 @@ class Agent:
                 log.warning("agent %s: job %s g%d: store %s:%d has no stamp %s after 30s; "
                             "starting anyway", self.node_id, spec.job_id, spec.generation,
                             spec.master_addr, spec.master_port, stamp)
+        # The job's figures for the processes' experiment tracker (the runtime never asks the
+        # daemon): what the daemon said when this generation started.
+        try:
+            append_fact(facts_path(self.log_dir / spec.job_id), fact_from_assignment(a, time.time()))
+        except OSError as e:
+            log.warning("agent %s: job %s g%d: cannot write the job facts: %s", self.node_id,
+                        spec.job_id, spec.generation, e)
         # Training processes must not inherit systemd's notify socket or watchdog.
         sup = Supervisor(spec, log_dir=self.log_dir, base_env=child_environment(os.environ))
         self.current = sup

@@ -26,6 +26,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spotwise.worker.runtime.job_facts import ENV_VAR as JOB_FACTS_ENV
+from spotwise.worker.runtime.job_facts import facts_path
+
 log = logging.getLogger(__name__)
 
 # Interpreter names in an entrypoint that mean "the Python this agent runs on". A spec says
@@ -126,6 +129,7 @@ def process_env(spec: LaunchSpec, local_rank: int, *, log_dir: Path,
         "SPOTWISE_CHECKPOINT_KEEP": str(spec.checkpoint_keep),
         "SPOTWISE_GLOBAL_BATCH_SIZE": str(spec.global_batch_size),
         "SPOTWISE_EVENTS_FILE": str(events_path(log_dir, spec, rank)),
+        JOB_FACTS_ENV: str(facts_path(Path(log_dir) / spec.job_id)),
     }
     clobbered = sorted(k for k in contract if k in spec.spec_env)
     if clobbered:

@@ -173,7 +173,31 @@ class Runtime:
                 on_commit=self._on_commit,
                 on_fenced=self._on_fenced,
             )
+        self._commit_listeners: list[Callable[[int], None]] = []
+        self._step_listeners: list[Callable[[int, float], None]] = []
         self._install_signal_handlers()
+
+    @property
+    def run_id(self) -> str:
+        """The job's id: the same in every generation, so a tracker continues one run with it
+        (MLflow's run tag, wandb's `id=`)."""
+        return self.config.job_id
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done in the job's committed history plus this generation's: the
+        step to log at (after a restore it is the restored step, so replayed steps repeat)."""
+        return self.step
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(step)` on rank 0 after each checkpoint commit (in the training
+        thread, inside end_step or finish), e.g. to log metrics only once they are committed."""
+        self._commit_listeners.append(listener)
+
+    def add_step_listener(self, listener: Callable[[int, float], None]) -> None:
+        """Call `listener(step, loss)` on rank 0 at every end_step, once the step's loss (the
+        global batch's mean; NaN when none was given) is known and before the step is saved."""
+        self._step_listeners.append(listener)
 
     @classmethod
     def from_env(cls, *, global_batch_size: int | None = None, micro_batch_size: int, seed: int = 0, **overrides: Any) -> Runtime:
@@ -370,6 +394,9 @@ class Runtime:
             self.last_loss = float(flags[2]) / self.world_size
             self._loss_sum += self.last_loss
             self._loss_n += 1
+        if self.rank == 0:
+            for listener in self._step_listeners:
+                listener(self.step, self.last_loss if loss is not None else float("nan"))
         if self.checkpointer is not None:
             self.checkpointer.poll()
             every = self.checkpointer.config.every_steps
@@ -411,6 +438,8 @@ class Runtime:
         )
         if self.ledger:
             self.ledger.committed(generation=self.generation, step=manifest.step)
+        for listener in self._commit_listeners:
+            listener(manifest.step)
 
     def _on_fenced(self, step: int, reason: str) -> None:
         self.events.emit("fenced", step=step, reason=reason)

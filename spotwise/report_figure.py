@@ -1,0 +1,151 @@
+"""Draws a job report (spotwise.report.ReportData) with matplotlib, as PNG bytes and as an HTML
+page that embeds the same PNG (base64), so the page is one file that opens anywhere.
+
+Panels, top to bottom: world size over time with each generation's start marked and labelled
+by its cause; throughput and loss over steps with the checkpoints as ticks (failed saves as red
+crosses); cumulative cost against the budget and against the same node-seconds on demand; the
+steps each generation lost when it restored from the last commit.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+from spotwise.report import CAUSES, ReportData, causes_in
+
+CAUSE_COLORS = {
+    "start": "#4c72b0",
+    "notice": "#dd8452",
+    "loss without notice": "#c44e52",
+    "capacity back": "#55a868",
+    "failure": "#8172b3",
+    "budget": "#937860",
+    "other": "#8c8c8c",
+}
+"""One colour per cause (spotwise.report.CAUSES)."""
+assert set(CAUSE_COLORS) == set(CAUSES)
+
+BUDGET_IN_SCALE = 5.0
+"""The budget is drawn as a line while it is at most this many times the largest cost shown."""
+
+
+def render_png(data: ReportData, *, dpi: int = 100) -> bytes:
+    """The report's figure as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to memory
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 13), dpi=dpi, layout="constrained")
+    world_ax, steps_ax, cost_ax, lost_ax = fig.subplots(4, 1, height_ratios=(1.2, 1.2, 1, 0.8))
+    fig.suptitle(data.title, fontsize=11)
+    _world(world_ax, data)
+    _steps(steps_ax, data)
+    _cost(cost_ax, data)
+    _lost(lost_ax, data)
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def _world(ax, data: ReportData) -> None:
+    ax.set_title("World size over time, and why each generation started", fontsize=10)
+    if data.world:
+        t, w = zip(*data.world, strict=True)
+        ax.step(t, w, where="post", color="black", linewidth=1.5)
+        ax.set_ylim(0, max(w) + 1)
+    for g in data.generations:
+        color = CAUSE_COLORS[g.cause]
+        ax.axvline(g.time_s, color=color, linestyle="--", linewidth=1)
+        ax.annotate(f"g{g.generation}: {g.cause}", (g.time_s, 0.02), xycoords=("data", "axes fraction"),
+                    rotation=90, fontsize=8, color=color, ha="right", va="bottom")
+    for cause in causes_in(data.generations):
+        ax.plot([], [], color=CAUSE_COLORS[cause], linestyle="--", label=cause)
+    if data.generations:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("seconds since the job's first event")
+    ax.set_ylabel("world size (processes)")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+
+
+def _steps(ax, data: ReportData) -> None:
+    ax.set_title("Throughput and loss over steps; checkpoints as ticks", fontsize=10)
+    if data.progress:
+        steps, rate, loss = zip(*data.progress, strict=True)
+        ax.plot(steps, rate, ".", markersize=3, color="#4c72b0", label="samples/s")
+        ax.set_ylabel("samples per second", color="#4c72b0")
+        loss_ax = ax.twinx()
+        loss_ax.plot(steps, loss, "-", linewidth=1, color="#c44e52", label="loss")
+        loss_ax.set_ylabel("loss", color="#c44e52")
+    committed = [c.step for c in data.checkpoints if c.ok]
+    failed = [c.step for c in data.checkpoints if not c.ok]
+    trans = ax.get_xaxis_transform()  # x in steps, y in axes fraction: ticks along the bottom
+    if committed:
+        ax.plot(committed, [0.0] * len(committed), "|", transform=trans, markersize=16, markeredgewidth=2,
+                color="#55a868", label="checkpoint committed")
+    if failed:
+        ax.plot(failed, [0.0] * len(failed), "x", transform=trans, markersize=9,
+                color="#c44e52", label="checkpoint failed")
+    if data.progress or data.checkpoints:
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("step")
+
+
+def _cost(ax, data: ReportData) -> None:
+    ax.set_title("Cumulative cost", fontsize=10)
+    if data.cost:
+        t, spent, on_demand = zip(*data.cost, strict=True)
+        ax.plot(t, spent, color="#4c72b0", label="spent")
+        ax.plot(t, on_demand, color="#8c8c8c", linestyle=":", label="same node-hours on demand")
+        ax.set_ylim(bottom=0)
+    top = max((max(c[1], c[2]) for c in data.cost), default=0.0)
+    spent_now = data.cost[-1][1] if data.cost else 0.0
+    if top == 0:
+        ax.text(0.5, 0.5, "nothing charged (the nodes' price is 0)", transform=ax.transAxes,
+                ha="center", va="center", fontsize=9, color="#8c8c8c")
+    if data.budget_usd > 0 and data.budget_usd <= BUDGET_IN_SCALE * top:
+        ax.axhline(data.budget_usd, color="#c44e52", linestyle="--", label="budget")
+    elif data.budget_usd > 0:
+        # A budget far above the spend would flatten both lines to the axis: say it instead.
+        ax.text(0.99, 0.95, f"budget ${data.budget_usd:,.2f}: {100 * spent_now / data.budget_usd:.1f}% "
+                "used (off the scale)", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color="#c44e52")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("seconds since the job's first event")
+    ax.set_ylabel("USD")
+
+
+def _lost(ax, data: ReportData) -> None:
+    ax.set_title("Steps lost at each generation's start (replayed from the last commit)",
+                 fontsize=10)
+    gens = data.generations
+    ax.bar([f"g{g.generation}" for g in gens], [g.lost_steps for g in gens],
+           color=[CAUSE_COLORS[g.cause] for g in gens])
+    ax.set_ylabel("steps")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+
+
+def render_html(data: ReportData, png: bytes) -> str:
+    """A self-contained page: the title, the figure (embedded PNG) and the generations."""
+    rows = "\n".join(
+        f"<tr><td>{g.generation}</td><td>{g.time_s:.1f}</td><td>{g.world_size}</td>"
+        f"<td>{html.escape(g.cause)}</td><td>{g.lost_steps}</td>"
+        f"<td>{html.escape(g.reason)}</td></tr>"
+        for g in data.generations
+    )
+    title = html.escape(data.title)
+    image = base64.b64encode(png).decode("ascii")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:1em}} td,th{{padding:2px 8px;text-align:left}}
+img{{max-width:100%}}</style></head>
+<body><h1 style="font-size:1.1em">{title}</h1>
+<img alt="report of job {html.escape(data.job_id)}" src="data:image/png;base64,{image}">
+<h2 style="font-size:1em">Generations</h2>
+<table><tr><th>generation</th><th>start (s)</th><th>world size</th><th>cause</th>
+<th>lost steps</th><th>reason</th></tr>
+{rows}
+</table></body></html>
+"""

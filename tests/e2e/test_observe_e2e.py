@@ -1,0 +1,230 @@
+"""What people see of a real run: the report and the dashboard's queries, after a real daemon
+(`spotwise daemon`, metrics exported), real agents (the local provider's subprocesses, metrics
+exported) and the tiny workload on the real runtime went through a rescale.
+
+The story, run once for the module: two nodes train; one is SIGKILLed (a loss without notice:
+generation 2 at world size 1, replaying from the last commit); a node joins (capacity back:
+generation 3 at world size 2); the job succeeds. The report is written once while the job still
+runs and once after it ended; the daemon's and the agents' metrics are scraped over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spotwise.client import Client, state_name
+from spotwise.cloud.local import LocalProvider, scan_marked, stop_process_group
+from spotwise.cloud.provider import NodeRequest
+from spotwise.report import CAUSE_CAPACITY, CAUSE_LOSS, CAUSE_START, ReportPaths, write_report
+from spotwise.spec import JobSpec
+from tests.support.wait import until
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 60
+PRICE_PER_HOUR = 3.06
+
+
+@dataclass
+class Observed:
+    """What the module's run left to look at."""
+
+    job_id: str
+    address: str
+    """The daemon's address (it serves until the module's tests are done)."""
+    running_report: ReportPaths
+    final_report: ReportPaths
+    final_job: object
+    scrapes: dict[str, str] = field(default_factory=dict)
+    """{"daemon" or an agent's handle: the text of one /metrics scrape after the rescale}."""
+
+
+def _metrics_url(log: Path, what: str) -> str:
+    def found() -> str | None:
+        m = re.search(r"metrics exporter on (\S+):(\d+)", log.read_text() if log.exists() else "")
+        return f"http://{m.group(1)}:{m.group(2)}/metrics" if m else None
+
+    return until(found, 60, f"{what}'s metrics exporter")
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def _spec(tmp: Path) -> Path:
+    spec = {
+        "name": "observe",
+        "entrypoint": ["python", "tests/workloads/tiny_train.py", "--steps", str(STEPS),
+                       "--global-batch-size", "24", "--micro-batch-size", "2",
+                       "--dataset-size", "100", "--step-sleep", "0.15"],
+        "working_dir": str(REPO),
+        "nodes": {"min": 1, "max": 2},
+        "nproc_per_node": 1,
+        "checkpoint": {"uri": str(tmp / "ck"), "every_steps": 5, "keep": 5},
+        "global_batch_size": 24,
+        "budget_usd": 50.0,
+        "max_failures": 5,
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+    tmp = tmp_path_factory.mktemp("observe")
+    state_dir, log_dir = tmp / "state", tmp / "logs"
+    env = dict(os.environ, SPOTWISE_STATE_DIR=str(state_dir),
+               SPOTWISE_DAEMON_METRICS_LISTEN="127.0.0.1:0",
+               SPOTWISE_AGENT_METRICS_LISTEN="127.0.0.1:0")
+    daemon_log = tmp / "daemon.log"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", "127.0.0.1:0",
+         "--state-dir", str(state_dir), "--provider", "none", "--log-dir", str(log_dir)],
+        stdout=subprocess.DEVNULL, stderr=open(daemon_log, "wb"), env=env,
+        start_new_session=True, cwd=REPO)
+    provider = LocalProvider(log_dir=log_dir, cluster=f"observe-{uuid.uuid4().hex[:8]}",
+                             grace_s=5.0, env=env, cwd=str(REPO),
+                             price_per_hour=PRICE_PER_HOUR)
+    client: Client | None = None
+    try:
+        address = until(lambda: (m := re.search(r"daemon serving on (\S+)",
+                                                daemon_log.read_text())) and m.group(1),
+                        60, "the daemon to serve")
+        client = Client(address, timeout=10)
+        request = NodeRequest(job_id="", daemon_address=address, slots=1)
+        provider.launch(request, 2)
+        job_id = client.submit(JobSpec.from_yaml(_spec(tmp)))
+
+        until(lambda: (j := client.get(job_id)).world_size == 2 and
+              j.last_checkpoint_step >= 5 and j.step > j.last_checkpoint_step + 1, 180,
+              "world 2 with a commit and steps after it")
+        victim = list(client.get(job_id).provider_nodes)[-1]
+        provider.kill(victim)
+        until(lambda: (j := client.get(job_id)).generation >= 2 and j.world_size == 1 and
+              j.step > j.last_checkpoint_step, 90, "world 1 after the loss")
+        provider.launch(request, 1)
+        until(lambda: (j := client.get(job_id)).generation >= 3 and j.world_size == 2 and
+              state_name(j.state) == "RUNNING", 90, "world 2 again")
+        running = write_report(client, job_id, tmp / "running")
+
+        scrapes = {"daemon": _scrape(_metrics_url(daemon_log, "the daemon"))}
+        for node in provider.list_nodes():
+            agent_log = log_dir / "agents" / f"{node.handle}.log"
+            scrapes[node.handle] = _scrape(_metrics_url(agent_log, f"agent {node.handle}"))
+
+        final = until(lambda: (j := client.get(job_id)) and
+                      state_name(j.state) in ("SUCCEEDED", "FAILED", "CANCELLED") and j, 240,
+                      "the job to end")
+        ended = write_report(client, job_id, tmp / "ended")
+        yield Observed(job_id=job_id, address=address, running_report=running, final_report=ended,
+                       final_job=final, scrapes=scrapes)
+    finally:
+        if client is not None:
+            client.close()
+        provider.shutdown()
+        stop_process_group(daemon)
+        assert scan_marked(provider.cluster + "/") == {}
+
+
+def test_report_of_a_run_through_a_rescale(observed: Observed) -> None:
+    assert state_name(observed.final_job.state) == "SUCCEEDED", observed.final_job
+    running, ended = observed.running_report.data, observed.final_report.data
+    assert not running.ended and "still running" in running.title
+    assert ended.ended and "SUCCEEDED, ended" in ended.title
+
+    # Files: a PNG, and an HTML page embedding that same PNG.
+    import base64
+
+    png = observed.final_report.png.read_bytes()
+    assert png.startswith(b"\x89PNG") and observed.final_report.png.name == (
+        f"{observed.job_id}-report.png")
+    assert base64.b64encode(png).decode() in observed.final_report.html.read_text()
+
+    # World size panel: the three generations of the story, with their causes.
+    causes = [(g.generation, g.world_size, g.cause) for g in ended.generations]
+    assert causes[:3] == [(1, 2, CAUSE_START), (2, 1, CAUSE_LOSS), (3, 2, CAUSE_CAPACITY)], causes
+    assert {w for _, w in ended.world} >= {1, 2}
+    times = [t for t, _ in ended.world]
+    assert times == sorted(times)
+    # Steps panel: progress up to the end, throughput measured, the loss went down.
+    steps = [s for s, _, _ in ended.progress]
+    assert steps and max(steps) == STEPS and all(r > 0 for _, r, _ in ended.progress)
+    assert ended.progress[-1][2] < ended.progress[0][2]
+    # Checkpoints: every 5 steps, the one the daemon asked for before growing, the final one;
+    # none failed.
+    commits = sorted({c.step for c in ended.checkpoints if c.ok})
+    assert commits[-1] == STEPS and len([s for s in commits if s % 5 == 0]) >= 3, commits
+    assert not [c for c in ended.checkpoints if not c.ok]
+    # Cost: it grew, with the budget from the spec.
+    assert ended.budget_usd == 50.0
+    spent = [c for _, c, _ in ended.cost]
+    assert spent == sorted(spent) and spent[-1] > 0
+    # Lost steps: the loss without notice replayed what followed the last commit; the job's
+    # total is the generations' sum, as the daemon counted it.
+    lost = ended.lost_steps_by_generation()
+    assert lost[2] > 0 and lost[1] == 0
+    assert sum(lost.values()) == observed.final_job.lost_steps == ended.lost_steps
+    # The running report was the picture so far: a prefix of the final one.
+    assert len(running.generations) >= 3 and running.step <= ended.step
+
+
+def test_report_command_prints_its_paths(observed: Observed, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "spotwise.cli", "--address", observed.address, "report",
+         observed.job_id, "--out", str(tmp_path / "cli")],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    title, png, html = out.stdout.strip().splitlines()
+    assert "SUCCEEDED, ended" in title
+    assert Path(png) == tmp_path / "cli" / f"{observed.job_id}-report.png"
+    assert Path(png).read_bytes().startswith(b"\x89PNG") and Path(html).is_file()
+
+
+def test_report_of_an_unknown_job_is_one_line(observed: Observed, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "spotwise.cli", "--address", observed.address, "report",
+         "job-nosuch", "--out", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 1 and "job-nosuch" in out.stderr, out
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
+
+
+DASHBOARD = REPO / "deploy" / "grafana" / "spotwise-dashboard.json"
+def test_every_dashboard_query_returns_series_after_a_rescale(observed: Observed) -> None:
+    import json
+
+    from tests.support.promql import dashboard_targets, metric_names, problems, samples_of
+
+    samples = samples_of(observed.scrapes.values())
+    exported = {s.name for s in samples}
+    failures = []
+    for title, ref, expr in dashboard_targets(json.loads(DASHBOARD.read_text())):
+        assert metric_names(expr) & exported, f"{title}/{ref}: no series of {expr}"
+        if found := problems(expr, samples):
+            failures.append(f"{title}/{ref}: {expr}: {'; '.join(found)}")
+    assert not failures, "\n".join(failures)
+    # The values are this run's: the job at world 2 after the rescale, an agent in generation
+    # 3 or later, the lost node counted.
+    def value(name: str, **labels: str) -> list[float]:
+        return [s.value for s in samples if s.name == name
+                and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    assert value("spotwise_job_world_size", job=observed.job_id) == [2.0]
+    assert max(value("spotwise_agent_generation")) >= 3
+    assert value("spotwise_preemptions_total", job=observed.job_id) == [1.0]
+    assert value("spotwise_cost_usd_total", job=observed.job_id)[0] > 0
