@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from spotwise.daemon.metrics import Metrics
-from spotwise.worker.metrics import AgentMetrics
+from spotwise.worker.agent.metrics import AgentMetrics
 from tests.support.promql import dashboard_targets, metric_names, problems, samples_of
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "spotwise-dashboard.json"

@@ -1,5 +1,5 @@
 """What the node agent tells a job's training processes about the job: the other direction of
-spotwise.worker.events. The runtime never talks to the daemon; the agent, which does, appends
+spotwise.worker.runtime.events. The runtime never talks to the daemon; the agent, which does, appends
 the job's figures to a file named by SPOTWISE_JOB_FACTS_FILE, and a tracker in rank 0 reads it
 (spotwise.worker.runtime.tracking) to put them in the experiment's run.
 
