@@ -10,7 +10,7 @@ import pytest
 from spotwise.daemon.controller import JobState, NodeState, Policy
 from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.store import Store
-from spotwise.proto.v1 import agent_pb2
+from spotwise.proto.v1 import agent_pb2, jobs_pb2
 from spotwise.spec import JobSpec
 
 SECRETS: dict[str, str] = {}
@@ -148,3 +148,66 @@ def test_a_nan_loss_is_reported_without_breaking_the_store(tmp_path: Path) -> No
     coord.tick()
     reloaded = Coordinator(Store(tmp_path / "db"), policy=Policy(), heartbeat_interval_s=0.5, clock=clock)
     assert reloaded.jobs[job.row.id].row.step == 4
+
+
+def test_a_decision_is_served_to_nodes_only_once_it_is_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    coord = Coordinator(Store(tmp_path / "db"), heartbeat_interval_s=0.5, clock=clock,
+                        policy=Policy(lease_s=2.0, settle_s=0.5, settle_max_s=1.5),
+                        autocommit=False)
+    job = coord.submit(spec().to_proto())
+    a = coord.agents.register(agent_pb2.RegisterRequest(address="10.0.0.1", store_port=7000,
+                                                        slots=1), clock.now)
+    coord.commit()
+    clock.now += 1
+    coord.plan_tick()
+    assert job.row.generation == 1 and job.members == [a.node_id]  # decided, in memory
+    beat = agent_pb2.HeartbeatRequest(node_id=a.node_id, node_secret=a.node_secret)
+    assert not coord.heartbeat(beat).assignment.job_id  # ... but not served: not stored yet
+    batch = coord.take()
+
+    def disk_full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(coord.store, "write_batch", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        coord.store.write_batch(batch.stored)
+    coord.write_failed(batch, sqlite3.OperationalError("database or disk is full"))
+    # The write failed: the generation did not happen, and no node was told of it.
+    assert coord.jobs[job.row.id].row.generation == 0
+    assert not coord.heartbeat(beat).assignment.job_id
+    monkeypatch.undo()
+    clock.now += 1
+    coord.tick()
+    answer = coord.heartbeat(beat)
+    assert answer.assignment.job_id == job.row.id and answer.assignment.generation == 1
+    # Holding that version, the next answer carries no assignment (nothing changed).
+    beat.assignment_version = answer.assignment_version
+    assert not coord.heartbeat(beat).HasField("assignment")
+
+
+def test_progress_points_are_thinned_to_a_bound(tmp_path: Path) -> None:
+    clock = Clock()
+    coord = Coordinator(Store(tmp_path / "db"), heartbeat_interval_s=0.5, clock=clock,
+                        policy=Policy(lease_s=1e9, settle_s=0.5, settle_max_s=1.5),
+                        progress_interval_s=1.0, max_progress_events=20)
+    job = coord.submit(spec(nodes={"min": 1, "max": 1}).to_proto())
+    a = join(coord, "10.0.0.1")
+    clock.now += 1
+    coord.tick()
+    for step in range(1, 101):
+        report = agent_pb2.ReportEventRequest(node_id=a, node_secret=SECRETS[a],
+                                              job_id=job.row.id, generation=1)
+        report.progress.step, report.progress.loss = step, 1.0 / step
+        assert coord.report(report).accepted
+        clock.now += 1
+        coord.tick()
+    progress = [e for e in coord.store.events(job.row.id) if e.kind == "progress"]
+    assert 10 <= len(progress) <= 20  # 100 points stored, thinned by halves past 20
+    steps = [int(e.message.split()[1]) for e in progress]
+    assert steps == sorted(steps) and steps[-1] == 100 and steps[0] <= 10  # the whole history
+    figures = [jobs_pb2.Job.FromString(e.job) for e in progress]
+    assert all(not j.HasField("spec") and j.id == job.row.id for j in figures)
+    assert figures[-1].step == 100
+    assert coord.store.job(job.row.id).step == 100
