@@ -326,6 +326,13 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.coordinator is not None and self.store is not None:
+            # What handlers staged since the last tick (an accepted report, say) is stored
+            # before the daemon goes: a graceful stop forgets nothing it answered.
+            try:
+                self.coordinator.commit()
+            except Exception:  # the store is gone or full; the restart reconciles from agents
+                log.exception("the last changes could not be stored at shutdown")
         if self.provider is not None:
             self.provider.close()
         if self.metrics_exporter is not None:

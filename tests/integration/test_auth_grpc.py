@@ -101,6 +101,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.r.record("ReportEvent")
         return agent_pb2.ReportEventResponse(accepted=True)
 
+    async def Heartbeats(self, request_iterator, context):  # noqa: ANN001, ANN201, N802
+        self.r.record("Heartbeats")
+        async for _ in request_iterator:
+            yield agent_pb2.HeartbeatResponse()
+
 
 # --- every method of every service, called generically ----------------------------------------
 

@@ -28,7 +28,7 @@ def error_line(r):
 
 def test_malformed_uri():
     r = run_tiny({"SPOTWISE_CHECKPOINT_URI": "gs://bucket/x"})
-    assert "unsupported scheme 'gs'" in error_line(r)
+    assert "unsupported URI scheme 'gs'" in error_line(r)
 
 
 def test_indivisible_global_batch_names_the_world_sizes_that_work():
