@@ -1,0 +1,183 @@
+"""S3 credentials for one job's processes, good for that job's checkpoint prefix and nothing else.
+
+The instance role of an agent can reach every job's checkpoints (it writes their fence
+markers); a job that used it could read another job's weights or plant a checkpoint in its
+folder. So the agent assumes the fleet's job role (STS AssumeRole) with a session policy that
+narrows it to `s3://<bucket>/<prefix>/<job_id>/` (the effective permissions are the
+intersection of the role's policy and the session policy), and hands the job only those
+temporary credentials, through a credential_process file that botocore re-reads before they
+expire (the agent rewrites it, see `refresh_due`). The deployment keeps the job user away from
+the instance metadata service, so these are the only AWS credentials a job can find.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from spotwise.worker.storage import parse_uri
+
+# STS: role session names are 2-64 characters of [\w+=,.@-].
+_SESSION_NAME_BAD = re.compile(r"[^\w+=,.@-]")
+# botocore refreshes credential_process credentials 15 minutes before they expire (its
+# advisory window); the agent rewrites the file well before that.
+REFRESH_MARGIN = timedelta(minutes=20)
+
+
+class ScopeError(ValueError):
+    """The job's checkpoint location is not the job's own folder under the fleet's prefix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Scope:
+    """The one place a job's credentials reach."""
+
+    bucket: str
+    """The checkpoint bucket."""
+    prefix: str
+    """Key prefix of the job's own folder, without a trailing slash: <base prefix>/<job id>."""
+
+
+def job_scope(checkpoint_uri: str, *, job_id: str, base_prefix: str) -> S3Scope:
+    """The scope of job `job_id` whose checkpoints are at `checkpoint_uri`.
+
+    `base_prefix` is the fleet's checkpoint prefix (s3://bucket/prefix). The job's URI must be
+    its own folder under it, `<base_prefix>/<job_id>` (or a folder below that): a job whose URI
+    names another job's folder gets no credentials. Raises ScopeError saying why.
+    """
+    if not job_id or _SESSION_NAME_BAD.search(job_id) or job_id in (".", ".."):
+        raise ScopeError(f"job id {job_id!r} cannot name a checkpoint folder")
+    loc, base = parse_uri(checkpoint_uri), parse_uri(base_prefix)
+    if loc.scheme != "s3" or base.scheme != "s3":
+        raise ScopeError(f"scoped credentials are for s3:// checkpoints, not {checkpoint_uri!r}")
+    own = f"{base.root.rstrip('/')}/{job_id}"
+    root = loc.root.rstrip("/")
+    if ".." in root.split("/") or not (root == own or root.startswith(own + "/")):
+        raise ScopeError(f"job {job_id}: checkpoint URI {checkpoint_uri!r} is not the job's own folder s3://{own}")
+    bucket, _, prefix = own.partition("/")
+    return S3Scope(bucket=bucket, prefix=prefix)
+
+
+def session_policy(scope: S3Scope, *, partition: str = "aws") -> dict[str, Any]:
+    """The session policy that narrows the job role to `scope` (the statements of the fleet's
+    checkpoint policy, deploy/terraform iam.tf, with the job's folder for the fleet's prefix)."""
+    bucket_arn = f"arn:{partition}:s3:::{scope.bucket}"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "ListOwnCheckpoints",
+                "Effect": "Allow",
+                "Action": "s3:ListBucket",
+                "Resource": bucket_arn,
+                "Condition": {"StringLike": {"s3:prefix": [scope.prefix, f"{scope.prefix}/*"]}},
+            },
+            {"Sid": "LocateBucket", "Effect": "Allow", "Action": "s3:GetBucketLocation", "Resource": bucket_arn},
+            {
+                "Sid": "ReadWriteOwnCheckpoints",
+                "Effect": "Allow",
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:DeleteObject",
+                    "s3:AbortMultipartUpload",
+                    "s3:ListMultipartUploadParts",
+                ],
+                "Resource": f"{bucket_arn}/{scope.prefix}/*",
+            },
+        ],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScopedCredentials:
+    """Temporary credentials of one job's session."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str
+    expiration: datetime
+    """When STS stops honouring them (timezone-aware)."""
+
+    def process_output(self) -> str:
+        """What an AWS credential_process prints (botocore's format, version 1)."""
+        return json.dumps({
+            "Version": 1,
+            "AccessKeyId": self.access_key_id,
+            "SecretAccessKey": self.secret_access_key,
+            "SessionToken": self.session_token,
+            "Expiration": self.expiration.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        })
+
+
+def session_name(job_id: str, generation: int) -> str:
+    """The role session name (CloudTrail shows it): spotwise-<job>-g<generation>, STS-safe."""
+    return _SESSION_NAME_BAD.sub("-", f"spotwise-{job_id}-g{generation}")[:64]
+
+
+def assume_job_role(sts: Any, *, role_arn: str, scope: S3Scope, job_id: str, generation: int,
+                    duration_s: int = 3600, partition: str = "aws") -> ScopedCredentials:
+    """Credentials of `role_arn` narrowed to `scope`, from a boto3 STS client (whose own
+    timeouts and bounded retries apply). botocore's ClientError propagates when STS refuses.
+    An hour is the most STS grants a session assumed from an instance role (role chaining)."""
+    resp = sts.assume_role(
+        RoleArn=role_arn,
+        RoleSessionName=session_name(job_id, generation),
+        Policy=json.dumps(session_policy(scope, partition=partition), separators=(",", ":")),
+        DurationSeconds=duration_s,
+        Tags=[{"Key": "spotwise-job", "Value": job_id}],
+    )
+    c = resp["Credentials"]
+    expiration = c["Expiration"]
+    if expiration.tzinfo is None:
+        expiration = expiration.replace(tzinfo=UTC)
+    return ScopedCredentials(
+        access_key_id=c["AccessKeyId"], secret_access_key=c["SecretAccessKey"],
+        session_token=c["SessionToken"], expiration=expiration,
+    )
+
+
+def refresh_due(creds: ScopedCredentials, now: datetime) -> bool:
+    """Whether the agent should assume the role again and rewrite the file (pure)."""
+    return now >= creds.expiration - REFRESH_MARGIN
+
+
+def write_credentials(folder: Path, creds: ScopedCredentials, *, gid: int | None = None) -> dict[str, str]:
+    """Write (or atomically replace) the job's credential files in `folder` and return the
+    environment that makes botocore use them and nothing else.
+
+    The files are readable by the agent and by group `gid` (the job user's), by no one else.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    creds_path, config_path = folder / "aws-credentials.json", folder / "aws-config"
+    _write_private(creds_path, creds.process_output(), gid)
+    cat = shutil.which("cat") or "/bin/cat"
+    # credential_process credentials with an Expiration are refreshed by botocore by running
+    # the process again: it reads whatever the agent last wrote.
+    _write_private(config_path, f"[default]\ncredential_process = {cat} {creds_path}\n", gid)
+    return {
+        "AWS_CONFIG_FILE": str(config_path),
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_PROFILE": "default",
+        # Belt and braces with the deployment's firewall rule: never fall back to the instance role.
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def _write_private(path: Path, text: str, gid: int | None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        os.write(fd, text.encode())
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+        os.fchmod(fd, 0o640)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
