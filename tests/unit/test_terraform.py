@@ -339,7 +339,8 @@ def test_head_runs_the_daemon_with_tls_and_prefixes(
     daemon = tomllib.loads(files["/etc/spotwise/daemon.toml"])["daemon"]
     # What spotwise.daemon.auth will make of it: TLS beyond loopback, checkpoints in the bucket.
     assert check_listen(
-        daemon["listen"], tls_enabled=bool(daemon["tls_cert_file"]), insecure_flag=False
+        daemon["listen"], tls_enabled=bool(daemon["tls_cert_file"]), insecure_flag=False,
+        tokens_enabled=bool(daemon["tokens_file"]),
     )
     assert daemon["allow_insecure"] is False
     check_checkpoint_uri(
