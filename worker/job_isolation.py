@@ -11,7 +11,8 @@ over. Three things keep them apart:
   no supplementary group of the agent, so the agent's token files (0640 root:<agent group>)
   and state directory (0750) are closed to them;
 - `prepare_generation_dir`: the generation's log folder is the only agent-owned place the job
-  can write (its events file), group-owned by the job user's group.
+  can write (its events file), group-owned by the job user's group;
+- `drop_ambient_capabilities`: what the agent holds to switch users is never inherited.
 
 Storage credentials scoped to the job's own checkpoint prefix come from
 `spotwise.worker.scoped_credentials`; the deployment keeps the job user from the instance
@@ -121,9 +122,10 @@ def resolve_run_as(name: str) -> JobUser:
 
 def prepare_generation_dir(gen_dir: Path, user: JobUser | None) -> None:
     """Make the generation's log folder writable by the job (its events files) and nothing
-    above it: group `user`'s group, mode 2770 (new files keep the group, so the agent can tail
-    them). Without a user the folder stays the agent's. OSError when the agent may not chown
-    (it needs to be root, a member of the group, or to hold CAP_CHOWN)."""
+    above it: group `user`'s group, mode 0770. The agent reads what the job writes there as a
+    member of that group (the deployment adds it), and no setgid bit is used because the unit's
+    RestrictSUIDSGID= refuses it. Without a user the folder stays the agent's. OSError when the
+    agent may not chown (it must be root, a member of the group, or hold CAP_CHOWN)."""
     gen_dir.mkdir(parents=True, exist_ok=True)
     if user is None:
         return
@@ -133,7 +135,7 @@ def prepare_generation_dir(gen_dir: Path, user: JobUser | None) -> None:
         if mode & 0o001 == 0:
             os.chmod(parent, mode | 0o711)
     os.chown(gen_dir, -1, user.gid)
-    os.chmod(gen_dir, 0o2770)
+    os.chmod(gen_dir, 0o770)
 
 
 _PR_CAP_AMBIENT = 47

@@ -239,8 +239,8 @@ class Supervisor:
             raise SupervisorError(f"job {spec.job_id} g{spec.generation}: cannot prepare {gen_dir} "
                                   f"for user {self.run_as.name if self.run_as else '-'}: {e}") from e
         user_kwargs = self.run_as.popen_kwargs() if self.run_as is not None else {}
-        if self.run_as is not None:
-            drop_ambient_capabilities()
+        # With or without run_as: capabilities the agent holds must not pass to job code.
+        drop_ambient_capabilities()
         argv = resolve_argv(spec.entrypoint)
         for local_rank in range(spec.nproc):
             rank = spec.rank_start + local_rank

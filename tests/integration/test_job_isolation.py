@@ -166,3 +166,28 @@ def test_job_environment_sets_the_users_home():
     user = JobUser(name="j", uid=1234, gid=1234, home="/home/j")
     env = job_environment({"HOME": "/var/lib/spotwise", "SPOTWISE_AGENT_TOKEN": "x", "PATH": "/bin"}, user=user)
     assert env == {"HOME": "/home/j", "USER": "j", "LOGNAME": "j", "XDG_CACHE_HOME": "/home/j/.cache", "PATH": "/bin"}
+
+
+AMBIENT = (
+    "import subprocess, sys\n"
+    "from spotwise.worker.job_isolation import drop_ambient_capabilities\n"
+    "def child():\n"
+    "    out = subprocess.run(['grep', 'CapAmb', '/proc/self/status'], capture_output=True, text=True, timeout=30)\n"
+    "    return out.stdout.split()[1]\n"
+    "before = child()\n"
+    "drop_ambient_capabilities()\n"
+    "print(before, child())\n"
+)
+
+
+def test_ambient_capabilities_of_the_agent_do_not_reach_what_it_starts():
+    # The deployed agent holds CAP_SETUID, CAP_SETGID and CAP_KILL as ambient capabilities
+    # (systemd's AmbientCapabilities=); here setpriv gives this process CAP_KILL the same way.
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs setpriv and root to hand out an ambient capability")
+    out = subprocess.run([setpriv, "--inh-caps=+kill", "--ambient-caps=+kill", sys.executable, "-c", AMBIENT],
+                         capture_output=True, text=True, timeout=60, check=True)
+    before, after = out.stdout.split()
+    assert int(before, 16) == 1 << 5  # CAP_KILL would have passed on
+    assert int(after, 16) == 0
