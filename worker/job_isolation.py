@@ -122,10 +122,12 @@ def resolve_run_as(name: str) -> JobUser:
 
 def prepare_generation_dir(gen_dir: Path, user: JobUser | None) -> None:
     """Make the generation's log folder writable by the job (its events files) and nothing
-    above it: group `user`'s group, mode 0770. The agent reads what the job writes there as a
-    member of that group (the deployment adds it), and no setgid bit is used because the unit's
-    RestrictSUIDSGID= refuses it. Without a user the folder stays the agent's. OSError when the
-    agent may not chown (it must be root, a member of the group, or hold CAP_CHOWN)."""
+    above it: group `user`'s group, mode 1770. Sticky, so the job cannot rename or replace
+    what the agent keeps there (its rank logs, its credentials folder) with a link to the
+    agent's own files. The agent reads what the job writes as a member of that group (the
+    deployment adds it); no setgid bit, which the unit's RestrictSUIDSGID= refuses. Without a
+    user the folder stays the agent's. OSError when the agent may not chown (it must be root,
+    a member of the group, or hold CAP_CHOWN)."""
     gen_dir.mkdir(parents=True, exist_ok=True)
     if user is None:
         return
@@ -135,7 +137,7 @@ def prepare_generation_dir(gen_dir: Path, user: JobUser | None) -> None:
         if mode & 0o001 == 0:
             os.chmod(parent, mode | 0o711)
     os.chown(gen_dir, -1, user.gid)
-    os.chmod(gen_dir, 0o770)
+    os.chmod(gen_dir, 0o1770)
 
 
 _PR_CAP_AMBIENT = 47

@@ -13,15 +13,19 @@ the instance metadata service, so these are the only AWS credentials a job can f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from spotwise.worker.storage import parse_uri
+
+log = logging.getLogger(__name__)
 
 # STS: role session names are 2-64 characters of [\w+=,.@-].
 _SESSION_NAME_BAD = re.compile(r"[^\w+=,.@-]")
@@ -152,15 +156,27 @@ def write_credentials(folder: Path, creds: ScopedCredentials, *, gid: int | None
     """Write (or atomically replace) the job's credential files in `folder` and return the
     environment that makes botocore use them and nothing else.
 
-    The files are readable by the agent and by group `gid` (the job user's), by no one else.
+    The folder and files are readable by the agent and by group `gid` (the job user's), by no
+    one else.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    creds_path, config_path = folder / "aws-credentials.json", folder / "aws-config"
-    _write_private(creds_path, creds.process_output(), gid)
-    cat = shutil.which("cat") or "/bin/cat"
-    # credential_process credentials with an Expiration are refreshed by botocore by running
-    # the process again: it reads whatever the agent last wrote.
-    _write_private(config_path, f"[default]\ncredential_process = {cat} {creds_path}\n", gid)
+    # The folder sits in the job's writable generation folder: touch it only through a handle
+    # that is not a link the job planted, so a refresh never chowns or writes the agent's files.
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if os.fstat(dir_fd).st_uid != os.geteuid():
+            raise OSError(f"{folder} is not the agent's own folder")
+        if gid is not None:
+            os.fchown(dir_fd, -1, gid)
+        os.fchmod(dir_fd, 0o750)
+        creds_path, config_path = folder / "aws-credentials.json", folder / "aws-config"
+        _write_private(dir_fd, creds_path.name, creds.process_output(), gid)
+        cat = shutil.which("cat") or "/bin/cat"
+        # credential_process credentials with an Expiration are refreshed by botocore by
+        # running the process again: it reads whatever the agent last wrote.
+        _write_private(dir_fd, config_path.name, f"[default]\ncredential_process = {cat} {creds_path}\n", gid)
+    finally:
+        os.close(dir_fd)
     return {
         "AWS_CONFIG_FILE": str(config_path),
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
@@ -170,9 +186,14 @@ def write_credentials(folder: Path, creds: ScopedCredentials, *, gid: int | None
     }
 
 
-def _write_private(path: Path, text: str, gid: int | None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+def _write_private(dir_fd: int, name: str, text: str, gid: int | None) -> None:
+    """Replace `name` in the folder `dir_fd` atomically (a fresh temporary file, renamed)."""
+    tmp = name + ".tmp"
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640, dir_fd=dir_fd)
     try:
         os.write(fd, text.encode())
         if gid is not None:
@@ -180,4 +201,79 @@ def _write_private(path: Path, text: str, gid: int | None) -> None:
         os.fchmod(fd, 0o640)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def sts_client(region: str | None = None) -> Any:
+    """A boto3 STS client with bounded timeouts and retries (the instance role's credentials)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.client("sts", region_name=region, config=config)
+
+
+@dataclass
+class _Session:
+    scope: S3Scope
+    folder: Path
+    gid: int | None
+    creds: ScopedCredentials
+
+
+class JobCredentialIssuer:
+    """The agent's side: one scoped session per (job, generation) it runs, kept fresh.
+
+    `issue` before starting a generation's processes (its env goes to Supervisor's
+    `storage_env`), `refresh` from the agent's loop (cheap when nothing is due), `forget` when
+    the generation is stopped. Not thread-safe; STS calls block (run them off the event loop).
+    """
+
+    def __init__(self, sts: Any, *, role_arn: str, base_prefix: str, duration_s: int = 3600,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.sts = sts
+        self.role_arn = role_arn
+        self.base_prefix = base_prefix
+        self.duration_s = duration_s
+        self.clock = clock
+        self._sessions: dict[tuple[str, int], _Session] = {}
+
+    def issue(self, *, job_id: str, generation: int, checkpoint_uri: str, folder: Path,
+              gid: int | None = None) -> dict[str, str]:
+        """Assume the job role for this job and write its files in `folder`; returns the
+        processes' storage environment. ScopeError when the job's checkpoint URI is not its
+        own folder (the job then must not start: it would have no storage), botocore's
+        ClientError when STS refuses."""
+        scope = job_scope(checkpoint_uri, job_id=job_id, base_prefix=self.base_prefix)
+        creds = self._assume(scope, job_id, generation)
+        env = write_credentials(folder, creds, gid=gid)
+        self._sessions[(job_id, generation)] = _Session(scope, folder, gid, creds)
+        return env
+
+    def refresh(self) -> int:
+        """Re-assume and rewrite every session that is due (see refresh_due); returns how many.
+        A failed STS call leaves the old credentials in place until the next call."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        now, renewed = self.clock(), 0
+        for (job_id, generation), session in self._sessions.items():
+            if not refresh_due(session.creds, now):
+                continue
+            try:
+                session.creds = self._assume(session.scope, job_id, generation)
+            except (BotoCoreError, ClientError) as exc:
+                # The old ones stay valid until their expiration; the next call tries again.
+                log.warning("job %s g%d: cannot renew storage credentials (expire %s): %s",
+                            job_id, generation, session.creds.expiration.isoformat(), exc)
+                continue
+            write_credentials(session.folder, session.creds, gid=session.gid)
+            renewed += 1
+        return renewed
+
+    def forget(self, job_id: str, generation: int) -> None:
+        """Stop refreshing a stopped generation's credentials (they expire on their own)."""
+        self._sessions.pop((job_id, generation), None)
+
+    def _assume(self, scope: S3Scope, job_id: str, generation: int) -> ScopedCredentials:
+        return assume_job_role(self.sts, role_arn=self.role_arn, scope=scope, job_id=job_id,
+                               generation=generation, duration_s=self.duration_s)

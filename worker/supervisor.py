@@ -248,7 +248,10 @@ class Supervisor:
                               storage_env=self._storage_env)
             out = log_path(self.log_dir, spec, rank)
             try:
-                with open(out, "ab") as logf:
+                # O_NOFOLLOW: with run_as the folder is the job's too, and a process started
+                # a moment ago must not turn the next rank's log into a link to our own files.
+                fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+                with os.fdopen(fd, "ab") as logf:
                     popen = subprocess.Popen(
                         argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
                         stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,

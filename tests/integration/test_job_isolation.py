@@ -49,6 +49,13 @@ REPORT = (
     "    out['events'] = 'written'\n"
     "except OSError as e:\n"
     "    out['events'] = type(e).__name__\n"
+    "log = os.path.join(os.path.dirname(os.environ['SPOTWISE_EVENTS_FILE']), 'rank0.log')\n"
+    "try:\n"
+    "    os.rename(log, log + '.moved')\n"
+    "    os.rename(log + '.moved', log)\n"
+    "    out['rename_agent_file'] = 'renamed'\n"
+    "except OSError as e:\n"
+    "    out['rename_agent_file'] = type(e).__name__\n"
     "cap = [l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'CapAmb'))]\n"
     "out['caps'] = [l.split()[1] for l in cap]\n"
     "print('REPORT ' + json.dumps(out), flush=True)\n"
@@ -150,6 +157,9 @@ def test_with_run_as_the_job_cannot_read_the_token_file_or_the_state(agent_files
     assert report["events"] == "written"
     assert sup.processes[0].events_path.read_text() == "{}\n"
     assert report["caps"] == ["0000000000000000"] * 3
+    # Sticky generation folder: what the agent keeps there cannot be swapped for a link.
+    assert report["rename_agent_file"] == "PermissionError"
+    assert sup.processes[0].events_path.parent.stat().st_mode & 0o7777 == 0o1770
     env = report["env"]
     assert env["HOME"] == user.home and env["USER"] == throwaway_user
     assert not [k for k in env if k in SECRETS]
@@ -191,3 +201,33 @@ def test_ambient_capabilities_of_the_agent_do_not_reach_what_it_starts():
     before, after = out.stdout.split()
     assert int(before, 16) == 1 << 5  # CAP_KILL would have passed on
     assert int(after, 16) == 0
+
+
+def test_the_agent_never_follows_a_link_or_blocks_on_a_fifo_the_job_left_as_its_events(tmp_path, caplog):
+    from spotwise.worker.events import EventsTail
+
+    secret = tmp_path / "node.secret"
+    secret.write_text('{"kind": "secret", "value": "node-secret"}\n')
+    link = tmp_path / "rank0.events.jsonl"
+    link.symlink_to(secret)
+    assert EventsTail(link).read() == []
+    assert "node-secret" not in caplog.text
+    fifo = tmp_path / "rank1.events.jsonl"
+    os.mkfifo(fifo)
+    assert EventsTail(fifo).read() == []  # returns at once instead of waiting for a writer
+
+
+def test_credentials_are_never_written_through_a_planted_link(tmp_path):
+    from datetime import UTC, datetime
+
+    from spotwise.worker.scoped_credentials import ScopedCredentials, write_credentials
+
+    creds = ScopedCredentials(access_key_id="a", secret_access_key="b", session_token="c",
+                              expiration=datetime(2030, 1, 1, tzinfo=UTC))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "aws").symlink_to(state)
+    with pytest.raises(OSError):
+        write_credentials(tmp_path / "gen" / "aws", creds)
+    assert list(state.iterdir()) == [] and state.stat().st_mode & 0o777 == 0o750

@@ -16,6 +16,7 @@ import boto3
 import pytest
 
 from spotwise.worker.scoped_credentials import (
+    JobCredentialIssuer,
     ScopedCredentials,
     ScopeError,
     assume_job_role,
@@ -134,3 +135,28 @@ def test_refresh_is_due_well_before_botocore_would_give_up():
     assert not refresh_due(c, exp - timedelta(minutes=30))
     assert refresh_due(c, exp - timedelta(minutes=20))
     assert json.loads(c.process_output())["Expiration"] == "2026-01-01T12:00:00Z"
+
+
+def test_the_issuer_writes_renews_and_forgets_a_generations_credentials(aws, tmp_path):
+    env, kw, role_arn = aws
+    now = [datetime.now(UTC)]
+    issuer = JobCredentialIssuer(boto3.client("sts", **kw), role_arn=role_arn, base_prefix="s3://fleet/ckpt/",
+                                 clock=lambda: now[0])
+    folder = tmp_path / "g1" / "aws"
+    storage_env = issuer.issue(job_id="job-a", generation=1, checkpoint_uri="s3://fleet/ckpt/job-a", folder=folder,
+                               gid=os.getgid())
+    first = json.loads((folder / "aws-credentials.json").read_text())
+    assert storage_env["AWS_CONFIG_FILE"] == str(folder / "aws-config")
+    assert oct(folder.stat().st_mode & 0o777) == "0o750"
+    assert issuer.refresh() == 0  # nothing due yet
+    now[0] += timedelta(minutes=45)
+    assert issuer.refresh() == 1
+    second = json.loads((folder / "aws-credentials.json").read_text())
+    assert second["AccessKeyId"] != first["AccessKeyId"]
+    issuer.forget("job-a", 1)
+    now[0] += timedelta(minutes=45)
+    assert issuer.refresh() == 0
+    # A job whose checkpoints are not its own folder gets nothing.
+    with pytest.raises(ScopeError):
+        issuer.issue(job_id="job-b", generation=1, checkpoint_uri="s3://fleet/ckpt/job-a", folder=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
