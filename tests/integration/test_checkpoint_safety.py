@@ -158,3 +158,17 @@ def test_a_manifest_under_another_steps_name_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not the step its name says"):
         ck.read_manifest(ck._manifest_path(8))
     assert Manifest.from_json(m.to_json(), where="x") == m
+
+
+def test_a_data_folder_planted_as_a_link_is_not_followed_by_the_prune(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    root = tmp_path / "jobs" / "job-a"
+    ck = _checkpointer(root, keep=1)
+    assert ck.save(2, _state(2), cursor=20, blocking=True)
+    # Step 1's folder, correctly named, is a link out of the job: older than every kept step.
+    (root / "data" / "step-0000000001-g0").symlink_to(victim, target_is_directory=True)
+    assert ck.save(4, _state(4), cursor=40, blocking=True)
+    assert (victim / "precious").read_text() == "keep me"
+    assert ck.choose(None).step == 4
