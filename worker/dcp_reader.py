@@ -29,7 +29,13 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from spotwise.worker.dcp_safety import NotAPlainCheckpoint, load_item, load_metadata, telling_line
+from spotwise.worker.dcp_safety import (
+    NotAPlainCheckpoint,
+    is_refusal,
+    load_item,
+    load_metadata,
+    telling_line,
+)
 
 # A .metadata larger than this is not one DCP wrote for a model spotwise trains (a 70B model's
 # is a few MiB); reading it whole would only let a planted file exhaust memory.
@@ -230,7 +236,9 @@ class _SafeReads:
                         continue
                     try:
                         loaded = load_tensor(data)
-                    except (pickle.UnpicklingError, RuntimeError) as exc:  # torch.load's refusal
+                    except pickle.UnpicklingError as exc:
+                        if not is_refusal(exc):
+                            raise  # damaged rather than planted: reported as unreadable
                         where = self.fs.concat_path(self.path, relative_path)
                         raise NotAPlainCheckpoint(
                             f"refusing {where}: tensor item {req.dest_index.fqn!r} is not a plain tensor "

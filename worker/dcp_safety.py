@@ -138,16 +138,26 @@ def load_item(data: bytes | bytearray, *, fqn: str, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, ValueError, AttributeError) as exc:
-        raise NotAPlainCheckpoint(
-            f"refusing {where}: item {fqn!r} is not plain data ({telling_line(exc)})"
-        ) from None
+        if is_refusal(exc):
+            raise NotAPlainCheckpoint(
+                f"refusing {where}: item {fqn!r} is not plain data ({telling_line(exc)})"
+            ) from None
+        # Damaged rather than planted: the caller reports the checkpoint as unreadable.
+        raise ValueError(f"{where}: item {fqn!r} is unreadable ({telling_line(exc)})") from None
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether torch.load(weights_only=True) failed because the pickle names something it may
+    not build (planted: "unsupported GLOBAL posix.system"), rather than because the bytes are
+    damaged ("Unsupported operand 0")."""
+    return any("unsupported global" in line.lower() for line in str(exc).splitlines())
 
 
 def telling_line(exc: BaseException) -> str:
     """The telling line of an unpickling error (torch's weights_only errors are a page long)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     for line in lines:
-        if "Unsupported global" in line or "Unsupported operand" in line:
+        if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
             return line.split("WeightsUnpickler error:")[-1].strip()
     return lines[0] if lines else type(exc).__name__
 

@@ -172,3 +172,25 @@ def test_a_data_folder_planted_as_a_link_is_not_followed_by_the_prune(tmp_path):
     assert ck.save(4, _state(4), cursor=40, blocking=True)
     assert (victim / "precious").read_text() == "keep me"
     assert ck.choose(None).step == 4
+
+
+def test_a_planted_tensor_item_is_refused_and_a_damaged_one_is_unreadable():
+    import io
+    import zipfile
+
+    from spotwise.worker.dcp_reader import load_tensor
+    from spotwise.worker.dcp_safety import is_refusal
+
+    saved = io.BytesIO()
+    torch.save(torch.zeros(2), saved)
+    genuine = zipfile.ZipFile(io.BytesIO(saved.getvalue()))
+    planted = io.BytesIO()
+    with zipfile.ZipFile(planted, "w", zipfile.ZIP_STORED) as z:
+        for name in genuine.namelist():
+            z.writestr(name, pickle.dumps(_Payload("/nonexistent/x"), protocol=2) if name.endswith("data.pkl") else genuine.read(name))
+    with pytest.raises(pickle.UnpicklingError) as err:
+        load_tensor(bytearray(planted.getvalue()))
+    assert is_refusal(err.value)
+    with pytest.raises(pickle.UnpicklingError) as err:
+        load_tensor(bytearray(len(saved.getvalue())))
+    assert not is_refusal(err.value)
