@@ -17,9 +17,9 @@ RPC and add nothing against guessing). Mint one with `mint_token` or from the sh
 
 Server side: `TokenAuthInterceptor(TokenStore.load(path))` in `grpc.aio.server(interceptors=...)`
 and `server_credentials(...)` for `add_secure_port`; servicers read `current_principal()`.
-Client side: `secure_channel_credentials(token, ca_file=...)` for TLS, or
-`bearer_token_interceptors(token)` / `bearer_metadata(token)` on an insecure loopback channel.
-Config checks: `check_listen` (no plaintext beyond loopback unless explicitly allowed; `bind`
+Client side: spotwise.common.credentials.channel_security (one builder for the client and the
+agent, which refuses to send a token in plaintext beyond loopback).
+Config checks: `check_listen` (beyond loopback, TLS and tokens unless explicitly allowed; `bind`
 applies it and adds the port, with TLS when given) and `check_checkpoint_uri` (checkpoints
 only under configured prefixes).
 """
@@ -43,12 +43,11 @@ import grpc
 from grpc import aio
 
 from spotwise.common.address import is_loopback_host, split_host_port
+from spotwise.common.credentials import METADATA_KEY
+from spotwise.daemon.log_budget import LogBudget
 from spotwise.proto.v1 import agent_pb2, jobs_pb2
 
 log = logging.getLogger(__name__)
-
-METADATA_KEY = "authorization"
-"""The metadata key that carries `Bearer <token>` (gRPC metadata keys are lower case)."""
 
 TOKEN_PREFIX = "swt_"
 """Minted tokens start with this, so secret scanners and people can recognise them."""
@@ -298,13 +297,16 @@ def _denial_handler(
 class TokenAuthInterceptor(aio.ServerInterceptor):
     """Checks every call's bearer token against a TokenStore and an AccessPolicy.
 
-    Denials are logged with the method and reason (never the token) and answered without
-    reaching the servicer; unknown methods stay UNIMPLEMENTED.
+    Denials are logged with the method and reason (never the token), at most
+    `denial_log_lines` per minute (the rest are counted in one summary line: see LogBudget),
+    and answered without reaching the servicer; unknown methods stay UNIMPLEMENTED.
     """
 
-    def __init__(self, store: TokenStore, policy: AccessPolicy | None = None) -> None:
+    def __init__(self, store: TokenStore, policy: AccessPolicy | None = None, *,
+                 denial_log_lines: int = 20) -> None:
         self.store = store
         self.policy = policy or AccessPolicy()
+        self.denials = LogBudget(log, what="denied calls", lines=denial_log_lines)
 
     async def intercept_service(
         self,
@@ -318,8 +320,9 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
             _current_principal.set(decision.principal)
             return await continuation(handler_call_details)
         who = decision.principal.name if decision.principal else "-"
-        log.warning(
-            "denied %s: %s (%s, principal=%s)", method, decision.reason, decision.code.name, who
+        self.denials.log(
+            logging.WARNING,
+            "denied %s: %s (%s, principal=%s)", method, decision.reason, decision.code.name, who,
         )
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -357,125 +360,50 @@ def server_credentials(
     )
 
 
-def channel_credentials(
-    *,
-    ca_file: str | os.PathLike[str] | None = None,
-    cert_file: str | os.PathLike[str] | None = None,
-    key_file: str | os.PathLike[str] | None = None,
-) -> grpc.ChannelCredentials:
-    """TLS credentials for a client channel.
-
-    `ca_file` verifies the daemon's certificate (None: the system's roots); `cert_file` and
-    `key_file` (both or neither) are the client certificate for mutual TLS.
-    """
-    if (cert_file is None) != (key_file is None):
-        raise ValueError("give both cert_file and key_file for a client certificate, or neither")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca_file) if ca_file else None,
-        private_key=_read(key_file) if key_file else None,
-        certificate_chain=_read(cert_file) if cert_file else None,
-    )
-
-
-def token_call_credentials(token: str) -> grpc.CallCredentials:
-    """Per-call credentials sending `authorization: Bearer <token>` (TLS channels only)."""
-    return grpc.access_token_call_credentials(token)
-
-
-def secure_channel_credentials(
-    token: str | None,
-    *,
-    ca_file: str | os.PathLike[str] | None = None,
-    cert_file: str | os.PathLike[str] | None = None,
-    key_file: str | os.PathLike[str] | None = None,
-) -> grpc.ChannelCredentials:
-    """TLS channel credentials that also send the token on every call (when one is given)."""
-    creds = channel_credentials(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-    if not token:
-        return creds
-    return grpc.composite_channel_credentials(creds, token_call_credentials(token))
-
-
-def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the token, for insecure (loopback) channels."""
-    return ((METADATA_KEY, f"Bearer {token}"),)
-
-
-class _BearerToken:
-    """Rewrites call details to carry the token."""
-
-    def __init__(self, token: str) -> None:
-        self._metadata = bearer_metadata(token)
-
-    def _with_token(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
-        metadata = aio.Metadata(*(details.metadata or ()), *self._metadata)
-        return aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-
-class _UnaryUnaryBearer(_BearerToken, aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
-        return await continuation(self._with_token(client_call_details), request)
-
-
-class _UnaryStreamBearer(_BearerToken, aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
-        return await continuation(self._with_token(client_call_details), request)
-
-
-class _StreamUnaryBearer(_BearerToken, aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
-        return await continuation(self._with_token(client_call_details), request_iterator)
-
-
-class _StreamStreamBearer(_BearerToken, aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
-        return await continuation(self._with_token(client_call_details), request_iterator)
-
-
-def bearer_token_interceptors(token: str) -> list[aio.ClientInterceptor]:
-    """Interceptors adding the token to every call of a grpc.aio channel, for insecure
-    (loopback) channels; on TLS channels prefer `secure_channel_credentials`.
-
-    One per call kind: grpc.aio files an interceptor object under only the first kind it
-    implements, so a single object would leave streaming calls without the token.
-    """
-    return [
-        _UnaryUnaryBearer(token),
-        _UnaryStreamBearer(token),
-        _StreamUnaryBearer(token),
-        _StreamStreamBearer(token),
-    ]
-
-
 # ---------------------------------------------------------------------------------------------
 # Configuration rules
 
 
+INSECURE_MARK = "INSECURE"
+"""Starts the reason `check_listen` gives for a listen address it allows only because of the
+insecure flag; whoever logs the reason logs it at WARNING."""
 
-def check_listen(address: str, tls_enabled: bool, insecure_flag: bool) -> str:
-    """Refuse to serve plaintext beyond loopback; returns the reason the address is allowed.
+
+def check_listen(address: str, tls_enabled: bool, insecure_flag: bool, *, tokens_enabled: bool = False) -> str:
+    """Refuse to serve beyond loopback without both TLS and tokens; returns the reason the
+    address is allowed.
 
     Loopback addresses and unix sockets are always allowed; any other address (including
-    0.0.0.0 and [::]) needs TLS, or `insecure_flag` (an explicit, logged opt-out). Raises
-    ValueError with the fix when refused.
+    0.0.0.0 and [::]) needs TLS and a token check: without TLS tokens travel in clear, and
+    without tokens anyone who reaches the port may submit a job, which is running code on every
+    node. `insecure_flag` is the explicit opt-out; the reason then starts with INSECURE_MARK
+    and names what is missing. Raises ValueError with the fix when refused.
     """
     if address.startswith(("unix:", "unix-abstract:")):
         return f"{address} is a local socket"
     host, _ = split_host_port(address)
     if is_loopback_host(host):
         return f"{address} is loopback"
-    if tls_enabled:
-        return f"{address} is beyond loopback, with TLS"
+    missing = [what for what, on in (("TLS", tls_enabled), ("tokens", tokens_enabled)) if not on]
+    if not missing:
+        return f"{address} is beyond loopback, with TLS and tokens"
+    lacking = " and ".join(missing)
     if insecure_flag:
         return (
-            f"{address} is beyond loopback WITHOUT TLS (insecure flag set): tokens travel in clear"
+            f"{INSECURE_MARK}: {address} is beyond loopback WITHOUT {lacking} (allow_insecure is set): "
+            + ("tokens travel in clear; " if not tls_enabled else "")
+            + ("anyone who reaches the port may submit a job and run code on every node" if not tokens_enabled
+               else "anyone on the path can read and replay them")
         )
+    fixes = []
+    if not tls_enabled:
+        fixes.append("a TLS certificate and key")
+    if not tokens_enabled:
+        fixes.append("a tokens file")
     raise ValueError(
-        f"refusing to listen on {address} without TLS: it is reachable beyond this machine. "
-        "Configure a TLS certificate and key, listen on 127.0.0.1, or set the insecure flag "
-        "if you really mean plaintext"
+        f"refusing to listen on {address} without {lacking}: it is reachable beyond this machine. "
+        f"Configure {' and '.join(fixes)}, listen on 127.0.0.1, or set allow_insecure "
+        "if you really mean it"
     )
 
 
@@ -498,14 +426,16 @@ class ServerTls:
 
 
 def bind(
-    server: aio.Server, address: str, *, tls: ServerTls | None, allow_insecure: bool = False
+    server: aio.Server, address: str, *, tls: ServerTls | None, allow_insecure: bool = False,
+    tokens_enabled: bool = False,
 ) -> int:
     """Add a listening port to `server` under the listening rules; returns the bound port.
 
     Raises ValueError (before binding anything) when `check_listen` refuses the address, OSError
     when a TLS file cannot be read, RuntimeError when the address cannot be bound.
     """
-    reason = check_listen(address, tls_enabled=tls is not None, insecure_flag=allow_insecure)
+    reason = check_listen(address, tls_enabled=tls is not None, insecure_flag=allow_insecure,
+                          tokens_enabled=tokens_enabled)
     if tls is None:
         port = server.add_insecure_port(address)
     else:
@@ -518,7 +448,7 @@ def bind(
         port = server.add_secure_port(address, creds)
     if not port:
         raise RuntimeError(f"could not bind {address}")
-    level = logging.WARNING if "WITHOUT TLS" in reason else logging.INFO
+    level = logging.WARNING if reason.startswith(INSECURE_MARK) else logging.INFO
     mtls = " (mutual TLS)" if tls is not None and tls.require_client_cert else ""
     log.log(level, "listening on port %d: %s%s", port, reason, mtls)
     return port

@@ -103,10 +103,12 @@ def security_of(config: DaemonConfig
                 client_ca_file=config.tls_client_ca_file or None,
                 require_client_cert=config.tls_require_client_cert,
             )
-        why = auth.check_listen(config.listen, credentials is not None, config.allow_insecure)
+        why = auth.check_listen(config.listen, credentials is not None, config.allow_insecure,
+                                tokens_enabled=bool(interceptors))
     except (OSError, ValueError) as exc:
         raise RuntimeError(str(exc)) from exc
-    log.info("listen: %s; tokens %s", why, "checked" if interceptors else "not checked")
+    log.log(logging.WARNING if why.startswith(auth.INSECURE_MARK) else logging.INFO,
+            "listen: %s; tokens %s", why, "checked" if interceptors else "not checked")
     return interceptors, credentials
 
 

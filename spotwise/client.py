@@ -20,11 +20,11 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 
+from spotwise.common.credentials import CredentialsError, channel_security
 from spotwise.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import JobSpec, validate_spec_dict
 
@@ -155,13 +155,6 @@ def _details(err: grpc.RpcError) -> str:
         return ""
 
 
-def _read_pem(path: str | os.PathLike[str], what: str) -> bytes:
-    try:
-        return Path(path).expanduser().read_bytes()
-    except OSError as exc:
-        raise ClientConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
 def _spec_field(field: str) -> str:
     if field == "spec":
         return ""
@@ -190,7 +183,8 @@ class Client:
     `authorization: Bearer <token>`. `ca_file` (default: $SPOTWISE_CA_FILE), a PEM CA
     certificate, switches the channel to TLS and verifies the daemon against it; `cert_file`
     and `key_file` (default: $SPOTWISE_CERT_FILE, $SPOTWISE_KEY_FILE) add a client
-    certificate for mutual TLS. An unreadable file raises ClientConfigError. Close the client
+    certificate for mutual TLS. An unreadable file raises ClientConfigError, and so does a token
+    that would travel in plaintext beyond loopback (no CA file for a remote daemon). Close the client
     (or use it as a context manager) to release the channel.
     """
 
@@ -209,28 +203,20 @@ class Client:
         self.address = address or os.environ.get("SPOTWISE_ADDRESS") or DEFAULT_ADDRESS
         self.timeout = timeout
         token = token if token is not None else os.environ.get("SPOTWISE_TOKEN") or None
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
-        ca_file = ca_file or os.environ.get("SPOTWISE_CA_FILE") or None
-        cert_file = cert_file or os.environ.get("SPOTWISE_CERT_FILE") or None
-        key_file = key_file or os.environ.get("SPOTWISE_KEY_FILE") or None
-        if bool(cert_file) != bool(key_file):
-            raise ClientConfigError(
-                "a client certificate needs both SPOTWISE_CERT_FILE and SPOTWISE_KEY_FILE"
+        try:
+            security = channel_security(
+                self.address,
+                token=token,
+                ca_file=ca_file or os.environ.get("SPOTWISE_CA_FILE") or None,
+                cert_file=cert_file or os.environ.get("SPOTWISE_CERT_FILE") or None,
+                key_file=key_file or os.environ.get("SPOTWISE_KEY_FILE") or None,
+                names=("SPOTWISE_CA_FILE", "SPOTWISE_CERT_FILE", "SPOTWISE_KEY_FILE"),
             )
-        if ca_file is None and cert_file is not None:
-            raise ClientConfigError("a client certificate needs TLS: set SPOTWISE_CA_FILE too")
-        self.tls = ca_file is not None
-        if ca_file is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=_read_pem(ca_file, "SPOTWISE_CA_FILE"),
-                private_key=_read_pem(key_file, "SPOTWISE_KEY_FILE") if key_file else None,
-                certificate_chain=_read_pem(cert_file, "SPOTWISE_CERT_FILE") if cert_file else None,
-            )
-            self._channel = grpc.secure_channel(self.address, creds)
-        else:
-            self._channel = grpc.insecure_channel(self.address)
+        except CredentialsError as exc:
+            raise ClientConfigError(str(exc)) from None
+        self.tls = security.tls
+        self._metadata = security.metadata
+        self._channel = security.channel()
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     # ---- lifecycle ----------------------------------------------------------------------

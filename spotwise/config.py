@@ -450,10 +450,27 @@ class AgentConfig(_Config):
     metrics_listen: str = Field(
         "", description="host:port of the agent's Prometheus exporter; empty = no exporter."
     )
+    run_as: str = Field(
+        "", description="Unprivileged user the training processes run as; empty = the agent's own."
+    )
+    job_role_arn: str = Field(
+        "",
+        description="IAM role assumed for each job's S3 credentials, narrowed to its checkpoint "
+        "folder; empty = jobs get no AWS credentials from the agent.",
+    )
+    job_checkpoint_prefix: str = Field(
+        "",
+        description="s3://bucket/prefix holding each job's checkpoints at <prefix>/<job id> "
+        "(the scope of job_role_arn's credentials).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
         _check_host_port(self.daemon, "daemon")
+        if bool(self.job_role_arn) != bool(self.job_checkpoint_prefix):
+            raise ValueError("job_role_arn and job_checkpoint_prefix are set together or not at all")
+        if self.job_checkpoint_prefix and not self.job_checkpoint_prefix.startswith("s3://"):
+            raise ValueError(f"job_checkpoint_prefix must be s3://bucket/prefix, got {self.job_checkpoint_prefix!r}")
         if self.metrics_listen:
             _check_host_port(self.metrics_listen, "metrics_listen")
         return self

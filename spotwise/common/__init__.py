@@ -1,2 +1,3 @@
-"""Small pieces the daemon, the node agent and the training runtime share (each a module of
-its own): checkpoint URIs, host:port addresses, systemd notification, the metrics exporter."""
+"""Small pieces the daemon, the node agent, the training runtime and the client share (each a
+module of its own): checkpoint URIs (uri), host:port addresses (address), channel credentials
+(credentials), systemd notification (sdnotify), the metrics exporter (exporter)."""

@@ -22,6 +22,12 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from spotwise.common.credentials import (
+    ChannelSecurity,
+    CredentialsError,
+    bearer_metadata,
+    channel_security,
+)
 from spotwise.daemon.auth import (
     AGENT_SERVICE,
     JOB_SERVICE,
@@ -30,14 +36,10 @@ from spotwise.daemon.auth import (
     ServerTls,
     TokenAuthInterceptor,
     TokenStore,
-    bearer_metadata,
-    bearer_token_interceptors,
     bind,
-    channel_credentials,
     current_principal,
     mint_token,
     parse_tokens,
-    secure_channel_credentials,
     server_credentials,
 )
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -240,16 +242,13 @@ def test_every_method_against_every_caller(caller: str, tokens: Tokens) -> None:
         server, port = await start_server(tokens.store, recorder)
         try:
             metadata: tuple = ()
-            interceptors: list = []
             if caller == "bad":
                 metadata = bearer_metadata(mint_token(Role.CLIENT, "nobody").token)
             elif caller == "malformed":
                 metadata = (("authorization", tokens.client),)  # no "Bearer " scheme
             elif caller in ("client", "agent"):
-                interceptors = bearer_token_interceptors(getattr(tokens, caller))
-            async with aio.insecure_channel(
-                f"127.0.0.1:{port}", interceptors=interceptors
-            ) as channel:
+                metadata = channel_security(f"127.0.0.1:{port}", token=getattr(tokens, caller)).metadata
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 got = {m.path: await call(channel, m, metadata) for m in methods}
         finally:
             await server.stop(grace=None)
@@ -418,11 +417,13 @@ LIST_JOBS = Method(
 HEALTH = OPEN_METHODS[0]
 
 
-async def call_over_tls(
-    port: int, creds: grpc.ChannelCredentials, method: Method
-) -> grpc.StatusCode:
-    async with aio.secure_channel(f"127.0.0.1:{port}", creds) as channel:
-        return await call(channel, method)
+def tls_to(port: int, token: str | None, **files: Path) -> ChannelSecurity:
+    return channel_security(f"127.0.0.1:{port}", token=token, **files)
+
+
+async def call_over_tls(security: ChannelSecurity, method: Method) -> grpc.StatusCode:
+    async with security.aio_channel() as channel:
+        return await call(channel, method, security.metadata)
 
 
 def test_tls_with_token(pki: Pki, tokens: Tokens) -> None:
@@ -431,19 +432,19 @@ def test_tls_with_token(pki: Pki, tokens: Tokens) -> None:
     async def run() -> None:
         server, port = await start_server(tokens.store, Recorder(), creds)
         try:
-            ok = secure_channel_credentials(tokens.client, ca_file=pki.ca)
-            assert await call_over_tls(port, ok, LIST_JOBS) == grpc.StatusCode.OK
-            wrong_role = secure_channel_credentials(tokens.agent, ca_file=pki.ca)
+            ok = tls_to(port, tokens.client, ca_file=pki.ca)
+            assert await call_over_tls(ok, LIST_JOBS) == grpc.StatusCode.OK
+            wrong_role = tls_to(port, tokens.agent, ca_file=pki.ca)
             assert (
-                await call_over_tls(port, wrong_role, LIST_JOBS)
+                await call_over_tls(wrong_role, LIST_JOBS)
                 == grpc.StatusCode.PERMISSION_DENIED
             )
-            no_token = secure_channel_credentials(None, ca_file=pki.ca)
-            assert await call_over_tls(port, no_token, LIST_JOBS) == grpc.StatusCode.UNAUTHENTICATED
-            assert await call_over_tls(port, no_token, HEALTH) == grpc.StatusCode.OK
+            no_token = tls_to(port, None, ca_file=pki.ca)
+            assert await call_over_tls(no_token, LIST_JOBS) == grpc.StatusCode.UNAUTHENTICATED
+            assert await call_over_tls(no_token, HEALTH) == grpc.StatusCode.OK
             # A client that does not trust our CA refuses the daemon's certificate.
-            untrusting = secure_channel_credentials(tokens.client, ca_file=pki.rogue_ca)
-            assert await call_over_tls(port, untrusting, LIST_JOBS) == grpc.StatusCode.UNAVAILABLE
+            untrusting = tls_to(port, tokens.client, ca_file=pki.rogue_ca)
+            assert await call_over_tls(untrusting, LIST_JOBS) == grpc.StatusCode.UNAVAILABLE
             # Plaintext to a TLS port gets nowhere.
             async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 code = await call(channel, LIST_JOBS, bearer_metadata(tokens.client))
@@ -465,23 +466,20 @@ def test_mutual_tls_refuses_clients_without_our_certificate(pki: Pki, tokens: To
     async def run() -> None:
         server, port = await start_server(tokens.store, Recorder(), creds)
         try:
-            with_cert = secure_channel_credentials(
-                tokens.client, ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key
+            with_cert = tls_to(port, tokens.client, ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key
             )
-            assert await call_over_tls(port, with_cert, LIST_JOBS) == grpc.StatusCode.OK
+            assert await call_over_tls(with_cert, LIST_JOBS) == grpc.StatusCode.OK
             # Even the open health service needs the client certificate under mTLS.
-            no_cert = secure_channel_credentials(tokens.client, ca_file=pki.ca)
-            assert await call_over_tls(port, no_cert, LIST_JOBS) == grpc.StatusCode.UNAVAILABLE
-            assert await call_over_tls(port, no_cert, HEALTH) == grpc.StatusCode.UNAVAILABLE
-            rogue = secure_channel_credentials(
-                tokens.client, ca_file=pki.ca, cert_file=pki.rogue_cert, key_file=pki.rogue_key
+            no_cert = tls_to(port, tokens.client, ca_file=pki.ca)
+            assert await call_over_tls(no_cert, LIST_JOBS) == grpc.StatusCode.UNAVAILABLE
+            assert await call_over_tls(no_cert, HEALTH) == grpc.StatusCode.UNAVAILABLE
+            rogue = tls_to(port, tokens.client, ca_file=pki.ca, cert_file=pki.rogue_cert, key_file=pki.rogue_key
             )
-            assert await call_over_tls(port, rogue, LIST_JOBS) == grpc.StatusCode.UNAVAILABLE
+            assert await call_over_tls(rogue, LIST_JOBS) == grpc.StatusCode.UNAVAILABLE
             # A certificate is not a token: the role check still applies.
-            cert_no_token = secure_channel_credentials(
-                None, ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key
+            cert_no_token = tls_to(port, None, ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key
             )
-            code = await call_over_tls(port, cert_no_token, LIST_JOBS)
+            code = await call_over_tls(cert_no_token, LIST_JOBS)
             assert code == grpc.StatusCode.UNAUTHENTICATED
         finally:
             await server.stop(grace=None)
@@ -494,8 +492,8 @@ def test_credential_argument_errors(pki: Pki) -> None:
         server_credentials(
             cert_file=pki.server_cert, key_file=pki.server_key, require_client_cert=True
         )
-    with pytest.raises(ValueError, match="both"):
-        channel_credentials(ca_file=pki.ca, cert_file=pki.client_cert)
+    with pytest.raises(CredentialsError, match="both"):
+        channel_security("127.0.0.1:1", token=None, ca_file=pki.ca, cert_file=pki.client_cert)
     with pytest.raises(OSError):
         server_credentials(cert_file=pki.server_cert, key_file=pki.server_key.with_suffix(".nope"))
 
@@ -511,8 +509,8 @@ def test_bind_applies_the_listening_rules(pki: Pki, tokens: Tokens) -> None:
         port = bind(server, "127.0.0.1:0", tls=tls)
         await server.start()
         try:
-            creds = secure_channel_credentials(tokens.client, ca_file=pki.ca)
-            assert await call_over_tls(port, creds, LIST_JOBS) == grpc.StatusCode.OK
+            creds = tls_to(port, tokens.client, ca_file=pki.ca)
+            assert await call_over_tls(creds, LIST_JOBS) == grpc.StatusCode.OK
         finally:
             await server.stop(grace=None)
         with pytest.raises(OSError):

@@ -490,7 +490,8 @@ def test_health_and_reflection_answer(channel: grpc.Channel) -> None:
 
 
 def test_tokens_from_the_config_are_checked_by_role(tmp_path: Path) -> None:
-    from spotwise.daemon.auth import bearer_metadata, mint_token
+    from spotwise.common.credentials import bearer_metadata
+    from spotwise.daemon.auth import mint_token
 
     client, agent = mint_token("client", "alice"), mint_token("agent", "fleet")
     tokens = tmp_path / "tokens"

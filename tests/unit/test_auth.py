@@ -169,11 +169,18 @@ def test_loopback_is_always_allowed(address: str) -> None:
 @pytest.mark.parametrize(
     "address", ["0.0.0.0:7450", "[::]:7450", "10.0.3.4:7450", ":7450", "head.internal:7450"]
 )
-def test_beyond_loopback_needs_tls_or_the_insecure_flag(address: str) -> None:
-    with pytest.raises(ValueError, match="without TLS"):
+def test_beyond_loopback_needs_tls_and_tokens_or_the_insecure_flag(address: str) -> None:
+    with pytest.raises(ValueError, match="without TLS and tokens"):
         check_listen(address, tls_enabled=False, insecure_flag=False)
-    assert "with TLS" in check_listen(address, tls_enabled=True, insecure_flag=False)
-    assert "WITHOUT TLS" in check_listen(address, tls_enabled=False, insecure_flag=True)
+    with pytest.raises(ValueError, match="without TLS: .* Configure a TLS certificate and key,"):
+        check_listen(address, tls_enabled=False, insecure_flag=False, tokens_enabled=True)
+    # TLS alone is not enough: anyone who reaches the port could submit a job.
+    with pytest.raises(ValueError, match="without tokens: .* Configure a tokens file,"):
+        check_listen(address, tls_enabled=True, insecure_flag=False)
+    assert "with TLS and tokens" in check_listen(address, tls_enabled=True, insecure_flag=False, tokens_enabled=True)
+    loud = check_listen(address, tls_enabled=True, insecure_flag=True)
+    assert loud.startswith("INSECURE") and "WITHOUT tokens" in loud and "run code on every node" in loud
+    assert "WITHOUT TLS and tokens" in check_listen(address, tls_enabled=False, insecure_flag=True)
 
 
 @pytest.mark.parametrize("address", ["7450", "host:", "host:99999", "::1:7450", "h:p"])

@@ -106,9 +106,12 @@ def test_service_hardening(name: str) -> None:
     assert one(unit, "Service", "ProtectSystem") == "strict"
     assert one(unit, "Service", "ProtectHome") in ("yes", "read-only", "tmpfs")
     assert one(unit, "Service", "PrivateTmp") == "yes"
-    assert one(unit, "Service", "CapabilityBoundingSet") == ""
-    # Writable paths are the service's own directories only.
-    writable = " ".join(service.get("ReadWritePaths", [])).split()
+    # The daemon holds no capability; the agent only what run_as needs (see below).
+    caps = {"daemon": "", "agent": "CAP_SETUID CAP_SETGID CAP_KILL"}[UNITS[name]]
+    assert one(unit, "Service", "CapabilityBoundingSet") == caps
+    assert one(unit, "Service", "AmbientCapabilities") == caps
+    # Writable paths are the service's own directories only ("-": may be absent).
+    writable = [p.removeprefix("-") for p in " ".join(service.get("ReadWritePaths", [])).split()]
     assert writable and all(
         p.startswith(("/var/lib/spotwise", "/var/cache/spotwise")) for p in writable
     )
@@ -121,6 +124,59 @@ def test_daemon_has_no_devices_but_the_agent_keeps_the_gpus() -> None:
     agent = load("spotwise-agent.service")["Service"]
     assert "PrivateDevices" not in agent
     assert "MemoryDenyWriteExecute" not in agent  # CUDA and Triton JIT need W+X pages
+
+
+AGENT_HARDENING = {
+    "SystemCallArchitectures": "native",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "ProtectHostname": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectClock": "yes",
+    "LockPersonality": "yes",
+    "RestrictSUIDSGID": "yes",
+    "PrivateMounts": "yes",
+    "RemoveIPC": "yes",
+    "DevicePolicy": "closed",
+    "SystemCallErrorNumber": "EPERM",
+}
+
+
+def test_agent_hardening_that_cuda_and_nccl_tolerate() -> None:
+    unit = load("spotwise-agent.service")
+    for key, value in AGENT_HARDENING.items():
+        assert one(unit, "Service", key) == value, key
+    service = unit["Service"]
+    # The GPUs and EFA stay reachable; nothing else beyond the pseudo devices.
+    assert service["DeviceAllow"] == ["char-nvidia* rw", "char-infiniband_verbs rw", "/dev/infiniband/rdma_cm rw"]
+    # A deny list (the driver's ioctls, NUMA and affinity calls stay allowed), refusing with
+    # EPERM; never @resources (sched_setaffinity) or @privileged (setuid for run_as).
+    filters = one(unit, "Service", "SystemCallFilter")
+    assert filters.startswith("~") and "@resources" not in filters and "@privileged" not in filters
+    assert {"@debug", "@mount", "@module", "@raw-io", "@reboot", "@swap", "@clock"} <= set(filters[1:].split())
+    # Not these: JIT (CUDA, Triton) needs W+X memory; NCCL and torch read /proc; run_as needs
+    # the host's users.
+    for absent in ("MemoryDenyWriteExecute", "ProtectProc", "ProcSubset", "PrivateUsers", "PrivateNetwork"):
+        assert absent not in service, absent
+    # Job logs live apart from the agent's state, traversable but not listable by the job user.
+    assert one(unit, "Service", "LogsDirectory") == "spotwise-jobs"
+    assert one(unit, "Service", "LogsDirectoryMode") == "0711"
+    assert one(unit, "Service", "StateDirectoryMode") == "0750"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize(("name", "limit"), [("spotwise-agent.service", 3.0), ("spotwise-daemon.service", 2.0)])
+def test_exposure_score(name: str, limit: float, tmp_path: Path) -> None:
+    text = (SYSTEMD / name).read_text().replace("/opt/spotwise/.venv/bin/spotwise", "/bin/true")
+    (tmp_path / name).write_text(text)
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(tmp_path / name)],
+                            capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= limit, result.stdout
 
 
 def test_agent_training_processes_find_the_spotwise_python() -> None:

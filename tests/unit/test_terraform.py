@@ -12,6 +12,7 @@ by terraform itself.
 from __future__ import annotations
 
 import base64
+import gzip
 import os
 import re
 import shutil
@@ -155,6 +156,11 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def b64gz(text: str) -> str:
+    """Terraform's base64gzip."""
+    return base64.b64encode(gzip.compress(text.encode())).decode()
+
+
 FAKE_PEM = "-----BEGIN CERTIFICATE-----\n" + ("A" * 64 + "\n") * 11 + "-----END CERTIFICATE-----\n"
 FAKE_DAEMON = "10.0.1.10:7450"
 
@@ -165,7 +171,7 @@ def agent_values(mutual_tls: bool = False) -> dict[str, object]:
         "spotwise_pip_spec": "spotwise==0.1.0",
         "daemon_address": FAKE_DAEMON,
         "grace_s": 30,
-        "agent_unit_b64": b64((ROOT / "deploy/systemd/spotwise-agent.service").read_text()),
+        "agent_unit_gz": b64gz((ROOT / "deploy/systemd/spotwise-agent.service").read_text()),
         "fetch_parameter_b64": b64((TEMPLATES / "fetch-parameter.py").read_text()),
         "ca_cert_b64": b64(FAKE_PEM),
         "token_parameter": "/spotwise/agent/token",
@@ -174,6 +180,9 @@ def agent_values(mutual_tls: bool = False) -> dict[str, object]:
         "agent_cert_file": "/etc/spotwise/tls/agent.crt" if mutual_tls else "",
         "agent_key_file": "/etc/spotwise/tls/agent.key" if mutual_tls else "",
         "setup_b64": b64("#!/bin/bash\nset -euo pipefail\necho setup\n"),
+        "job_role_arn": "arn:aws:iam::123456789012:role/spotwise-job-1",
+        "checkpoint_uri": "s3://spotwise-checkpoints-123456789012/checkpoints/",
+        "job_firewall_gz": b64gz((TEMPLATES / "job-firewall.sh").read_text()),
     }
 
 
@@ -203,6 +212,8 @@ def write_files(cloud_config: dict[str, Any]) -> dict[str, str]:
         content = entry.get("content", "")
         if entry.get("encoding") == "b64":
             content = base64.b64decode(content).decode()
+        elif entry.get("encoding") == "gz+b64":
+            content = gzip.decompress(base64.b64decode(content)).decode()
         files[entry["path"]] = content
     return files
 
@@ -340,7 +351,8 @@ def test_head_runs_the_daemon_with_tls_and_prefixes(
     daemon = tomllib.loads(files["/etc/spotwise/daemon.toml"])["daemon"]
     # What spotwise.daemon.auth will make of it: TLS beyond loopback, checkpoints in the bucket.
     assert check_listen(
-        daemon["listen"], tls_enabled=bool(daemon["tls_cert_file"]), insecure_flag=False
+        daemon["listen"], tls_enabled=bool(daemon["tls_cert_file"]), insecure_flag=False,
+        tokens_enabled=bool(daemon["tokens_file"]),
     )
     assert daemon["allow_insecure"] is False
     check_checkpoint_uri(
@@ -484,11 +496,13 @@ def test_bucket_is_private_encrypted_and_expires_old_checkpoints(module: Config)
     sse = module.resources[("aws_s3_bucket_server_side_encryption_configuration", "checkpoints")]
     assert block(sse, "rule", "apply_server_side_encryption_by_default")["sse_algorithm"]
     lifecycle = module.resources[("aws_s3_bucket_lifecycle_configuration", "checkpoints")]
-    rule = block(lifecycle, "rule")
-    assert rule["status"] == "Enabled"
-    assert block(rule, "filter")["prefix"] == "${var.checkpoint_prefix}"
-    assert block(rule, "expiration")["days"] == "${var.checkpoint_expiration_days}"
-    assert block(rule, "abort_incomplete_multipart_upload")["days_after_initiation"] >= 1
+    expire, abort = lifecycle["rule"]
+    assert expire["status"] == abort["status"] == "Enabled"
+    assert block(expire, "filter")["prefix"] == "${var.checkpoint_prefix}"
+    assert block(expire, "expiration")["days"] == "${var.checkpoint_expiration_days}"
+    # Abandoned multipart uploads are aborted bucket-wide (an empty filter).
+    assert not block(abort, "filter")
+    assert block(abort, "abort_incomplete_multipart_upload")["days_after_initiation"] >= 1
     policy = module.data[("aws_iam_policy_document", "checkpoints_bucket")]
     for statement in policy["statement"]:
         assert statement["effect"] == "Deny", "the bucket policy only denies"
@@ -503,16 +517,19 @@ def statements(module: Config, name: str) -> list[dict[str, Any]]:
 
 def actions_of(module: Config, name: str) -> set[str]:
     own = {a for s in statements(module, name) for a in s.get("actions", [])}
-    return own | {a for s in statements(module, "checkpoints_access") for a in s["actions"]}
+    sources = module.data[("aws_iam_policy_document", name)].get("source_policy_documents", [])
+    if "${data.aws_iam_policy_document.checkpoints_access.json}" in sources:
+        own |= {a for s in statements(module, "checkpoints_access") for a in s["actions"]}
+    return own
 
 
 def test_roles_have_least_privilege(module: Config) -> None:
-    for name in ("checkpoints_access", "agent", "head"):
+    for name in ("checkpoints_access", "agent", "head", "job_assume"):
         for statement in statements(module, name):
             assert statement.get("effect", "Allow") == "Allow"
             for action in statement["actions"]:
                 assert "*" not in action, f"{name}: wildcard action {action}"
-            if statement["resources"] == ["*"]:
+            if statement.get("resources") == ["*"]:
                 # Only calls without resource-level permissions may use "*".
                 assert all(
                     a.split(":")[1].startswith(("Describe", "Get")) for a in statement["actions"]
@@ -656,3 +673,74 @@ def test_variable_validations(variables_only: Path, name: str, value: str, accep
     assert (result.returncode == 0) == accepted, result.stdout + result.stderr
     if not accepted:
         assert "Invalid value for variable" in result.stderr, result.stderr
+
+
+# --- issue #10: keys, logs, the job role and the job user ---------------------------------------
+
+
+def test_the_kms_key_has_a_policy_that_lets_nodes_only_decrypt_via_ssm(module: Config) -> None:
+    key = module.resources[("aws_kms_key", "secrets")]
+    assert key["policy"] == "${data.aws_iam_policy_document.secrets_key.json}"
+    assert key["enable_key_rotation"] is True
+    admin, nodes = statements(module, "secrets_key")
+    assert block(admin, "principals")["identifiers"] == ["arn:${local.partition}:iam::${local.account_id}:root"]
+    assert "kms:*" not in admin["actions"]
+    assert nodes["actions"] == ["kms:Decrypt"]
+    assert set(block(nodes, "principals")["identifiers"]) == {"${aws_iam_role.head.arn}", "${aws_iam_role.agent.arn}"}
+    condition = block(nodes, "condition")
+    assert (condition["variable"], condition["values"]) == ("kms:ViaService", ["ssm.${local.region}.amazonaws.com"])
+
+
+def test_every_request_to_the_checkpoint_bucket_is_logged_to_a_private_bucket(module: Config) -> None:
+    logging_ = module.resources[("aws_s3_bucket_logging", "checkpoints")]
+    assert logging_["bucket"] == "${aws_s3_bucket.checkpoints.id}"
+    assert logging_["target_bucket"] == "${aws_s3_bucket.access_logs.id}"
+    pab = module.resources[("aws_s3_bucket_public_access_block", "access_logs")]
+    assert all(pab[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets"))
+    ownership = module.resources[("aws_s3_bucket_ownership_controls", "access_logs")]
+    assert block(ownership, "rule")["object_ownership"] == "BucketOwnerEnforced"
+    lifecycle = module.resources[("aws_s3_bucket_lifecycle_configuration", "access_logs")]
+    assert block(block(lifecycle, "rule"), "expiration")["days"] == "${var.access_log_days}"
+    grant, deny = statements(module, "access_logs_bucket")
+    assert block(grant, "principals")["identifiers"] == ["logging.s3.amazonaws.com"]
+    assert grant["actions"] == ["s3:PutObject"]
+    assert {c["variable"] for c in grant["condition"]} == {"aws:SourceArn", "aws:SourceAccount"}
+    assert deny["effect"] == "Deny"
+
+
+def test_agents_write_only_fence_markers_and_jobs_get_the_prefix_through_a_narrowed_role(module: Config) -> None:
+    agent = {s["sid"]: s for s in statements(module, "agent")}
+    assert "source_policy_documents" not in module.data[("aws_iam_policy_document", "agent")]
+    writes = [s for s in agent.values() if any(a.startswith("s3:") and a != "s3:ListBucket" and a != "s3:GetBucketLocation" for a in s["actions"])]
+    assert [s["sid"] for s in writes] == ["WriteFenceMarkers"]
+    assert writes[0]["resources"] == ["${aws_s3_bucket.checkpoints.arn}/${var.checkpoint_prefix}*/generations/*"]
+    assert "s3:DeleteObject" not in writes[0]["actions"]
+    assert agent["AssumeJobRole"]["resources"] == ["${aws_iam_role.job.arn}"]
+    job = module.resources[("aws_iam_role", "job")]
+    assert job["assume_role_policy"] == "${data.aws_iam_policy_document.job_assume.json}"
+    assert block(statements(module, "job_assume")[0], "principals")["identifiers"] == ["${aws_iam_role.agent.arn}"]
+    assert module.resources[("aws_iam_role_policy", "job")]["policy"] == "${data.aws_iam_policy_document.checkpoints_access.json}"
+
+
+def test_agents_run_jobs_as_their_own_user_without_the_metadata_service(clean_env: None, tmp_path: Path) -> None:
+    files = write_files(yaml.safe_load(render((TEMPLATES / "agent-cloud-init.yaml.tftpl").read_text(), agent_values())))
+    agent = tomllib.loads(files["/etc/spotwise/agent.toml"])["agent"]
+    assert agent["run_as"] == "spotwise-job"
+    assert agent["log_dir"] == "/var/log/spotwise-jobs"
+    assert agent["job_checkpoint_prefix"].startswith("s3://") and agent["job_role_arn"].startswith("arn:aws:iam::")
+    bootstrap = files["/opt/spotwise/bin/bootstrap"]
+    # The job user exists before the agent starts, outside group spotwise; the agent is in its group.
+    start = bootstrap.index("systemctl enable --now spotwise-agent.service")
+    assert bootstrap.index("useradd --system --gid spotwise-job") < start
+    assert "usermod --append --groups spotwise-job spotwise" in bootstrap
+    dropin = files["/etc/systemd/system/spotwise-agent.service.d/job-firewall.conf"]
+    assert "ExecStartPre=+/opt/spotwise/bin/job-firewall spotwise-job" in dropin.splitlines()
+    firewall = files["/opt/spotwise/bin/job-firewall"]
+    assert firewall == (TEMPLATES / "job-firewall.sh").read_text()
+    assert "--uid-owner" in firewall and "169.254.169.254" in firewall and "fd00:ec2::254" in firewall
+    if shutil.which("bash"):
+        assert subprocess.run(["bash", "-n"], input=firewall, text=True, timeout=30).returncode == 0
+    facts = 'address = "10.0.2.33"\ngpus = 1\nslots = 1\n'
+    (tmp_path / "agent.toml").write_text(files["/etc/spotwise/agent.toml"] + facts)
+    config = AgentConfig.load(tmp_path / "agent.toml")
+    assert config.run_as == "spotwise-job" and config.job_role_arn

@@ -14,6 +14,9 @@ from spotwise.worker.runtime.storage import StorageError, filesystem, job_uri, p
 
 log = logging.getLogger("spotwise.worker.agent")
 
+EXIT_START_FAILED = 127
+"""Exit code reported for a rank whose process could not be started at all."""
+
 
 def fence_generation(spec: LaunchSpec) -> bool:
     """Create generation `spec.generation`'s fence marker in the job's checkpoint location (the
@@ -58,3 +61,9 @@ async def fence_assignment(a: agent_pb2.Assignment, *, timeout_s: float) -> bool
     except (StorageError, OSError, ValueError, asyncio.TimeoutError) as e:
         log.warning("job %s g%d: cannot write the fence marker: %s", a.job_id, a.generation, e)
         return False
+
+
+def start_failed(spec: LaunchSpec) -> list[agent_pb2.ProcessStatus]:
+    """What the node reports of a generation whose processes could not be started."""
+    return [agent_pb2.ProcessStatus(local_rank=i, rank=spec.rank_start + i, pid=0, running=False,
+                                    exit_code=EXIT_START_FAILED) for i in range(spec.nproc)]

@@ -32,36 +32,45 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from spotwise.common.credentials import channel_security
 from spotwise.common.exporter import MetricsExporter, start_exporter
 from spotwise.common.sdnotify import Notifier, NotifyError, child_environment, start_watchdog
 from spotwise.config import AgentConfig
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 from spotwise.worker.agent import orphans
 from spotwise.worker.agent.backoff import Backoff
-from spotwise.worker.agent.launch import fence_assignment, launch_spec
+from spotwise.worker.agent.job_isolation import resolve_run_as
+from spotwise.worker.agent.launch import fence_assignment, launch_spec, start_failed
 from spotwise.worker.agent.metrics import AgentMetrics, exit_outcome
 from spotwise.worker.agent.notices import identity_from_imds, notice_loop
 from spotwise.worker.agent.reports import Reporter, ReportQueue, forwarded
+from spotwise.worker.agent.scoped_credentials import (
+    job_credential_issuer,
+    refresh_loop,
+    storage_env_for,
+)
 from spotwise.worker.agent.session import (
+    CHANNEL_OPTIONS,
     UNKNOWN_NODE,
     Credential,
     HeartbeatStream,
     agent_token,
-    channel_credentials,
     heartbeat_request,
     is_transient,
-    open_channel,
     register_request,
 )
 from spotwise.worker.agent.store_host import StoreHost, stamp_of, wait_for_stamp
-from spotwise.worker.agent.supervisor import LaunchSpec, Supervisor, SupervisorError
+from spotwise.worker.agent.supervisor import (
+    LaunchSpec,
+    Supervisor,
+    SupervisorError,
+    generation_dir,
+)
 from spotwise.worker.runtime.events import EventsTail
 from spotwise.worker.runtime.job_facts import append_fact, fact_from_assignment, facts_path
 
 log = logging.getLogger("spotwise.worker.agent")
 
-EXIT_START_FAILED = 127
-"""Exit code reported for a rank whose process could not be started at all."""
 
 
 class AgentError(RuntimeError):
@@ -86,7 +95,14 @@ class Agent:
         self.max_disconnect_s = max_disconnect_s
         self.poll_interval_s = poll_interval_s
         token = agent_token(config, token)
-        self._credentials = channel_credentials(config)
+        # One builder of TLS and token for the client and the agent; it refuses to send the
+        # token in plaintext beyond loopback (CredentialsError, a ValueError).
+        self._security = channel_security(
+            config.daemon, token=token, ca_file=config.tls_ca_file or None,
+            cert_file=config.tls_cert_file or None, key_file=config.tls_key_file or None,
+            names=("tls_ca_file", "tls_cert_file", "tls_key_file"))
+        self._run_as = resolve_run_as(config.run_as) if config.run_as else None
+        self._issuer = job_credential_issuer(config)
         secret_path = (Path(config.state_dir) / "agents" / f"{config.node_id}.secret"
                        if config.node_id else None)
         self.credential = Credential(secret_path, config.node_id)
@@ -96,7 +112,7 @@ class Agent:
         self._notifier = notifier or Notifier(address=None)
         self._watchdog: asyncio.Task[None] | None = None
         self._ready_sent = False
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = self._security.metadata
         self.heartbeat_interval_s = 0.5
         self.lease_s = 2.0
         self.store: StoreHost | None = None
@@ -152,7 +168,7 @@ class Agent:
         log.info("agent %s: store on port %d, daemon %s, log dir %s",
                  self.config.provider_node or "-", self.store.port, self.config.daemon,
                  self.log_dir)
-        channel = open_channel(self.config, self._credentials)
+        channel = self._security.aio_channel(options=CHANNEL_OPTIONS)
         self._stub = agent_pb2_grpc.AgentServiceStub(channel)
         self._beats = HeartbeatStream(self._stub, metadata=self._metadata,
                                       timeout_s=self.config.rpc_timeout_s)
@@ -161,6 +177,7 @@ class Agent:
                                   timeout_s=self.config.rpc_timeout_s,
                                   max_backoff_s=self.config.reconnect_max_backoff_s)
         tasks = [asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                 asyncio.create_task(self._refresh_credentials_loop(), name="credentials"),
                  asyncio.create_task(self._watch_loop(), name="watch"),
                  asyncio.create_task(self._reporter.run(), name="report")]
         if self.config.imds_endpoint:
@@ -368,6 +385,15 @@ class Agent:
         elif not a.checkpoint_now and self._checkpoint_signalled == key:
             self._checkpoint_signalled = None  # the request is over; the next one signals again
 
+    async def _storage_env(self, spec: LaunchSpec) -> dict[str, str] | None:
+        folder = generation_dir(self.log_dir, spec.job_id, spec.generation) / "aws"
+        return await storage_env_for(self._issuer, spec, folder=folder,
+                                     gid=self._run_as.gid if self._run_as else None,
+                                     timeout_s=6 * self.config.rpc_timeout_s)
+
+    async def _refresh_credentials_loop(self) -> None:
+        await refresh_loop(self._issuer, stopped=self._stop.is_set, sleep=self._sleep)
+
     async def _reset_store(self, stamp: str) -> None:
         async with self._store_lock:
             if self._store_stamp == stamp and self.store is not None:
@@ -400,6 +426,8 @@ class Agent:
                 # If this task is cancelled mid-stop, `cur` stays in _stopping and run()'s
                 # shutdown stops it again (stop is idempotent).
                 await cur.stop(grace)
+                if self._issuer is not None:
+                    self._issuer.forget(cur.spec.job_id, cur.spec.generation)
                 self._stopping.remove(cur)
                 self._collect(cur)
                 self._save_pids()
@@ -436,21 +464,26 @@ class Agent:
         except OSError as e:
             log.warning("agent %s: job %s g%d: cannot write the job facts: %s", self.node_id,
                         spec.job_id, spec.generation, e)
-        # Training processes must not inherit systemd's notify socket or watchdog.
-        sup = Supervisor(spec, log_dir=self.log_dir, base_env=child_environment(os.environ))
+        try:
+            storage_env, failure = await self._storage_env(spec), None
+        except ValueError as e:  # ScopeError, or STS refused: the job would have no storage
+            storage_env, failure = None, f"no storage credentials: {e}"
+        # Training processes must not inherit systemd's notify socket or watchdog (nor, in
+        # job_environment, any credential of the agent's).
+        sup = Supervisor(spec, log_dir=self.log_dir, base_env=child_environment(os.environ),
+                         run_as=self._run_as, storage_env=storage_env)
         self.current = sup
         try:
+            if failure is not None:
+                raise SupervisorError(failure)
             sup.start()
         except SupervisorError as e:
             log.error("agent %s: job %s g%d: %s", self.node_id, spec.job_id, spec.generation, e)
-            self._start_failed = [
-                agent_pb2.ProcessStatus(local_rank=i, rank=spec.rank_start + i, pid=0,
-                                        running=False, exit_code=EXIT_START_FAILED)
-                for i in range(spec.nproc)]
+            self._start_failed = start_failed(spec)
             for st in self._start_failed:
                 self._queue(spec, agent_pb2.ReportEventRequest(
                     time=time.time(), process_exited=agent_pb2.ProcessExited(
-                        local_rank=st.local_rank, rank=st.rank, exit_code=EXIT_START_FAILED)))
+                        local_rank=st.local_rank, rank=st.rank, exit_code=st.exit_code)))
             return
         for p in sup.processes:
             self._tails[p.events_path] = EventsTail(p.events_path)

@@ -42,17 +42,6 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
-    """TLS credentials for the daemon when config.tls_ca_file is set (with a client
-    certificate when tls_cert_file is); None = plaintext. OSError if a file is unreadable."""
-    if not config.tls_ca_file:
-        return None
-    cert = Path(config.tls_cert_file).read_bytes() if config.tls_cert_file else None
-    key = Path(config.tls_key_file).read_bytes() if config.tls_key_file else None
-    return grpc.ssl_channel_credentials(root_certificates=Path(config.tls_ca_file).read_bytes(),
-                                        private_key=key, certificate_chain=cert)
-
-
 def agent_token(config: AgentConfig, token: str | None) -> str | None:
     """The enrollment token: `token`, else config.token_file's content, else
     $SPOTWISE_AGENT_TOKEN or $SPOTWISE_TOKEN."""
@@ -157,12 +146,8 @@ class Credential:
             self.path.unlink(missing_ok=True)
 
 
-def open_channel(config: AgentConfig, credentials: grpc.ChannelCredentials | None
-                 ) -> aio.Channel:
-    options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
-    if credentials is not None:
-        return aio.secure_channel(config.daemon, credentials, options=options)
-    return aio.insecure_channel(config.daemon, options=options)
+CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+"""The agent's channel pings the daemon, so a stream to a daemon that vanished breaks."""
 
 
 def is_transient(e: aio.AioRpcError) -> bool:

@@ -9,6 +9,11 @@ Stopping follows the runtime contract: SIGTERM to each process (the runtime chec
 next step boundary and exits 143), a grace period, then SIGKILL of each whole process group,
 which also takes any grandchild (data-loader workers, a shell's children) with it.
 
+The processes never see the agent's credentials: their base environment goes through
+`job_isolation.job_environment`, they run as `run_as` (a separate unprivileged user) when one is
+given, and the only storage credentials they get are the `storage_env` the agent passes (scoped
+to the job's own checkpoint folder, see scoped_credentials).
+
 Nothing here blocks without a bound: `poll` never waits, `stop` waits at most its grace period
 plus `reap_timeout_s`.
 """
@@ -26,6 +31,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spotwise.worker.agent.job_isolation import (
+    JobUser,
+    drop_ambient_capabilities,
+    job_environment,
+    prepare_generation_dir,
+)
 from spotwise.worker.runtime.job_facts import ENV_VAR as JOB_FACTS_ENV
 from spotwise.worker.runtime.job_facts import facts_path
 
@@ -98,9 +109,11 @@ def generation_dir(log_dir: Path, job_id: str, generation: int) -> Path:
 
 
 def process_env(spec: LaunchSpec, local_rank: int, *, log_dir: Path,
-                base_env: Mapping[str, str]) -> dict[str, str]:
+                base_env: Mapping[str, str],
+                storage_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of local rank `local_rank`: `base_env`, the spec's env, then the
-    contract's variables (torchrun's and spotwise's), which nothing else may override."""
+    contract's variables (torchrun's and spotwise's, and `storage_env`, the job's scoped
+    storage credentials), which nothing else may override."""
     rank = spec.rank_start + local_rank
     env = dict(base_env)
     if "OMP_NUM_THREADS" not in spec.spec_env:
@@ -130,6 +143,7 @@ def process_env(spec: LaunchSpec, local_rank: int, *, log_dir: Path,
         "SPOTWISE_GLOBAL_BATCH_SIZE": str(spec.global_batch_size),
         "SPOTWISE_EVENTS_FILE": str(events_path(log_dir, spec, rank)),
         JOB_FACTS_ENV: str(facts_path(Path(log_dir) / spec.job_id)),
+        **(storage_env or {}),
     }
     clobbered = sorted(k for k in contract if k in spec.spec_env)
     if clobbered:
@@ -198,10 +212,17 @@ class Supervisor:
     """The processes of one generation on this node. Not thread-safe: one event loop owns it."""
 
     def __init__(self, spec: LaunchSpec, *, log_dir: Path,
-                 base_env: Mapping[str, str] | None = None) -> None:
+                 base_env: Mapping[str, str] | None = None,
+                 run_as: JobUser | None = None,
+                 storage_env: Mapping[str, str] | None = None) -> None:
+        """`base_env` (default: this process's) loses the agent's secrets before any process
+        sees it; `run_as` is the user the processes run as (None: the agent's own);
+        `storage_env` the job's scoped storage credentials (scoped_credentials)."""
         self.spec = spec
         self.log_dir = Path(log_dir)
-        self._base_env = dict(os.environ if base_env is None else base_env)
+        self.run_as = run_as
+        self._base_env = job_environment(os.environ if base_env is None else base_env, user=run_as)
+        self._storage_env = dict(storage_env or {})
         self.processes: list[ManagedProcess] = []
         self.stopping = False
 
@@ -215,17 +236,29 @@ class Supervisor:
             raise SupervisorError(f"job {spec.job_id} g{spec.generation}: working_dir {cwd} "
                                   "does not exist on this node")
         gen_dir = generation_dir(self.log_dir, spec.job_id, spec.generation)
-        gen_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            prepare_generation_dir(gen_dir, self.run_as)
+        except OSError as e:
+            raise SupervisorError(f"job {spec.job_id} g{spec.generation}: cannot prepare {gen_dir} "
+                                  f"for user {self.run_as.name if self.run_as else '-'}: {e}") from e
+        user_kwargs = self.run_as.popen_kwargs() if self.run_as is not None else {}
+        # With or without run_as: capabilities the agent holds must not pass to job code.
+        drop_ambient_capabilities()
         argv = resolve_argv(spec.entrypoint)
         for local_rank in range(spec.nproc):
             rank = spec.rank_start + local_rank
-            env = process_env(spec, local_rank, log_dir=self.log_dir, base_env=self._base_env)
+            env = process_env(spec, local_rank, log_dir=self.log_dir, base_env=self._base_env,
+                              storage_env=self._storage_env)
             out = log_path(self.log_dir, spec, rank)
             try:
-                with open(out, "ab") as logf:
+                # O_NOFOLLOW: with run_as the folder is the job's too, and a process started
+                # a moment ago must not turn the next rank's log into a link to our own files.
+                fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+                with os.fdopen(fd, "ab") as logf:
                     popen = subprocess.Popen(
                         argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                        **user_kwargs)
             except OSError as e:
                 self.kill()
                 raise SupervisorError(f"job {spec.job_id} g{spec.generation} rank {rank}: "

@@ -18,14 +18,13 @@ The previous upload is always waited on before the next save and at close.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -37,6 +36,14 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from spotwise.worker.runtime.dcp_reader import LocalReader, RemoteReader
+from spotwise.worker.runtime.dcp_safety import refusal_in
+from spotwise.worker.runtime.manifest import (
+    CheckpointError,
+    CheckpointMissing,
+    Manifest,
+    data_dir_name,
+    step_name,
+)
 from spotwise.worker.runtime.storage import (
     AlreadyExists,
     StorageError,
@@ -50,16 +57,7 @@ from spotwise.worker.runtime.storage import (
 
 log = logging.getLogger("spotwise.checkpoint")
 
-MANIFEST_VERSION = 1
 AsyncMode = Literal["process", "thread", "sync"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: torn, unreadable, or not there."""
-
-
-class CheckpointMissing(CheckpointError):
-    """No manifest for the requested step (never committed, or pruned)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,45 +91,6 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint async_mode must be process, thread or sync, got {self.async_mode!r}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Manifest:
-    """What rank 0 writes, last, to commit a checkpoint."""
-
-    step: int
-    generation: int
-    world_size: int
-    cursor: int
-    """Global sample cursor after `step` (the next sample to read)."""
-    data: str
-    """The data directory, relative to the checkpoint root."""
-    files: dict[str, int]
-    """Every data file (relative to `data`) and its size in bytes."""
-    bytes: int
-    time: float
-    """Unix time of the commit."""
-    save_seconds: float
-    """From the start of the save to the commit."""
-    version: int = MANIFEST_VERSION
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes, *, where: str) -> Manifest:
-        try:
-            doc = json.loads(raw)
-            if doc.get("version") != MANIFEST_VERSION:
-                raise CheckpointError(f"manifest {where} has version {doc.get('version')!r}, expected {MANIFEST_VERSION}")
-            m = cls(**doc)
-        except CheckpointError:
-            raise
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"manifest {where} is unreadable: {exc}") from exc
-        if not isinstance(m.files, dict) or not all(isinstance(v, int) for v in m.files.values()):
-            raise CheckpointError(f"manifest {where} has a malformed file list")
-        return m
-
-
 @dataclass
 class _Pending:
     step: int
@@ -139,10 +98,6 @@ class _Pending:
     data: str
     started: float
     upload: Future
-
-
-def _step_name(step: int) -> str:
-    return f"step-{step:010d}"
 
 
 class Checkpointer:
@@ -190,10 +145,10 @@ class Checkpointer:
     # ----- paths
 
     def _manifest_path(self, step: int) -> str:
-        return self.loc.join("manifests", f"{_step_name(step)}.json")
+        return self.loc.join("manifests", f"{step_name(step)}.json")
 
     def _data_dir(self, step: int) -> str:
-        return f"data/{_step_name(step)}-g{self.generation}"
+        return data_dir_name(step, self.generation)
 
     # ----- saving
 
@@ -441,7 +396,10 @@ class Checkpointer:
             raw = self.fs.cat_file(path)
         except FileNotFoundError as exc:
             raise CheckpointMissing(f"no manifest at {self.loc.url(path)}") from exc
-        return Manifest.from_json(raw, where=self.loc.url(path))
+        m = Manifest.from_json(raw, where=self.loc.url(path))
+        if os.path.basename(path) != f"{step_name(m.step)}.json":
+            raise CheckpointError(f"manifest {self.loc.url(path)} holds step {m.step}, not the step its name says")
+        return m
 
     def validate(self, m: Manifest) -> None:
         """Raise CheckpointError unless every data file is there at its committed size."""
@@ -491,12 +449,13 @@ class Checkpointer:
         """Load `manifest`'s data into `state` in place (collective); DCP reshards as needed."""
         url = self.loc.url(self.loc.join(manifest.data))
         failure = None
+        reader = self._reader(url)
         try:
             # Each rank plans its own reads from the metadata (no_dist): a load needs no global
             # plan, and exchanging one costs time per stored chunk, which a reshard multiplies.
             with warnings.catch_warnings():  # DCP warns that no_dist means one process
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=self._reader(url), no_dist=True)
+                dcp.load(state, storage_reader=reader, no_dist=True)
         except (Exception, CheckpointException) as exc:  # DCP wraps each rank's failure
             failure = exc
         if dist.is_initialized():
@@ -506,6 +465,9 @@ class Checkpointer:
             if failure is None and failed.item() > 0:
                 raise CheckpointError(f"checkpoint step {manifest.step} at {url} is unreadable on another rank")
         if failure is not None:
+            refusal = reader.refused or refusal_in(failure)
+            if refusal is not None:  # one line naming the file, not DCP's per-rank wrapping
+                raise CheckpointError(str(refusal)) from None
             raise CheckpointError(f"checkpoint step {manifest.step} at {url} is unreadable: {describe(failure)}") from failure
         self.last_saved_step = manifest.step
         self.last_committed = manifest

@@ -6,7 +6,9 @@ per item. A checkpoint saved at more ranks has more, smaller chunks, so that cos
 resharding restore slower than a same-size one. These readers parse the archive with the C
 unpickler restricted to exactly what a saved tensor contains (the rebuild function, a typed
 storage, OrderedDict), so nothing else can be called; anything unexpected falls back to
-torch.load. Everything else is DCP's own FileSystemReader / FsspecReader.
+torch.load(weights_only=True). `.metadata` and non-tensor items are read by dcp_safety's
+restricted loaders instead of DCP's pickle.load and torch.load(weights_only=False), so a planted
+file is refused rather than run. Everything else is DCP's own FileSystemReader / FsspecReader.
 """
 
 from __future__ import annotations
@@ -23,8 +25,21 @@ import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
+
+from spotwise.worker.runtime.dcp_safety import (
+    NotAPlainCheckpoint,
+    is_refusal,
+    load_item,
+    load_metadata,
+    telling_line,
+)
+
+# A .metadata larger than this is not one DCP wrote for a model spotwise trains (a 70B model's
+# is a few MiB); reading it whole would only let a planted file exhaust memory.
+MAX_METADATA_BYTES = 256 * 1024 * 1024
 
 
 def _storage_dtypes() -> dict[str, torch.dtype]:
@@ -144,10 +159,48 @@ def load_tensor(data: bytearray) -> torch.Tensor:
         return cast(torch.Tensor, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
-class _FastTensorReads:
-    """read_data as in DCP's FileSystemReader, with load_tensor in place of torch.load."""
+class _SafeReads:
+    """read_metadata and read_data as in DCP's FileSystemReader, with the restricted loaders of
+    dcp_safety in place of pickle.load and torch.load(weights_only=False), and load_tensor in
+    place of torch.load for tensors."""
+
+    refused: NotAPlainCheckpoint | None = None
+    """The refusal of the last read, kept because DCP folds a reader's exceptions into its own
+    (as text, in some versions): the caller reports this one line instead."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        try:
+            return self._read_metadata(kwargs.get("rank"))
+        except NotAPlainCheckpoint as exc:
+            self.refused = exc
+            raise
+
+    def _read_metadata(self, rank: int | None) -> Metadata:
+        if hasattr(self, "_get_metadata_path"):  # torch >= 2.12 may keep one .metadata per rank
+            path = self._get_metadata_path(rank)
+        else:
+            path = self.fs.concat_path(self.path, ".metadata")
+        with self.fs.create_stream(path, "rb") as f:
+            raw = f.read(MAX_METADATA_BYTES + 1)
+        if len(raw) > MAX_METADATA_BYTES:
+            raise NotAPlainCheckpoint(f"refusing {path}: larger than {MAX_METADATA_BYTES} bytes")
+        metadata = load_metadata(raw, where=str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        try:
+            self._read_data(plan, planner)
+        except NotAPlainCheckpoint as exc:
+            self.refused = exc
+            raise
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_data(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         per_file: dict[str, list] = {}
         for read_item in plan.items:
             per_file.setdefault(self.storage_data[read_item.storage_index].relative_path, []).append(read_item)
@@ -170,22 +223,38 @@ class _FastTensorReads:
                                 raise OSError(f"{relative_path}: item ends after {got} of {len(data)} bytes")
                             got += n
                     if req.type == LoadItemType.BYTE_IO:
-                        planner.load_bytes(req, io.BytesIO(data))
+                        where = str(self.fs.concat_path(self.path, relative_path))
+                        value = load_item(data, fqn=req.dest_index.fqn, where=where)
+                        # The planner unpickles what it is given with weights_only=False; it
+                        # gets the value re-saved from what the restricted loader built, never
+                        # the file's own bytes, so no difference between the two unpicklers
+                        # can be used to slip anything past the check.
+                        clean = io.BytesIO()
+                        torch.save(value, clean)
+                        clean.seek(0)
+                        planner.load_bytes(req, clean)
                         continue
-                    tensor = narrow_tensor_by_index(load_tensor(data), req.storage_offsets, req.lengths)
+                    try:
+                        loaded = load_tensor(data)
+                    except pickle.UnpicklingError as exc:
+                        if not is_refusal(exc):
+                            raise  # damaged rather than planted: reported as unreadable
+                        where = self.fs.concat_path(self.path, relative_path)
+                        raise NotAPlainCheckpoint(
+                            f"refusing {where}: tensor item {req.dest_index.fqn!r} is not a plain tensor "
+                            f"({telling_line(exc)})"
+                        ) from None
+                    tensor = narrow_tensor_by_index(loaded, req.storage_offsets, req.lengths)
                     target = planner.resolve_tensor(req).detach()
                     if target.size() != tensor.size():
                         raise AssertionError(f"req {req.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
                     target.copy_(tensor)
                     planner.commit_tensor(req, target)
-        fut: Future = Future()
-        fut.set_result(None)
-        return fut
 
 
-class LocalReader(_FastTensorReads, FileSystemReader):
-    """FileSystemReader with fast tensor loads."""
+class LocalReader(_SafeReads, FileSystemReader):
+    """FileSystemReader with restricted metadata and item loads and fast tensor loads."""
 
 
-class RemoteReader(_FastTensorReads, FsspecReader):
-    """FsspecReader (s3:// and other fsspec URIs) with fast tensor loads."""
+class RemoteReader(_SafeReads, FsspecReader):
+    """FsspecReader (s3:// and other fsspec URIs) with restricted and fast loads."""

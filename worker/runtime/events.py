@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,12 @@ class EventsTail:
 
     def read(self) -> list[dict[str, Any]]:
         try:
-            with open(self.path, "rb") as f:
+            # The job writes this folder: never follow a link it planted (the agent would read
+            # its own files as events) nor block on a FIFO; only a regular file is read.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise OSError(f"{self.path} is not a regular file")
                 f.seek(self._offset)
                 data = f.read(1 << 20)
         except FileNotFoundError:

@@ -20,13 +20,14 @@ resource "aws_launch_template" "agent" {
     arn = aws_iam_instance_profile.agent.arn
   }
 
-  # Launch templates take user data base64-encoded.
+  # Launch templates take user data base64-encoded. The unit and the firewall script go in
+  # gzipped (cloud-init's gz+b64): user data may not exceed 16 KiB.
   user_data = base64encode(templatefile("${path.module}/templates/agent-cloud-init.yaml.tftpl", {
     region              = local.region
     spotwise_pip_spec   = var.spotwise_pip_spec
     daemon_address      = local.daemon_private_address
     grace_s             = var.agent_grace_seconds
-    agent_unit_b64      = base64encode(local.agent_unit)
+    agent_unit_gz       = base64gzip(local.agent_unit)
     fetch_parameter_b64 = base64encode(local.fetch_parameter_script)
     ca_cert_b64         = base64encode(tls_self_signed_cert.ca.cert_pem)
     token_parameter     = aws_ssm_parameter.agent_token.name
@@ -35,6 +36,9 @@ resource "aws_launch_template" "agent" {
     agent_cert_file     = var.mutual_tls ? "/etc/spotwise/tls/agent.crt" : ""
     agent_key_file      = var.mutual_tls ? "/etc/spotwise/tls/agent.key" : ""
     setup_b64           = base64encode(join("\n", concat(["#!/bin/bash", "set -euo pipefail"], var.agent_setup_commands, [""])))
+    job_role_arn        = aws_iam_role.job.arn
+    checkpoint_uri      = local.checkpoint_uri
+    job_firewall_gz     = base64gzip(file("${path.module}/templates/job-firewall.sh"))
   }))
 
   # IMDSv2 only; the agent polls it for spot/instance-action and rebalance notices.

@@ -1,5 +1,10 @@
-# Two instance roles, each with only what its process calls:
-#   agents: their checkpoint prefix in the bucket, their own SSM parameters;
+# Two instance roles and one role for training jobs, each with only what its process calls:
+#   agents: the fence markers of every job (<prefix><job>/generations/*), their own SSM
+#           parameters, and assuming the job role;
+#   jobs:   the checkpoint prefix, always assumed by an agent with a session policy that
+#           narrows it to the job's own folder (spotwise.worker.scoped_credentials), so a job
+#           can reach its own checkpoints and no one else's; the job user cannot reach the
+#           metadata service (cloud-init's firewall rule), so it never holds the agent's role;
 #   head:   the same prefix (the daemon reads manifests and prunes), its own SSM parameters,
 #           prices (pricing:GetProducts, ec2:DescribeSpotPriceHistory), and scaling the agents'
 #           auto scaling group (the ec2 provider's desired-capacity path).
@@ -51,7 +56,37 @@ data "aws_iam_policy_document" "checkpoints_access" {
 # --- Agents -------------------------------------------------------------------------------------
 
 data "aws_iam_policy_document" "agent" {
-  source_policy_documents = [data.aws_iam_policy_document.checkpoints_access.json]
+  statement {
+    sid       = "ListCheckpointPrefix"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.checkpoints.arn]
+
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${var.checkpoint_prefix}*"]
+    }
+  }
+
+  statement {
+    sid       = "LocateBucket"
+    actions   = ["s3:GetBucketLocation"]
+    resources = [aws_s3_bucket.checkpoints.arn]
+  }
+
+  # The agent writes one thing in a job's folder: the fence marker of each generation it starts
+  # (create-only). Data and manifests are the job's, written with the job's own credentials.
+  statement {
+    sid       = "WriteFenceMarkers"
+    actions   = ["s3:GetObject", "s3:PutObject"]
+    resources = ["${aws_s3_bucket.checkpoints.arn}/${var.checkpoint_prefix}*/generations/*"]
+  }
+
+  statement {
+    sid       = "AssumeJobRole"
+    actions   = ["sts:AssumeRole", "sts:TagSession"]
+    resources = [aws_iam_role.job.arn]
+  }
 
   statement {
     sid       = "AgentSecrets"
@@ -74,7 +109,7 @@ data "aws_iam_policy_document" "agent" {
 
 resource "aws_iam_role" "agent" {
   name_prefix        = "${var.name}-agent-"
-  description        = "spotwise agents: checkpoints and agent secrets only"
+  description        = "spotwise agents: fence markers, agent secrets, the job role"
   assume_role_policy = data.aws_iam_policy_document.ec2_assume.json
   tags               = local.tags
 }
@@ -89,6 +124,33 @@ resource "aws_iam_instance_profile" "agent" {
   name_prefix = "${var.name}-agent-"
   role        = aws_iam_role.agent.name
   tags        = local.tags
+}
+
+# --- Training jobs --------------------------------------------------------------------------------
+
+data "aws_iam_policy_document" "job_assume" {
+  statement {
+    actions = ["sts:AssumeRole", "sts:TagSession"]
+
+    principals {
+      type        = "AWS"
+      identifiers = [aws_iam_role.agent.arn]
+    }
+  }
+}
+
+resource "aws_iam_role" "job" {
+  name_prefix          = "${var.name}-job-"
+  description          = "spotwise training jobs: assumed by agents, narrowed to one job's checkpoints"
+  assume_role_policy   = data.aws_iam_policy_document.job_assume.json
+  max_session_duration = 3600
+  tags                 = local.tags
+}
+
+resource "aws_iam_role_policy" "job" {
+  name   = "spotwise-job-checkpoints"
+  role   = aws_iam_role.job.id
+  policy = data.aws_iam_policy_document.checkpoints_access.json
 }
 
 # --- Head node ----------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ resource "aws_network_interface" "head" {
 }
 
 resource "aws_eip" "head" {
+  #checkov:skip=CKV2_AWS_19:attached to the head's network interface (aws_eip_association.head), which outlives the instance
   count = var.head_public_ip ? 1 : 0
 
   domain = "vpc"

@@ -74,3 +74,13 @@ output "agent_role_arn" {
   description = "IAM role of the agents."
   value       = aws_iam_role.agent.arn
 }
+
+output "job_role_arn" {
+  description = "The role agents assume for each job's S3 credentials (narrowed to the job's folder per session)."
+  value       = aws_iam_role.job.arn
+}
+
+output "access_log_bucket" {
+  description = "The bucket holding the checkpoint bucket's server access logs."
+  value       = aws_s3_bucket.access_logs.bucket
+}

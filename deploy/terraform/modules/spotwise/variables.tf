@@ -136,6 +136,17 @@ variable "checkpoint_expiration_days" {
   }
 }
 
+variable "access_log_days" {
+  description = "Keep the checkpoint bucket's access logs (every request: who read or wrote which job's checkpoints) this many days."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.access_log_days >= 1
+    error_message = "access_log_days must be at least 1."
+  }
+}
+
 variable "force_destroy_bucket" {
   description = "Let terraform destroy delete the bucket with its checkpoints in it."
   type        = bool

@@ -1,0 +1,127 @@
+"""Closed by default: beyond loopback the daemon wants TLS and tokens, the client and the agent
+never send a token in plaintext there, and a flood of bad tokens cannot flood the log."""
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from spotwise.client import Client, ClientConfigError
+from spotwise.common.credentials import CredentialsError, channel_security, is_local_address
+from spotwise.config import DaemonConfig
+from spotwise.daemon.auth import Role, TokenAuthInterceptor, TokenStore, mint_token
+from spotwise.daemon.log_budget import LogBudget
+from spotwise.daemon.server import DaemonThread
+from spotwise.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from tests.integration.test_auth_grpc import make_ca, make_leaf
+
+
+def _config(tmp_path: Path, **kw) -> DaemonConfig:
+    return DaemonConfig(listen="0.0.0.0:0", state_dir=tmp_path / "state", **kw)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, str]:
+    ca = make_ca(tmp_path, "spotwise-ca")
+    cert, key = make_leaf(tmp_path, "head", ca, server=True)
+    return {"tls_cert_file": str(cert), "tls_key_file": str(key)}
+
+
+def test_tls_without_tokens_beyond_loopback_is_refused_and_nothing_is_created(tmp_path, tls_files):
+    with pytest.raises(RuntimeError, match="without tokens: .* Configure a tokens file"):
+        DaemonThread(_config(tmp_path, **tls_files)).start()
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())
+
+
+def test_tokens_without_tls_beyond_loopback_is_refused(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(mint_token(Role.CLIENT, "alice").line + "\n")
+    with pytest.raises(RuntimeError, match="without TLS: .* Configure a TLS certificate and key"):
+        DaemonThread(_config(tmp_path, tokens_file=str(tokens))).start()
+
+
+def test_the_opt_out_starts_and_says_so_loudly(tmp_path, tls_files, caplog):
+    caplog.set_level(logging.INFO, logger="spotwise")
+    with DaemonThread(_config(tmp_path, allow_insecure=True, **tls_files)):
+        pass
+    loud = [r for r in caplog.records if "INSECURE" in r.getMessage()]
+    assert loud and all(r.levelno == logging.WARNING for r in loud)
+    assert "WITHOUT tokens" in loud[0].getMessage() and "run code on every node" in loud[0].getMessage()
+
+
+@pytest.mark.parametrize("address", ["10.0.3.4:7450", "head.internal:7450", "0.0.0.0:7450", "[2001:db8::1]:7450"])
+def test_the_client_refuses_to_send_a_token_in_plaintext_beyond_loopback(address):
+    with pytest.raises(ClientConfigError, match=f"refusing to send a token in plaintext to {re.escape(address)}"):
+        Client(address, token="swt_secret")
+    Client(address, token="").close()  # no token, nothing to leak: allowed
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:7450", "localhost:7450", "[::1]:7450", "unix:/run/spotwise.sock"])
+def test_loopback_may_carry_a_token_in_plaintext(address):
+    assert is_local_address(address)
+    Client(address, token="swt_secret").close()
+
+
+def test_with_a_ca_the_token_goes_over_tls(tmp_path):
+    make_ca(tmp_path, "spotwise-ca")
+    security = channel_security("10.0.3.4:7450", token="swt_secret", ca_file=tmp_path / "spotwise-ca.crt")
+    assert security.tls and security.metadata == (("authorization", "Bearer swt_secret"),)
+
+
+def test_the_agents_settings_get_the_same_rule():
+    # How the agent builds its channel (see the report: worker/agent.py wires exactly this).
+    with pytest.raises(CredentialsError, match="set tls_ca_file to use TLS"):
+        channel_security("10.0.3.4:7450", token="swt_agent", names=("tls_ca_file", "tls_cert_file", "tls_key_file"))
+    with pytest.raises(CredentialsError, match="needs both tls_cert_file and tls_key_file"):
+        channel_security("127.0.0.1:1", token=None, cert_file="c.pem",
+                         names=("tls_ca_file", "tls_cert_file", "tls_key_file"))
+
+
+def test_log_budget_lets_a_few_through_then_summarises(caplog):
+    now = [0.0]
+    budget = LogBudget(logging.getLogger("spotwise.test"), what="denied calls", lines=3, window_s=60, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="spotwise.test")
+    logged = [budget.log(logging.WARNING, "denied %d", i) for i in range(10)]
+    assert logged == [True] * 3 + [False] * 7
+    now[0] = 61.0
+    assert budget.log(logging.WARNING, "denied %d", 10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["denied 0", "denied 1", "denied 2", "7 more denied calls in the last 61s were not logged", "denied 10"]
+
+
+def test_a_flood_of_bad_tokens_logs_a_bounded_number_of_lines(caplog):
+    caplog.set_level(logging.WARNING, logger="spotwise.daemon.auth")
+    interceptor = TokenAuthInterceptor(TokenStore({}), denial_log_lines=5)
+
+    class Jobs(jobs_pb2_grpc.JobServiceServicer):
+        async def ListJobs(self, request, context):
+            return jobs_pb2.ListJobsResponse()
+
+    async def run() -> list[grpc.StatusCode]:
+        server = aio.server(interceptors=[interceptor])
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(Jobs(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes = []
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = jobs_pb2_grpc.JobServiceStub(channel)
+                for i in range(200):
+                    try:
+                        await stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10,
+                                            metadata=(("authorization", f"Bearer swt_guess{i}"),))
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as err:
+                        codes.append(err.code())
+        finally:
+            await server.stop(grace=None)
+        return codes
+
+    codes = asyncio.run(run())
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+    denied = [r for r in caplog.records if r.getMessage().startswith("denied ")]
+    assert len(denied) == 5 and interceptor.denials.suppressed == 195
