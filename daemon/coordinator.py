@@ -87,7 +87,8 @@ class Coordinator:
                                accounting_interval_s=accounting_interval_s,
                                default_instance_types=tuple(default_instance_types),
                                metrics=metrics, clock=clock)
-        self.executor = Executor(self.state, self.outbox, billing=self.billing, metrics=metrics)
+        self.executor = Executor(self.state, self.outbox, billing=self.billing, metrics=metrics,
+                                 max_progress_events=max_progress_events)
         self.assignments = AssignmentCache()
         self.wake: Callable[[], None] = lambda: None
         """Wakes the control loop (set by daemon.loop.ControlLoop)."""
@@ -238,19 +239,7 @@ class Coordinator:
     def _store_progress(self, now: float) -> None:
         """Progress is soft state: each job's row and one progress point every few seconds."""
         for job in self.state.jobs.values():
-            if not job.progress_dirty:
-                continue
-            job.progress_dirty = False
-            job.row.updated_at = now
-            self.outbox.stage(job.row)
-            r = job.row
-            self.executor.event(job, now, "progress",
-                                f"step {r.step} loss {job.last_progress_loss:.4f} "
-                                f"{r.samples_per_second:.1f} samples/s world {job.progress_world_size}")
-            job.progress_events += 1
-            if job.progress_events > self.max_progress_events:
-                self.outbox.thin_progress(job.row.id)
-                job.progress_events //= 2
+            self.executor.store_progress(job, now)
 
     def _check_checkpoints(self, now: float) -> None:
         """Flag a running job that cannot commit (controller.checkpoint_alarm)."""

@@ -37,8 +37,9 @@ class Executor:
     """Applies decisions to the state; every change goes through the outbox."""
 
     def __init__(self, state: State, outbox: Outbox, *, billing: Billing,
-                 metrics: Metrics | None) -> None:
+                 metrics: Metrics | None, max_progress_events: int = 4000) -> None:
         self.state = state
+        self.max_progress_events = max_progress_events
         self.outbox = outbox
         self.billing = billing
         self.metrics = metrics
@@ -51,8 +52,23 @@ class Executor:
                        job=job_proto(job, self.state.nodes, with_spec=False).SerializeToString())
         self.outbox.event(row, final=final)
 
-    def stage_job(self, job: JobRecord) -> None:
+    def store_progress(self, job: JobRecord, now: float) -> None:
+        """Stage the job's progress since it was last stored (its row and one progress point),
+        thinning the stored points by half past the bound. Called every few seconds, and
+        before a generation ends, so that the last steps of every generation are kept."""
+        if not job.progress_dirty:
+            return
+        job.progress_dirty = False
+        job.row.updated_at = now
         self.outbox.stage(job.row)
+        r = job.row
+        self.event(job, now, "progress",
+                   f"step {r.step} loss {job.last_progress_loss:.4f} "
+                   f"{r.samples_per_second:.1f} samples/s world {job.progress_world_size}")
+        job.progress_events += 1
+        if job.progress_events > self.max_progress_events:
+            self.outbox.thin_progress(job.row.id)
+            job.progress_events //= 2
 
     def apply(self, decision: Decision, now: float) -> None:
         if isinstance(decision, NodeLost):
@@ -166,6 +182,7 @@ class Executor:
         self.event(job, now, "state", f"{d.state.value}: {d.reason}", final=d.state.terminal)
 
     def _end_generation(self, job: JobRecord, now: float) -> None:
+        self.store_progress(job, now)
         if job.row.generation == 0 or not job.members:
             return
         self.outbox.stage(GenerationRow(

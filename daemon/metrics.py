@@ -178,12 +178,13 @@ class Metrics:
         daemon restart the first call exports the whole total at once, so the series carries
         on from where the previous process left it.
         """
+        counter = self.cost_usd.labels(job=job_id)  # exported from the first charge, even $0
         with self._lock:
             delta = total_usd - self._cost_seen.get(job_id, 0.0)
             if delta <= 0:
                 return
             self._cost_seen[job_id] = total_usd
-        self.cost_usd.labels(job=job_id).inc(delta)
+        counter.inc(delta)
 
     def observe_heartbeat_latency(self, seconds: float) -> None:
         """How long one heartbeat took to handle."""
