@@ -90,6 +90,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     state_dir, log_dir = tmp / "state", tmp / "logs"
     env = dict(os.environ, SPOTWISE_STATE_DIR=str(state_dir),
                SPOTWISE_DAEMON_METRICS_LISTEN="127.0.0.1:0",
+               # The test launches the agents with their price: an operator's own fleet.
+               SPOTWISE_DAEMON_AGENT_PRICES="true",
                SPOTWISE_AGENT_METRICS_LISTEN="127.0.0.1:0")
     daemon_log = tmp / "daemon.log"
     daemon = subprocess.Popen(
