@@ -65,8 +65,6 @@ def spawn(argv: Sequence[str], *, watch_pid: int, marker: str, env: Mapping[str,
     """
     cmd = [sys.executable, "-m", "spotwise.cloud.ray_guard", "--detach", "--watch",
            str(watch_pid), "--marker", marker, "--grace-s", str(grace_s), "--", *argv]
-    env = dict(env)
-    env[MARKER_ENV] = marker
     with open(log_path, "ab") as log:
         launcher = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=log, start_new_session=True)
@@ -122,7 +120,11 @@ def run(watch_pid: int, marker: str, grace_s: float, argv: Sequence[str]) -> int
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     # The guard is single-threaded: PDEATHSIG (tied to the forking thread) is reliable here.
-    agent = subprocess.Popen(list(argv), preexec_fn=_die_with_parent)
+    # Only the agent and its descendants carry the marker: the guard's own sweep must not
+    # find (and SIGKILL) the guard.
+    env = dict(os.environ)
+    env[MARKER_ENV] = marker
+    agent = subprocess.Popen(list(argv), env=env, preexec_fn=_die_with_parent)
     print(f"ray guard: agent pid {agent.pid}, watching actor pid {watch_pid}", file=sys.stderr,
           flush=True)
     code = 1
