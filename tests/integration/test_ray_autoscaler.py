@@ -1,10 +1,12 @@
 """The ray provider asks Ray's autoscaler for nodes, and withdraws the request.
 
-A real autoscaling cluster: Ray's own `AutoscalingCluster` config (the fake multi-node
-provider, whose "instances" are real raylets on this machine) with a head that has no eligible
-resource and a worker type that has it, min 0. `AutoscalingCluster.start` runs `ray stop
---force` (every Ray process of the machine) and binds the fixed port 6379, so the head is
-started here the same way but on free ports, and stopped by pid.
+A real autoscaling cluster: Ray's `AutoscalingCluster` (the fake multi-node provider, whose
+"instances" are real raylets on this machine, started by Ray's autoscaler) with a head that has
+no eligible resource and a worker type that has it, min 0. Two things of it are replaced here:
+its base config (example.yaml, which the Ray 2.60 wheel does not ship; the same values
+inline), and `start`/`shutdown`, which run `ray stop --force` (every Ray process of the
+machine) and bind the fixed port 6379: the head starts the same way on free ports and is
+stopped by pid.
 """
 
 from __future__ import annotations
@@ -43,10 +45,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# python/ray/autoscaler/_private/fake_multi_node/example.yaml of Ray 2.60, less its node types.
+_BASE_CONFIG = {
+    "cluster_name": "fake_multinode", "max_workers": 8,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                 "disable_node_updaters": True, "disable_launch_config_check": True},
+    "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 0.1, "docker": {}, "initialization_commands": [],
+    "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+    "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+    "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+    "rsync_filter": [],
+}
+
+
+class _AutoscalingCluster(AutoscalingCluster):
+    def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False,
+                         **config_kwargs):
+        config = json.loads(json.dumps(_BASE_CONFIG))
+        config["available_node_types"] = dict(worker_node_types)
+        config["available_node_types"]["ray.head.default"] = {
+            "resources": head_resources, "node_config": {}, "max_workers": 0}
+        config.update(config_kwargs)
+        return config
+
+
 @pytest.fixture
 def autoscaling_cluster() -> Iterator[str]:
     """The GCS address of a running autoscaling cluster (no eligible node yet)."""
-    spec = AutoscalingCluster(
+    spec = _AutoscalingCluster(
         head_resources={"CPU": 1},
         worker_node_types={"eligible": {"resources": {"CPU": 1, RESOURCE: 1},
                                         "node_config": {}, "min_workers": 0, "max_workers": 2}},
@@ -74,6 +101,10 @@ def autoscaling_cluster() -> Iterator[str]:
             ray.shutdown()
         kill_with_env(MARK, mark, timeout_s=30)
         os.unlink(path)
+        # `ray start` records its cluster for `address="auto"`; that cluster is gone now.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip() == f"127.0.0.1:{port}":
+            current.unlink()
 
 
 def _request() -> list:
