@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/checkpoint.py
 	$(PY) bench/recovery.py
 	$(PY) bench/goodput.py
+	$(PY) bench/ray_recovery.py
 
 proto: setup
 	$(PY) -m spotwise.proto.build

@@ -106,15 +106,19 @@ def run_ray(args: argparse.Namespace) -> int:
     wall0 = time.monotonic()
     console.print(f"spotwise demo (Ray): state, logs and checkpoints in {state_dir}")
 
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = None
     daemon = None
     client: Client | None = None
     live: Live | None = None
     result = _Result()
     try:
-        for _ in range(args.nodes):
-            cluster.add_node(num_cpus=1, resources={RESOURCE: 1})
+        try:
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={"num_cpus": 1, "include_dashboard": False})
+            for _ in range(args.nodes):
+                cluster.add_node(num_cpus=1, resources={RESOURCE: 1})
+        except Exception as e:  # Ray raises bare Exceptions for a raylet that does not start
+            raise RuntimeError(f"the local Ray cluster did not start: {e}") from e
         cluster.wait_for_nodes(timeout=120)
         ray.init(address=cluster.address, namespace="spotwise-demo-driver", log_to_driver=False)
         timeline.add(f"Ray cluster at {cluster.address}: a head and {args.nodes} worker "
@@ -147,7 +151,8 @@ def run_ray(args: argparse.Namespace) -> int:
             stop_process_group(daemon)
         _remove_agents(f"spotwise-demo-{os.getpid()}")
         ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     _summary(console, result, time.monotonic() - wall0)
     ok = result.job is not None and state_name(result.job.state) == "SUCCEEDED"
     return EXIT_OK if ok else EXIT_FAILED
