@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,7 +176,7 @@ class RayProvider(Provider):
 
     name = "ray"
 
-    def __init__(self, config: RayConfig, *, clock: Any = time.time) -> None:
+    def __init__(self, config: RayConfig, *, clock: Callable[[], float] = time.time) -> None:
         """Connects to the cluster (reusing this process's Ray connection if there is one).
         Raises ProviderError if Ray is not installed or the cluster cannot be reached."""
         self.config = config
@@ -265,7 +265,6 @@ class RayProvider(Provider):
         table = {n.node_id: n for n in self.nodes()}
         names = self._agent_node_ids()
         with self._lock:
-            self._update_autoscaler()
             for node_id in sorted(names - set(self._agents)):
                 self._adopt(node_id, table.get(node_id))
             out = []
@@ -291,6 +290,7 @@ class RayProvider(Provider):
                     else:
                         state = "pending"
                 out.append(self._provider_node(agent, state))
+            self._update_autoscaler()
             return out
 
     def _provider_node(self, agent: _Agent, state: str) -> ProviderNode:

@@ -140,18 +140,26 @@ def run(watch_pid: int, marker: str, grace_s: float, argv: Sequence[str]) -> int
             try:
                 code = agent.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait(timeout=10)
+                _kill(agent)
             break
         if start_time(watch_pid) != watched:
             print("ray guard: the actor is gone; killing the agent and its processes",
                   file=sys.stderr, flush=True)
-            agent.kill()
-            agent.wait(timeout=10)
+            _kill(agent)
             break
         time.sleep(POLL_S)
     _kill_marked(marker)
     return code
+
+
+def _kill(agent: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the agent and reap it; one that does not go in 10 s is left to the sweep."""
+    agent.kill()
+    try:
+        agent.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        print(f"ray guard: agent pid {agent.pid} still there 10s after SIGKILL",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
