@@ -255,34 +255,45 @@ def main() -> int:
     p.add_argument("--every", type=int, default=5, help="checkpoint every N steps")
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--skip-ray-train", action="store_true")
+    p.add_argument("--skip-spotwise", action="store_true",
+                   help="only the Ray Train baselines (the spotwise keys are then null)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ray_recovery.json")
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     with tempfile.TemporaryDirectory(prefix="spotwise-bench-ray-") as tmp:
-        print("spotwise on Ray", flush=True)
-        sw = bench_spotwise(Path(tmp) / "spotwise", args)
-        rt = rt_tuned = None
+        sw = None
+        if not args.skip_spotwise:
+            print("spotwise on Ray", flush=True)
+            sw = bench_spotwise(Path(tmp) / "spotwise", args)
+        rt: Runs | None = None
+        rt_tuned: Runs | None = None
         if not args.skip_ray_train:
             print("Ray Train v2, Ray's defaults", flush=True)
             rt = bench_ray_train(Path(tmp) / "ray-train", args, tuned=False)
             print("Ray Train v2, tuned", flush=True)
             rt_tuned = bench_ray_train(Path(tmp) / "ray-train-tuned", args, tuned=True)
-    sw_removal = median(sw.removals, "recovery_s")
+
+    def med(runs: Runs | None, kind: str, attr: str = "recovery_s") -> float | None:
+        return median(getattr(runs, kind), attr) if runs is not None else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 4) if a is not None and b else None
+
+    sw_removal = med(sw, "removals")
     result = {
         "spotwise_removal_s": sw_removal,
-        "ray_train_removal_s": median(rt.removals, "recovery_s") if rt else None,
-        "ray_train_tuned_removal_s": median(rt_tuned.removals, "recovery_s") if rt_tuned else None,
-        "ratio": round(sw_removal / median(rt.removals, "recovery_s"), 4) if rt else None,
-        "ratio_tuned": (round(sw_removal / median(rt_tuned.removals, "recovery_s"), 4)
-                        if rt_tuned else None),
-        "spotwise_drain_s": median(sw.drains, "recovery_s"),
-        "ray_train_drain_s": median(rt.drains, "recovery_s") if rt else None,
-        "drain_lost_steps": max(f.lost_steps for f in sw.drains),
-        "spotwise_removal_lost_steps": median(sw.removals, "lost_steps"),
-        "ray_train_removal_lost_steps": median(rt.removals, "lost_steps") if rt else None,
-        "ray_train_drain_lost_steps": median(rt.drains, "lost_steps") if rt else None,
-        "ray_train_tuned_drain_s": median(rt_tuned.drains, "recovery_s") if rt_tuned else None,
+        "ray_train_removal_s": med(rt, "removals"),
+        "ray_train_tuned_removal_s": med(rt_tuned, "removals"),
+        "ratio": ratio(sw_removal, med(rt, "removals")),
+        "ratio_tuned": ratio(sw_removal, med(rt_tuned, "removals")),
+        "spotwise_drain_s": med(sw, "drains"),
+        "ray_train_drain_s": med(rt, "drains"),
+        "drain_lost_steps": max(f.lost_steps for f in sw.drains) if sw is not None else None,
+        "spotwise_removal_lost_steps": med(sw, "removals", "lost_steps"),
+        "ray_train_removal_lost_steps": med(rt, "removals", "lost_steps"),
+        "ray_train_drain_lost_steps": med(rt, "drains", "lost_steps"),
+        "ray_train_tuned_drain_s": med(rt_tuned, "drains"),
         "setup": {"ray": "2.60.0", "worker_nodes": 3, "cpus_per_node": 1,
                   "repeats": args.repeats, "step_sleep_s": args.step_sleep,
                   "checkpoint_every": args.every, "drain_deadline_s": DRAIN_DEADLINE_S,
