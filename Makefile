@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,mlflow]'
+	$(PY) -m pip install -q -e '.[dev,mlflow,ray,bench]'
 	touch $(STAMP)
 
 demo: setup
@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/recovery.py
 	$(PY) bench/goodput.py
 	$(PY) bench/scale.py
+	$(PY) bench/ray_recovery.py
 
 proto: setup
 	$(PY) -m spotwise.proto.build

@@ -11,31 +11,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from spotwise.cloud.sqs_events import CloudNotice
 from spotwise.daemon.coordinator import Coordinator
-
-if TYPE_CHECKING:
-    from spotwise.cloud.sqs_events import SqsNoticeReader
 
 log = logging.getLogger(__name__)
 
 
+class NoticeReader(Protocol):
+    """A source of cloud notices: the SQS queue, or Ray's drain table (spotwise.cloud.ray_drain)."""
+
+    def receive(self, wait_time_s: int = 20) -> list[CloudNotice]:
+        """New notices, waiting up to `wait_time_s` for one."""
+        ...
+
+
 class NoticeLoop:
-    """Reads notices from the queue until stopped; failures back off up to `max_backoff_s`."""
+    """Reads notices from a reader until stopped; failures (the reader's `errors`, and
+    timeouts) back off up to `max_backoff_s`."""
 
     def __init__(
         self,
-        reader: SqsNoticeReader,
+        reader: NoticeReader,
         coordinator: Coordinator,
         *,
         wait_time_s: int = 20,
         max_backoff_s: float = 60.0,
+        errors: tuple[type[Exception], ...] = (),
     ) -> None:
+        """`errors`: what the reader raises for a failed read, besides SqsEventsError."""
         self.reader = reader
         self.coordinator = coordinator
         self.wait_time_s = wait_time_s
         self.max_backoff_s = max_backoff_s
+        self.errors = errors
         # A long poll returns after at most wait_time_s; more than that plus the client's own
         # timeouts means the call is stuck.
         self.timeout_s = wait_time_s + 30.0
@@ -61,7 +71,7 @@ class NoticeLoop:
                 await self.run_once()
                 backoff = 1.0
                 continue
-            except (SqsEventsError, asyncio.TimeoutError) as exc:
+            except (SqsEventsError, *self.errors, asyncio.TimeoutError) as exc:
                 log.error("notice queue: %s (retry in %.0fs)", exc or "poll timed out", backoff)
             try:
                 await asyncio.wait_for(stop.wait(), backoff)

@@ -131,6 +131,10 @@ def make_provider(config: DaemonConfig) -> Provider | None:
         from spotwise.cloud.ec2 import Ec2Provider
 
         return Ec2Provider(config.ec2.ec2_config())
+    if config.provider == "ray":
+        from spotwise.cloud.ray import RayProvider
+
+        return RayProvider(config.ray.ray_config(grace_s=config.grace_s))
     return None
 
 
@@ -290,6 +294,15 @@ class Daemon:
         if config.notice_queue_url:
             self._tasks.append(asyncio.create_task(
                 self._notice_loop().run(self._stop), name="notice-loop"))
+        if self.provider is not None and self.provider.name == "ray":
+            # Ray's drains (DrainNode with a deadline) are interruption notices.
+            from spotwise.cloud.provider import ProviderError
+            from spotwise.cloud.ray_drain import RayDrainReader
+
+            reader = RayDrainReader(self.provider, poll_s=config.ray.drain_poll_s)  # type: ignore[arg-type]
+            self._tasks.append(asyncio.create_task(NoticeLoop(
+                reader, self.coordinator, wait_time_s=5, errors=(ProviderError,)
+            ).run(self._stop), name="ray-drain-loop"))
         if self.coordinator.pricer.book is not None:
             self._tasks.append(asyncio.create_task(refresh_loop(
                 self.coordinator.pricer, self._stop,

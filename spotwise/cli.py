@@ -144,7 +144,8 @@ def build_parser(delegate: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--listen", default=None, help="host:port to serve on (overrides the config)")
     p.add_argument("--state-dir", type=Path, default=None, help="state directory (overrides)")
     p.add_argument(
-        "--provider", choices=("none", "local"), default=None, help="node provider (overrides)"
+        "--provider", choices=("none", "local", "ray"), default=None,
+        help="node provider (overrides; ray: agents on the Ray cluster of [daemon.ray])"
     )
     p.add_argument("--log-dir", type=Path, default=None, help="local agents' log dir (overrides)")
     p.add_argument(

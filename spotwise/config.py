@@ -226,6 +226,73 @@ class Ec2Settings(BaseModel):
         )
 
 
+class RaySettings(BaseModel):
+    """The Ray provider (the `[daemon.ray]` table, used when provider = "ray")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(
+        "auto", description="Ray cluster: auto, a GCS host:port, or ray://host:port (Ray Client)."
+    )
+    namespace: str = Field(
+        "spotwise", description="Ray namespace of the agent actors (one per daemon)."
+    )
+    resource: str = Field(
+        "", description="Custom resource marking eligible nodes; the agent holds all of it."
+    )
+    gpus_per_node: int = Field(
+        0, ge=0, description="GPUs an eligible node must have; the agent holds all its GPUs."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Node labels an eligible node must carry."
+    )
+    instance_type: str = Field(
+        "ray", description="Instance type of a node without an instance-type label (pricing)."
+    )
+    instance_type_label: str = Field(
+        "", description="Node label naming a node's instance type; empty = none."
+    )
+    price_per_hour: float = Field(
+        0.0, ge=0, description="USD per node-hour; 0 = the price table for the instance type."
+    )
+    lifecycle: Literal["spot", "on-demand"] = Field(
+        "spot", description="Lifecycle of nodes without a lifecycle label."
+    )
+    lifecycle_label: str = Field(
+        "", description="Node label saying spot or on-demand; empty = none."
+    )
+    zone_label: str = Field(
+        "ray.io/availability-zone", description="Node label naming a node's zone."
+    )
+    work_dir: str = Field(
+        "", description="Agents' state and logs on each node; default /tmp/spotwise-ray/<namespace>."
+    )
+    autoscale: bool = Field(
+        True, description="Ask Ray's autoscaler for nodes when jobs want more than exist."
+    )
+    drain_poll_s: float = Field(
+        0.5, gt=0, description="How often the daemon reads Ray's drain table."
+    )
+    call_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for one answer from an agent actor."
+    )
+
+    def ray_config(self, *, grace_s: float = 30.0) -> Any:
+        """The provider's spotwise.cloud.ray.RayConfig; ValueError if it names no eligibility
+        resource."""
+        from spotwise.cloud.ray import RayConfig
+
+        return RayConfig(
+            address=self.address, namespace=self.namespace, resource=self.resource,
+            gpus_per_node=self.gpus_per_node, labels=dict(self.labels),
+            instance_type=self.instance_type, instance_type_label=self.instance_type_label,
+            price_per_hour=self.price_per_hour, lifecycle=self.lifecycle,
+            lifecycle_label=self.lifecycle_label, zone_label=self.zone_label,
+            work_dir=self.work_dir, grace_s=grace_s, call_timeout_s=self.call_timeout_s,
+            autoscale=self.autoscale,
+        )
+
+
 class DaemonConfig(_Config):
     """How the coordinator daemon runs."""
 
@@ -291,13 +358,17 @@ class DaemonConfig(_Config):
         ge=0,
         description="Leave a draining node this long before its notice's deadline.",
     )
-    provider: Literal["none", "local", "ec2"] = Field(
+    provider: Literal["none", "local", "ec2", "ray"] = Field(
         "none",
         description="Who launches nodes: none (agents start themselves), local (agent "
-        "subprocesses) or ec2 (spot instances, configured in [daemon.ec2]).",
+        "subprocesses), ec2 (spot instances, [daemon.ec2]) or ray (agent actors on a Ray "
+        "cluster, [daemon.ray]).",
     )
     ec2: Ec2Settings = Field(
         default_factory=Ec2Settings, description="The EC2 provider's settings ([daemon.ec2])."
+    )
+    ray: RaySettings = Field(
+        default_factory=RaySettings, description="The Ray provider's settings ([daemon.ray])."
     )
     pricing: PricingSettings = Field(
         default_factory=PricingSettings,
@@ -376,6 +447,8 @@ class DaemonConfig(_Config):
             raise ValueError("tls_require_client_cert needs tls_client_ca_file")
         if self.provider == "ec2":
             self.ec2.ec2_config()  # ValueError (a field violation) if it cannot launch
+        if self.provider == "ray":
+            self.ray.ray_config()  # ValueError if no node could be held
         if self.lease_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"lease_s ({self.lease_s}) must exceed heartbeat_interval_s "

@@ -114,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one line per event instead of the live view")
     parser.add_argument("--script", type=Path, default=None,
                         help="the training script (default: examples/train_lm.py of this repo)")
+    parser.add_argument("--provider", choices=("local", "ray"), default="local",
+                        help="local: agent subprocesses replaying the trace (default); ray: a "
+                             "local Ray cluster the demo starts, with a drain, a raylet kill "
+                             "and a new raylet (spotwise.demo_ray)")
 
 
 @dataclass
@@ -146,11 +150,12 @@ def _find_script(given: Path | None) -> Path:
 
 
 def _start_daemon(state_dir: Path, log_path: Path, env: dict[str, str],
-                  timeout_s: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
+                  timeout_s: float = 60.0, provider_args: tuple[str, ...] = ("--provider", "none")
+                  ) -> tuple[subprocess.Popen[bytes], str]:
     """A `spotwise daemon` on a free loopback port; returns it and its address."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "spotwise.cli", "daemon", "--listen", "127.0.0.1:0",
-         "--state-dir", str(state_dir), "--provider", "none",
+         "--state-dir", str(state_dir), *provider_args,
          "--log-dir", str(state_dir / "logs")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"),
         env=env, start_new_session=True)
@@ -248,6 +253,10 @@ def _replay_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when the job SUCCEEDED while its nodes came and went with the trace."""
+    if getattr(args, "provider", "local") == "ray":
+        from spotwise.demo_ray import run_ray
+
+        return run_ray(args)
     from spotwise.cloud.local import LocalProvider
     from spotwise.cloud.provider import NodeRequest
     from spotwise.cloud.replay import TraceReplayer

@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--slow-until", default=None,
+                   help="apply --step-sleep only until this file exists (a test's faults done)")
     p.add_argument("--ledger", default=None)
     p.add_argument("--die-at", type=int, default=None, help="SIGKILL this process after this step")
     p.add_argument("--die-rank", type=int, default=None, help="only this rank dies (default: all)")
@@ -109,7 +111,7 @@ def main() -> None:
         if args.loss_log and rt.rank == 0:
             with open(args.loss_log, "a") as f:
                 f.write(f"{rt.step} {loss!r} {rt.generation}\n")
-        if args.step_sleep:
+        if args.step_sleep and not (args.slow_until and os.path.exists(args.slow_until)):
             time.sleep(args.step_sleep)
         if args.die_at is not None and rt.step == args.die_at and args.die_rank in (None, rt.rank):
             os.kill(os.getpid(), signal.SIGKILL)
