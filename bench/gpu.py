@@ -104,12 +104,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results/gpu.json", help="results JSON")
     p.add_argument("--deadline-s", type=float, default=420.0, help="skip phases that start after this")
     p.add_argument("--skip-reshard", action="store_true", help="measure only (no cross-device restores)")
+    p.add_argument("--smoke-cpu", action="store_true",
+                   help="run every phase on CPU (gloo) to check the script itself: no GPU figures, not a measurement")
     args = p.parse_args(argv)
+    if args.smoke_cpu and (args.out == p.get_default("out") or args.fixture_dir == p.get_default("fixture_dir")):
+        p.error("--smoke-cpu measures nothing: give it --out and --fixture-dir away from bench/results")
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} does not divide by --heads {args.heads}")
     if min(args.steps, args.async_saves, args.sync_saves, args.micro_batch) < 1 or args.async_saves < 2:
         p.error("--steps, --sync-saves and --micro-batch must be >= 1, --async-saves >= 2")
     return args
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
 
 
 def pinned_copy_gb_per_s(nbytes: int = 2 * GIB, reps: int = 5) -> float:
@@ -145,7 +163,8 @@ def reshard_checks(fixture_dir: Path, work: Path) -> dict:
     folder.mkdir()
     rs.spawn_ranks(rs.save_rank, world_size=2, args=(str(folder), rs.SMALL, "gloo"))
     rs.spawn_ranks(rs.restore_rank, world_size=1, args=(str(folder), rs.SMALL, "nccl"))
-    out["cpu_2_ranks_to_gpu"] = json.loads((folder / "restored-1-cuda.json").read_text())
+    here = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a --smoke-cpu run
+    out["cpu_2_ranks_to_gpu"] = json.loads((folder / f"restored-1-{here}.json").read_text())
     out["bit_exact"] = all(
         not out[k]["mismatches"] and out[k]["tensors"] > 0
         for k in ("gpu_to_2_cpu_ranks", "gpu_to_3_cpu_ranks", "cpu_2_ranks_to_gpu")
@@ -187,9 +206,9 @@ def measure(args: argparse.Namespace, ckpt_dir: Path, started: float) -> dict:
         return times
 
     steps(args.warmup)
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     step_times = steps(args.steps)
-    peak_training = torch.cuda.max_memory_allocated() / GIB
+    peak_training = _peak_gib()
     tokens_per_step = args.micro_batch * args.seq_len
     tokens_per_second = tokens_per_step * len(step_times) / sum(step_times)
     fpt = flops_per_token(matmul_params=matmul_params, layers=args.layers, dim=args.dim, seq_len=args.seq_len)
@@ -205,7 +224,7 @@ def measure(args: argparse.Namespace, ckpt_dir: Path, started: float) -> dict:
     }
     state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                       for t in s.values() if isinstance(t, torch.Tensor) and t.is_cuda)
+                       for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
     res["checkpoint_gpu_bytes"] = state_bytes
     mode = args.async_mode
     shm_free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").exists() else 0
@@ -221,7 +240,7 @@ def measure(args: argparse.Namespace, ckpt_dir: Path, started: float) -> dict:
     def save(blocking: bool) -> float:
         step_no[0] += 1
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         ok = ckpt.save(step_no[0], {"model": model_sd, "optim": optim_sd}, cursor=0, blocking=blocking)
         dt = time.perf_counter() - t0
@@ -231,13 +250,13 @@ def measure(args: argparse.Namespace, ckpt_dir: Path, started: float) -> dict:
 
     # First async save of the generation, with training going on while it uploads.
     res["first_save_block_s"] = save(blocking=False)
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     t0, in_flight = time.perf_counter(), []
     while ckpt.pending_step is not None and time.perf_counter() - t0 < 300:
         in_flight += steps(1)
         ckpt.poll()
     ckpt.wait()
-    res["peak_memory_gib"] = {"training": peak_training, "checkpoint_in_flight": torch.cuda.max_memory_allocated() / GIB}
+    res["peak_memory_gib"] = {"training": peak_training, "checkpoint_in_flight": _peak_gib()}
     res["step_s_median_upload_in_flight"] = statistics.median(in_flight) if in_flight else None
     blocks, uploads = [], []
     for _ in range(args.async_saves - 1):
@@ -258,21 +277,24 @@ def measure(args: argparse.Namespace, ckpt_dir: Path, started: float) -> dict:
         async_block_over_sync=statistics.median(blocks) / statistics.median(sync),
         upload_gb_per_s=statistics.median(uploads),
     )
-    res["pinned_copy_gb_per_s"] = pinned_copy_gb_per_s()
     res["staging_gb_per_s"] = state_bytes / res["async_block_s"] / 1e9
-    res["staging_over_pinned_bandwidth"] = res["staging_gb_per_s"] / res["pinned_copy_gb_per_s"]
+    if torch.cuda.is_available():
+        res["pinned_copy_gb_per_s"] = pinned_copy_gb_per_s()
+        res["staging_over_pinned_bandwidth"] = res["staging_gb_per_s"] / res["pinned_copy_gb_per_s"]
     torch.distributed.destroy_process_group()
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    require_cuda()
+    if not args.smoke_cpu:
+        require_cuda()
     started = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "smoke_cpu": args.smoke_cpu,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -286,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reshard bit_exact: {results['reshard']['bit_exact']}", flush=True)
         ckpt_dir = Path(args.dir) if args.dir else Path(tmp) / "big"
         results.update(measure(args, ckpt_dir, started))
-    results["passed"] = check_targets(results)
+    results["passed"] = "not measured: a --smoke-cpu run" if args.smoke_cpu else check_targets(results)
     results["elapsed_s"] = time.perf_counter() - started
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     for name in ("tokens_per_second", "mfu", "first_save_block_s", "async_block_over_sync",

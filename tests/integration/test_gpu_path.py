@@ -57,6 +57,27 @@ def test_gpu_script_help_and_bad_sizes() -> None:
     assert exc.value.code == 2
 
 
+def test_gpu_script_runs_through_on_cpu_as_a_smoke_check(tmp_path: Path) -> None:
+    """Every measuring phase of bench/gpu.py, on CPU at a tiny size, so that a GPU session does
+    not spend its minutes on a broken script (the reshard phase is tested below, by parts)."""
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(BENCH / "gpu.py"), "--smoke-cpu", "--skip-reshard", "--out", str(out),
+           "--fixture-dir", str(tmp_path / "fixture"), "--dim", "32", "--layers", "1", "--heads", "2",
+           "--seq-len", "16", "--micro-batch", "2", "--warmup", "1", "--steps", "2", "--async-saves", "2",
+           "--sync-saves", "1", "--async-mode", "thread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["smoke_cpu"] is True and res["passed"].startswith("not measured")
+    assert res["tokens_per_second"] > 0 and res["sync_save_s"] > 0 and res["first_save_block_s"] > 0
+    assert res["async_block_over_sync"] == pytest.approx(res["async_block_s"] / res["sync_save_s"])
+    assert res["flops_per_token"] == gpu.flops_per_token(matmul_params=res["matmul_parameters"], layers=1,
+                                                         dim=32, seq_len=16)
+    refused = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke-cpu"], capture_output=True,
+                             text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode == 2 and "give it --out and --fixture-dir" in refused.stderr
+
+
 def test_flops_formula_and_mfu() -> None:
     # 6 N + 12 L d T, by hand for N = 1e9, L = 24, d = 2048, T = 2048.
     fpt = gpu.flops_per_token(matmul_params=10**9, layers=24, dim=2048, seq_len=2048)
@@ -156,8 +177,9 @@ def test_gpu_saved_fixture_restores_bit_exactly_on_cpu_ranks(tmp_path: Path, wor
 
 
 @needs_cuda
-def test_bf16_fsdp2_mixed_precision_step(tmp_path: Path) -> None:
-    """fp32 sharded parameters, bf16 compute, fp32 gradients: the runtime's policy on GPU."""
+def test_bf16_fsdp2_mixed_precision_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 sharded parameters, bf16 compute: the runtime's policy on GPU, one NCCL rank."""
+    monkeypatch.setenv("MASTER_PORT", str(rs.free_port()))  # the Runtime would leave its own set
     rs.import_spotwise_runtime()
     from spotwise.worker.runtime import Runtime, RuntimeConfig
 
@@ -189,23 +211,27 @@ def test_bf16_fsdp2_mixed_precision_step(tmp_path: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
-@needs_cuda
-def test_gpu_staging_is_pinned_and_reused_across_saves(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_staging_buffers_are_reused_across_saves(tmp_path: Path, device: str) -> None:
+    """One host buffer per source tensor, allocated at the first save and refilled at each
+    later one; pinned on GPU (what makes steady-state staging run at host-memory bandwidth)."""
     rs.import_spotwise_runtime()
     from spotwise.worker.runtime.checkpoint import CheckpointConfig, Checkpointer
 
     ckpt = Checkpointer(CheckpointConfig(uri=str(tmp_path / "c"), async_mode="thread", keep=1), rank=0,
-                        world_size=1, generation=0, device=torch.device("cuda"))
-    state = {"w": torch.randn(1 << 20, device="cuda"), "b": torch.randn(3, 1024, device="cuda")}
+                        world_size=1, generation=0, device=torch.device(device))
+    state = {"w": torch.randn(1 << 20, device=device), "b": torch.randn(3, 1024, device=device)}
     assert ckpt.save(1, state, cursor=0, blocking=False)
     assert ckpt.wait() is not None
-    # DCP keeps no public handle on its staging buffers: the cache is read to check them.
+    # DCP keeps no public handle on its staging buffers: its cache is read to check them.
     cache = ckpt._stager._state_dict_stager._cached_storage_mapping
     first = {id(k): v.data_ptr() for k, v in cache.items()}
-    assert len(first) == 2 and all(v.is_pinned() for v in cache.values())
+    assert len(first) == 2
+    assert all(v.is_pinned() for v in cache.values()) == (device == "cuda")
     state["w"].add_(1.0)
     assert ckpt.save(2, state, cursor=0, blocking=False)
     m = ckpt.wait()
+    cache = ckpt._stager._state_dict_stager._cached_storage_mapping  # the stager now in use
     assert {id(k): v.data_ptr() for k, v in cache.items()} == first
     out = {"w": torch.empty_like(state["w"]), "b": torch.empty_like(state["b"])}
     ckpt.load(out, m)
