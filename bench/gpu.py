@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-saves", type=int, default=2, help="synchronous saves (fsync'd)")
     p.add_argument("--async-mode", choices=("process", "thread"), default="process",
                    help="the runtime's upload mode (process: DCP's writer process, the default)")
-    p.add_argument("--dir", default=None, help="checkpoint folder on local disk (default: a temporary one)")
+    p.add_argument("--dir", default=None,
+                   help="checkpoint folder on local disk (default: a temporary one; the JSON names its filesystem)")
     p.add_argument("--fixture-dir", default="bench/results/gpu_checkpoint",
                    help="where the small GPU-saved checkpoint is kept (for tests/fixtures/gpu_checkpoint)")
     p.add_argument("--out", default="bench/results/gpu.json", help="results JSON")
@@ -128,6 +129,21 @@ def _reset_peak() -> None:
 
 def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount holding `path` and its type (a tmpfs would make fsync'd saves RAM-speed)."""
+    best = ("?", "?")
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    resolved = str(path.resolve())
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and (resolved + "/").startswith(parts[1].rstrip("/") + "/") and len(parts[1]) >= len(best[0]):
+            best = (parts[1], parts[2])
+    return f"{best[0]} ({best[1]})"
 
 
 def pinned_copy_gb_per_s(nbytes: int = 2 * GIB, reps: int = 5) -> float:
@@ -235,6 +251,7 @@ def measure(args: argparse.Namespace, ckpt_dir: Path, started: float) -> dict:
     res["dev_shm_free_bytes"] = shm_free
     ckpt = Checkpointer(CheckpointConfig(uri=str(ckpt_dir), keep=1, async_mode=mode),
                         rank=0, world_size=1, generation=0, device=rt.device)
+    res["checkpoint_filesystem"] = filesystem_of(ckpt_dir)
     step_no = [0]
 
     def save(blocking: bool) -> float:

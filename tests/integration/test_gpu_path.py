@@ -70,6 +70,7 @@ def test_gpu_script_runs_through_on_cpu_as_a_smoke_check(tmp_path: Path) -> None
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and res["smoke_cpu"] is True and res["passed"].startswith("not measured")
     assert res["tokens_per_second"] > 0 and res["sync_save_s"] > 0 and res["first_save_block_s"] > 0
+    assert res["checkpoint_filesystem"].endswith(")")
     assert res["async_block_over_sync"] == pytest.approx(res["async_block_s"] / res["sync_save_s"])
     assert res["flops_per_token"] == gpu.flops_per_token(matmul_params=res["matmul_parameters"], layers=1,
                                                          dim=32, seq_len=16)
