@@ -21,7 +21,7 @@ Sizing for the 8-minute limit on an H200: the default model (d 2048, 24 layers, 
 parameters, 7.2 GB of bf16 parameters plus AdamW state) takes about 0.4 s a step at the MFU
 target with micro-batches of 8 x 2048 tokens; 10 warm-up and 20 timed steps, three async and two
 sync saves (each a few seconds at 1 GB/s of disk) and the reshard runs (seconds) add up to
-about 2 to 4 minutes. --deadline-s stops before the next phase once it is spent.
+about 2 to 4 minutes. Past --deadline-s no further steady-state async save starts.
 
 Run: python bench/gpu.py [--dim 2048 --layers 24 --steps 20 --out bench/results/gpu.json]
 Needs torch with CUDA and NCCL, and this tree (spotwise need not be installed).
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fixture-dir", default="bench/results/gpu_checkpoint",
                    help="where the small GPU-saved checkpoint is kept (for tests/fixtures/gpu_checkpoint)")
     p.add_argument("--out", default="bench/results/gpu.json", help="results JSON")
-    p.add_argument("--deadline-s", type=float, default=420.0, help="skip phases that start after this")
+    p.add_argument("--deadline-s", type=float, default=420.0, help="seconds after which no further steady-state async save starts")
     p.add_argument("--skip-reshard", action="store_true", help="measure only (no cross-device restores)")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="run every phase on CPU (gloo) to check the script itself: no GPU figures, not a measurement")
