@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/recovery.py
 	$(PY) bench/goodput.py
 	$(PY) bench/scale.py
+	$(PY) bench/watchers.py
 	$(PY) bench/ray_recovery.py
 
 proto: setup

@@ -49,6 +49,10 @@ class DaemonSettings:
     """A node silent this long is LOST (the daemon's default)."""
     log_level: str = "INFO"
     """The daemon's log level: INFO, as a head node runs it."""
+    admins: int = 0
+    """Admin tokens to mint besides the client and agent ones."""
+    extra_toml: str = ""
+    """More [daemon] lines (settings the run changes from the defaults, e.g. watcher caps)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class HeadNode:
     def start(cls, directory: Path, settings: DaemonSettings) -> HeadNode:
         """Start the daemon and wait until it serves. RuntimeError (with its log's tail) if it
         exits or does not serve within START_TIMEOUT_S; it is stopped then."""
-        credentials = make_credentials(directory / "pki")
+        credentials = make_credentials(directory / "pki", admins=settings.admins)
         config = directory / "daemon.toml"
         config.write_text(
             "[daemon]\n"
@@ -106,7 +110,7 @@ class HeadNode:
             f"lease_s = {settings.lease_s}\n"
             f'tls_cert_file = "{credentials.server_cert}"\n'
             f'tls_key_file = "{credentials.server_key}"\n'
-            f'tokens_file = "{credentials.tokens_file}"\n',
+            f'tokens_file = "{credentials.tokens_file}"\n' + settings.extra_toml,
             encoding="utf-8",
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTWISE_")}

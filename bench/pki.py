@@ -42,6 +42,8 @@ class Credentials:
     """Role client: submits and cancels the benchmark's jobs."""
     agent_token: str
     """Role agent: every simulated agent enrolls with it, as a fleet's agents do."""
+    admin_tokens: tuple[str, ...] = ()
+    """Role admin, one per principal `admin-<k>` (they may watch any job)."""
 
 
 def _name(cn: str) -> x509.Name:
@@ -60,8 +62,9 @@ def _usage(*, ca: bool) -> x509.KeyUsage:
                          decipher_only=False)
 
 
-def make_credentials(directory: Path) -> Credentials:
-    """Write a fresh CA, server certificate and tokens file into `directory` (created)."""
+def make_credentials(directory: Path, *, admins: int = 0) -> Credentials:
+    """Write a fresh CA, server certificate and tokens file into `directory` (created), with
+    `admins` admin tokens besides the client and agent ones."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -89,15 +92,18 @@ def make_credentials(directory: Path) -> Credentials:
     )
     client = mint_token(Role.CLIENT, "bench-client")
     agent = mint_token(Role.AGENT, "bench-fleet")
+    admin = [mint_token(Role.ADMIN, f"admin-{k}") for k in range(admins)]
     creds = Credentials(
         ca_file=directory / "ca.crt", server_cert=directory / "daemon.crt",
         server_key=directory / "daemon.key", tokens_file=directory / "tokens",
         client_token=client.token, agent_token=agent.token,
+        admin_tokens=tuple(a.token for a in admin),
     )
     creds.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     creds.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     creds.server_key.write_bytes(_key_pem(key))
     creds.server_key.chmod(0o600)
-    creds.tokens_file.write_text(f"{client.line}\n{agent.line}\n", encoding="utf-8")
+    creds.tokens_file.write_text("".join(f"{m.line}\n" for m in (client, agent, *admin)),
+                                 encoding="utf-8")
     creds.tokens_file.chmod(0o600)
     return creds

@@ -9,7 +9,8 @@ their write commits (`ControlLoop.flush`); heartbeats and reports never wait for
 Tenancy: a job belongs to the principal whose token submitted it; a client token sees, watches
 and cancels its own jobs, an admin token all. `env` values are redacted in every answer.
 Bounds: at most `max_watchers_per_principal` WatchJob streams per principal, at most
-`max_calls` JobService calls at once, one Heartbeats stream per node (a new one replaces the
+`max_calls` Submit and Cancel calls waiting for their write at once (the other unary calls
+answer from memory without waiting), one Heartbeats stream per node (a new one replaces the
 old), and each live event is serialized once for all its watchers.
 """
 
@@ -171,7 +172,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(request.job_id)}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        await self._committed()
+        await self._enter(context)
+        try:
+            await self._committed()
+        finally:
+            self._calls -= 1
         return self._c.job_proto(job)
 
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
