@@ -214,8 +214,11 @@ class AgentProtocol:
             node_id, kind, req.job_id, req.generation, facts,
             path=req.checkpoint_committed.path, rank=req.process_exited.rank)
         if verdict.route is Route.REFUSE:
-            log.warning("node=%s job=%s generation=%d: refused %s: %s", node_id,
-                        req.job_id or "-", req.generation, kind, verdict.reason)
+            # A stale progress report is routine during a rescale (the old generation's last
+            # words); anything else refused is worth a warning.
+            log.log(logging.DEBUG if kind == "progress" else logging.WARNING,
+                    "node=%s job=%s generation=%d: refused %s: %s", node_id,
+                    req.job_id or "-", req.generation, kind, verdict.reason)
             return agent_pb2.ReportEventResponse(accepted=False, reason=verdict.reason)
         if verdict.route is Route.COMMIT:
             assert job is not None

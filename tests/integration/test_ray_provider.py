@@ -20,7 +20,7 @@ from spotwise.client import Client, state_name
 from spotwise.cloud.local import kill_with_env, processes_with_env
 from spotwise.cloud.ray_guard import MARKER_ENV
 from spotwise.config import DaemonConfig
-from spotwise.worker.ledger import verify_ledger
+from spotwise.worker.runtime.ledger import verify_ledger
 from tests.support.wait import until
 
 # Loopback only: Ray otherwise binds the machine's outside address. Ray reads this when it is
