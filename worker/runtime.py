@@ -306,7 +306,13 @@ class Runtime:
             self.restored_from = manifest
         self._last_progress = (time.monotonic(), self.step)
         if self.rank == 0:
-            self.events.emit("restored", step=self.step, world_size=self.world_size)
+            # Storage chose the restore point (see spotwise.worker.commits); this report is
+            # where the generation really starts: the daemon counts lost steps from it.
+            self.events.emit(
+                "restored", step=self.step, world_size=self.world_size,
+                requested=self.config.restore_step,
+                from_generation=manifest.generation if manifest is not None else None,
+            )
             if self.ledger:
                 self.ledger.restored(generation=self.generation, step=self.step)
         log.info(
