@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -208,6 +209,9 @@ def event_report(event: dict[str, Any], *, rank: int) -> agent_pb2.ReportEventRe
             step=int(event["step"]), loss=float(event.get("loss", math.nan)),
             samples_per_second=float(event.get("samples_per_second", 0.0)),
             world_size=int(event.get("world_size", 0))))
+    if kind == "checkpoint_failed" and rank == 0:
+        return agent_pb2.ReportEventRequest(time=t, checkpoint_failed=agent_pb2.CheckpointFailed(
+            step=int(event["step"]), reason=str(event.get("reason", ""))[:1000]))
     if kind == "checkpoint_committed" and rank == 0:
         return agent_pb2.ReportEventRequest(time=t, checkpoint_committed=agent_pb2.CheckpointCommitted(
             step=int(event["step"]), path=str(event.get("path", "")),
@@ -591,12 +595,14 @@ class Agent:
         if (a.checkpoint_now and key is not None and cur is not None
                 and (cur.spec.job_id, cur.spec.generation) == key
                 and self._checkpoint_signalled != key):
-            n = cur.signal(signal.SIGUSR1)
+            n = cur.request_checkpoint()  # only ready runtimes; later ones when they say so
             self._checkpoint_signalled = key
             log.info("agent %s: job %s g%d: checkpoint requested, SIGUSR1 to %d process(es)",
                      self.node_id, key[0], key[1], n)
         elif not a.checkpoint_now and self._checkpoint_signalled == key:
             self._checkpoint_signalled = None  # the request is over; the next one signals again
+            if cur is not None:
+                cur.end_checkpoint_request()
 
     async def _reconcile_loop(self) -> None:
         """Make the running generation the desired one; stopping takes up to the grace period,
@@ -648,7 +654,7 @@ class Agent:
 
     async def _start(self, a: agent_pb2.Assignment) -> None:
         try:
-            spec = launch_spec(a)
+            spec = dataclasses.replace(launch_spec(a), address=self.config.address)
         except ValueError as e:
             log.error("agent %s: bad assignment for job %s g%d: %s", self.node_id, a.job_id,
                       a.generation, e)
@@ -712,6 +718,7 @@ class Agent:
 
     def _on_event(self, sup: Supervisor, rank: int, event: dict[str, Any]) -> None:
         spec = sup.spec
+        sup.note_event(rank, event)  # a `ready` runtime may now get a pending checkpoint request
         kind = event.get("event")
         if kind == "fenced":
             log.warning("agent %s: job %s g%d rank %d: commit fenced at step %s: %s",
