@@ -154,3 +154,15 @@ def test_an_unreadable_fence_hides_what_it_decides(tmp_path):
     (tmp_path / "generations" / "g-0000000002").write_text("{broken")
     with pytest.raises(FenceError, match="g-0000000002 is unreadable"):
         old.committed()
+
+
+def test_a_failed_save_is_reported_and_the_next_one_commits(tmp_path):
+    failed: list[tuple[int, str]] = []
+    ck = _ck(str(tmp_path), 0)
+    ck.on_failed = lambda step, reason: failed.append((step, reason))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "step-0000000001-g0").write_text("a file where a directory must go")
+    assert not ck.save(1, _state(1), cursor=1, blocking=True)
+    assert [s for s, _ in failed] == [1] and failed[0][1].startswith("upload failed: ")
+    assert ck.save(2, _state(2), cursor=2, blocking=True)
+    assert [m.step for m in ck.committed()] == [2] and len(failed) == 1
