@@ -153,10 +153,15 @@ class FaultProxy:
                     resp = conn.getresponse()
                     data = resp.read()
                     self.send_response(resp.status)
+                    head = self.command == "HEAD"
                     for k, v in resp.getheaders():
-                        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
+                        # A HEAD answer's Content-Length is the object's size: keep it.
+                        if k.lower() in ("transfer-encoding", "connection") or (
+                                k.lower() == "content-length" and not head):
+                            continue
+                        self.send_header(k, v)
+                    if not head:
+                        self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)

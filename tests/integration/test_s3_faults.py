@@ -38,6 +38,9 @@ def test_forwards_then_fails_at_the_rates_given(proxy: FaultProxy) -> None:
     s3.create_bucket(Bucket="bkt")
     s3.put_object(Bucket="bkt", Key="k", Body=b"hello")
     assert s3.get_object(Bucket="bkt", Key="k")["Body"].read() == b"hello"
+    assert s3.head_object(Bucket="bkt", Key="k")["ContentLength"] == 5
+    part = s3.get_object(Bucket="bkt", Key="k", Range="bytes=1-3")
+    assert part["Body"].read() == b"ell" and part["ResponseMetadata"]["HTTPStatusCode"] == 206
 
     set_rates(proxy.url, error_rate=1.0)
     with pytest.raises(botocore.exceptions.ClientError, match="SlowDown"):
