@@ -71,6 +71,10 @@ class LabFleet:
                     "SPOTWISE_DAEMON_ALLOW_INSECURE": "true",
                     "SPOTWISE_DAEMON_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
                     "SPOTWISE_DAEMON_LEASE_S": str(lease_s),
+                    # After a failed rank the daemon's shorter lease (2.5 heartbeats by default)
+                    # takes a slow but live agent of a loaded machine for lost; the lab's faults
+                    # are the ones it injects.
+                    "SPOTWISE_DAEMON_FAILURE_LEASE_S": str(0.8 * lease_s),
                     "SPOTWISE_DAEMON_SETTLE_S": "1.0"}
 
     def start(self) -> LabFleet:

@@ -319,6 +319,8 @@ class Supervisor:
         except ProcessLookupError:
             return False  # exited between poll and kill; the next poll records it
         p.checkpoint_signalled = True
+        log.info("job %s g%d: checkpoint request, SIGUSR1 to rank %d pid %d", self.spec.job_id,
+                 self.spec.generation, p.rank, p.pid)
         return True
 
     @property

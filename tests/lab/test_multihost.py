@@ -134,6 +134,9 @@ def test_tiny_job_trains_across_hosts_through_every_fault(fleet: LabFleet, tmp_p
     with fleet.client() as c:
         c.cancel(job_id)
     fleet.wait_job(job_id, lambda j: state_name(j.state) == "CANCELLED", 60, "the cancel")
+    final = fleet.wait_job(job_id, lambda _j: True, 10, "the job")
+    assert final.generation >= 10, final  # every fault above made a new generation
+    # The committed history crosses generations and reads each sample once per epoch.
     report = verify_ledger(str(ledger), dataset_size=DATASET, global_batch_size=BATCH)
-    assert report.final_step >= step - 10 and len(report.generations) >= 8, report
+    assert report.final_step >= step - 10 and len(report.generations) >= 3, report
     assert all(".json" in k and "-g" in k for k in manifests())
