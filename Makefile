@@ -42,6 +42,8 @@ bench: setup
 	$(PY) bench/checkpoint.py
 	$(PY) bench/recovery.py
 	$(PY) bench/goodput.py
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory setup-lab && $(PY) bench/chaos.py; \
+	else echo "bench/chaos.py skipped: the fault lab needs root"; fi
 
 proto: setup
 	$(PY) -m spotwise.proto.build
