@@ -135,7 +135,8 @@ def test_tiny_job_trains_across_hosts_through_every_fault(fleet: LabFleet, tmp_p
         c.cancel(job_id)
     fleet.wait_job(job_id, lambda j: state_name(j.state) == "CANCELLED", 60, "the cancel")
     final = fleet.wait_job(job_id, lambda _j: True, 10, "the job")
-    assert final.generation >= 10, final  # every fault above made a new generation
+    # Each kill, partition and rejoin above started a new generation (shrink, then grow).
+    assert final.generation >= 7, final
     # The committed history crosses generations and reads each sample once per epoch.
     report = verify_ledger(str(ledger), dataset_size=DATASET, global_batch_size=BATCH)
     assert report.final_step >= step - 10 and len(report.generations) >= 3, report
