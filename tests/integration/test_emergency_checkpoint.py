@@ -50,7 +50,8 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits_143(tmp
         assert codes == [143, 143], (tmp_path / "rank0.log").read_text()[-3000:]
         final = _committed(read)[-1]
         assert final > step
-        manifest = json.loads((tmp_path / "ckpt" / "manifests" / f"step-{final:010d}.json").read_text())
+        (path,) = (tmp_path / "ckpt" / "manifests").glob(f"step-{final:010d}-g*.json")
+        manifest = json.loads(path.read_text())
         assert manifest["world_size"] == 2 and manifest["cursor"] == final * 24
     finally:
         kill_all(procs)

@@ -52,6 +52,7 @@ if mode == "allreduce":
         f.write(str(t.item()))
     dist.destroy_process_group()
     sys.exit(0)
+emit(event="ready", rank=int(rank))  # the SIGUSR1 handler is installed: checkpoint requests may come
 emit(event="restored", step=4, world_size=world)
 emit(event="progress", step=5, loss=2.5, samples_per_second=10.0, world_size=world)
 emit(event="checkpoint_committed", step=5, path="/ck/5", bytes=100, cursor=40)

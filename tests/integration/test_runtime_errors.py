@@ -55,7 +55,8 @@ def test_unreadable_manifest(tmp_path):
 def test_damaged_shard_of_a_requested_checkpoint(tmp_path, damage):
     env = {"SPOTWISE_CHECKPOINT_URI": str(tmp_path)}
     assert run_tiny(env).returncode == 0  # commits step 2 at the end
-    manifest = json.loads((tmp_path / "manifests" / "step-0000000002.json").read_text())
+    (path,) = (tmp_path / "manifests").glob("step-0000000002-g*.json")
+    manifest = json.loads(path.read_text())
     shard = next(p for p in (tmp_path / manifest["data"]).iterdir() if p.suffix == ".distcp")
     data = shard.read_bytes()
     # Same size but garbage content passes the size check and must fail the read instead.

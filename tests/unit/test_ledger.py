@@ -51,3 +51,14 @@ def test_a_missing_rank_is_caught(tmp_path):
     led.close()
     with pytest.raises(LedgerError, match="read 2 samples, not 4"):
         verify_ledger(str(path), dataset_size=N, global_batch_size=B)
+
+
+def test_a_step_committed_by_two_generations_follows_the_newer(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    led, s = Ledger(str(path)), GlobalSampler(dataset_size=N, seed=0)
+    _run(led, s, 0, 0, 6, world=2, commits=(3, 6))
+    _run(led, s, 1, 3, 8, world=1, commits=(6, 8))   # restored 3 (say 6 looked torn), re-committed 6
+    _run(led, s, 2, 6, 10, world=2, commits=(10,))
+    led.close()
+    report = verify_ledger(str(path), dataset_size=N, global_batch_size=B)
+    assert report.generations == [0, 1, 2] and report.final_step == 10

@@ -22,9 +22,9 @@ The rendezvous store is explained in `spotwise.worker.agent.store_host`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ class Agent:
                 raise AgentError(f"cannot serve metrics on {self.config.metrics_listen}: {e}"
                                  ) from e
         self.config = await identity_from_imds(self.config)
-        self.store = StoreHost()
+        self.store = StoreHost(address=self.config.address)
         log.info("agent %s: store on port %d, daemon %s, log dir %s",
                  self.config.provider_node or "-", self.store.port, self.config.daemon,
                  self.log_dir)
@@ -378,12 +378,14 @@ class Agent:
         if (a.checkpoint_now and key is not None and cur is not None
                 and (cur.spec.job_id, cur.spec.generation) == key
                 and self._checkpoint_signalled != key):
-            n = cur.signal(signal.SIGUSR1)
+            n = cur.request_checkpoint()  # only ready runtimes; later ones when they say so
             self._checkpoint_signalled = key
             log.info("agent %s: job %s g%d: checkpoint requested, SIGUSR1 to %d process(es)",
                      self.node_id, key[0], key[1], n)
         elif not a.checkpoint_now and self._checkpoint_signalled == key:
             self._checkpoint_signalled = None  # the request is over; the next one signals again
+            if cur is not None:
+                cur.end_checkpoint_request()
 
     async def _storage_env(self, spec: LaunchSpec) -> dict[str, str] | None:
         folder = generation_dir(self.log_dir, spec.job_id, spec.generation) / "aws"
@@ -439,7 +441,8 @@ class Agent:
 
     async def _start(self, a: agent_pb2.Assignment) -> None:
         try:
-            spec = launch_spec(a)
+            # Every process of the generation binds the address its peers reach this node on.
+            spec = dataclasses.replace(launch_spec(a), address=self.config.address)
         except ValueError as e:
             log.error("agent %s: bad assignment for job %s g%d: %s", self.node_id, a.job_id,
                       a.generation, e)
@@ -516,6 +519,7 @@ class Agent:
                     local_rank=p.local_rank, rank=p.rank, exit_code=p.exit_code)))
 
     def _on_event(self, sup: Supervisor, rank: int, event: dict[str, Any]) -> None:
+        sup.note_event(rank, event)  # a `ready` runtime may now get a pending checkpoint request
         req = forwarded(self.node_id, sup.spec, rank, event, self.metrics)
         if req is not None:
             self._queue(sup.spec, req)

@@ -38,6 +38,9 @@ def event_report(event: dict[str, Any], *, rank: int) -> agent_pb2.ReportEventRe
             step=int(event["step"]), loss=float(event.get("loss", math.nan)),
             samples_per_second=float(event.get("samples_per_second", 0.0)),
             world_size=int(event.get("world_size", 0))))
+    if kind == "checkpoint_failed" and rank == 0:
+        return agent_pb2.ReportEventRequest(time=t, checkpoint_failed=agent_pb2.CheckpointFailed(
+            step=int(event["step"]), reason=str(event.get("reason", ""))[:1000]))
     if kind == "checkpoint_committed" and rank == 0:
         return agent_pb2.ReportEventRequest(time=t, checkpoint_committed=agent_pb2.CheckpointCommitted(
             step=int(event["step"]), path=str(event.get("path", "")),

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from spotwise.worker.agent.backoff import Backoff
+from spotwise.worker.agent.store_server import store_server
 
 STAMP_KEY = "spotwise/generation"
 """Key in the agent's store naming the (job, generation) the fresh store was made for."""
@@ -28,17 +29,16 @@ STAMP_KEY = "spotwise/generation"
 class StoreHost:
     """The agent's TCPStore server: one port for the agent's life, fresh contents per generation."""
 
-    def __init__(self, *, timeout_s: float = 30.0) -> None:
-        from torch.distributed import TCPStore  # torch is heavy; import when an agent starts
-
-        self._tcpstore = TCPStore
+    def __init__(self, *, address: str = "127.0.0.1", timeout_s: float = 30.0) -> None:
+        """`address`: the one the agent advertises; the store listens there only (not on
+        every interface, as a plain TCPStore server would)."""
+        self.address = address
         self._timeout = timedelta(seconds=timeout_s)
         self._store = self._make(0)
         self.port: int = self._store.port
 
     def _make(self, port: int) -> Any:
-        return self._tcpstore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                              multi_tenant=True, timeout=self._timeout)
+        return store_server(self.address, port, timeout=self._timeout)
 
     def reset(self, stamp: str, *, attempts: int = 20) -> None:
         """Replace the server by an empty one on the same port, stamped with `stamp`.
@@ -51,7 +51,7 @@ class StoreHost:
             try:
                 self._store = self._make(self.port)
                 break
-            except RuntimeError as e:  # DistNetworkError: port not free yet
+            except (RuntimeError, OSError) as e:  # DistNetworkError, EADDRINUSE: not free yet
                 if attempt == attempts - 1:
                     raise RuntimeError(f"cannot rebind store port {self.port}: {e}") from e
                 time.sleep(backoff.next())

@@ -5,6 +5,16 @@ node's `nproc` processes the way torchrun would (one per local rank, torchrun's 
 plus spotwise's, see `process_env`), each in its own session so that its whole process group
 can be killed, with stdout and stderr going to `<log_dir>/<job_id>/g<generation>/rank<r>.log`.
 
+Every process is bound to the address the agent advertises (`LaunchSpec.address`): gloo and
+NCCL get the interface that carries it (see `spotwise.worker.agent.netif`), so that a hostname that
+resolves to 127.0.0.1 cannot make them advertise loopback to peers on other hosts.
+
+A checkpoint request (SIGUSR1) goes only to a process whose runtime has said, with a `ready`
+event, that its handler is installed: SIGUSR1's default action kills, so a process that is
+still importing torch, or an unmodified torchrun script that never says it is ready, is never
+sent one. A request made before any process is ready is delivered as each becomes ready, for
+as long as the request lasts (`request_checkpoint` ... `end_checkpoint_request`).
+
 Stopping follows the runtime contract: SIGTERM to each process (the runtime checkpoints at the
 next step boundary and exits 143), a grace period, then SIGKILL of each whole process group,
 which also takes any grandchild (data-loader workers, a shell's children) with it.
@@ -37,6 +47,7 @@ from spotwise.worker.agent.job_isolation import (
     job_environment,
     prepare_generation_dir,
 )
+from spotwise.worker.agent.netif import InterfaceNotFound, socket_env
 from spotwise.worker.runtime.job_facts import ENV_VAR as JOB_FACTS_ENV
 from spotwise.worker.runtime.job_facts import facts_path
 
@@ -90,6 +101,9 @@ class LaunchSpec:
     """Keep the newest K committed checkpoints (0: the runtime's default)."""
     global_batch_size: int = 0
     """Samples per optimizer step over the whole world (0: the script's own)."""
+    address: str = ""
+    """The address this node's peers reach it on (AgentConfig.address); gloo and NCCL are bound
+    to the interface that carries it. Empty leaves them to choose."""
 
     def __post_init__(self) -> None:
         if not self.entrypoint:
@@ -110,14 +124,20 @@ def generation_dir(log_dir: Path, job_id: str, generation: int) -> Path:
 
 def process_env(spec: LaunchSpec, local_rank: int, *, log_dir: Path,
                 base_env: Mapping[str, str],
-                storage_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of local rank `local_rank`: `base_env`, the spec's env, then the
-    contract's variables (torchrun's and spotwise's, and `storage_env`, the job's scoped
-    storage credentials), which nothing else may override."""
+                storage_env: Mapping[str, str] | None = None,
+                socket_ifname: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of local rank `local_rank`: `base_env`, the interface binding
+    (`socket_ifname`, from `netif.socket_env`), the spec's env, then the contract's variables
+    (torchrun's and spotwise's, and `storage_env`, the job's scoped storage credentials),
+    which nothing else may override.
+
+    A spec that names GLOO_/NCCL_SOCKET_IFNAME itself wins over the binding: its author may
+    want collectives on another NIC (EFA, InfiniBand) than the one the agent is reached on."""
     rank = spec.rank_start + local_rank
     env = dict(base_env)
     if "OMP_NUM_THREADS" not in spec.spec_env:
         env["OMP_NUM_THREADS"] = "1"
+    env.update(socket_ifname or {})
     env.update(spec.spec_env)
     contract = {
         # torchrun's
@@ -198,6 +218,10 @@ class ManagedProcess:
     """None while running; else as `exit_code_of` reports it."""
     exit_taken: bool = False
     """Whether `Supervisor.take_exits` has handed this exit out already."""
+    ready: bool = False
+    """Whether its runtime said (a `ready` event) that it takes SIGUSR1 as a checkpoint request."""
+    checkpoint_signalled: bool = False
+    """Whether it got SIGUSR1 for the current checkpoint request."""
 
     @property
     def pid(self) -> int:
@@ -225,6 +249,7 @@ class Supervisor:
         self._storage_env = dict(storage_env or {})
         self.processes: list[ManagedProcess] = []
         self.stopping = False
+        self.checkpoint_requested = False
 
     def start(self) -> list[ManagedProcess]:
         """Start the node's processes. Raises SupervisorError (after killing the ones already
@@ -245,10 +270,11 @@ class Supervisor:
         # With or without run_as: capabilities the agent holds must not pass to job code.
         drop_ambient_capabilities()
         argv = resolve_argv(spec.entrypoint)
+        binding = self._socket_binding()
         for local_rank in range(spec.nproc):
             rank = spec.rank_start + local_rank
             env = process_env(spec, local_rank, log_dir=self.log_dir, base_env=self._base_env,
-                              storage_env=self._storage_env)
+                              storage_env=self._storage_env, socket_ifname=binding)
             out = log_path(self.log_dir, spec, rank)
             try:
                 # O_NOFOLLOW: with run_as the folder is the job's too, and a process started
@@ -269,6 +295,68 @@ class Supervisor:
             log.info("job %s g%d: started rank %d (local %d) pid %d, log %s",
                      spec.job_id, spec.generation, rank, local_rank, popen.pid, out)
         return list(self.processes)
+
+    def _socket_binding(self) -> dict[str, str]:
+        """GLOO_/NCCL_SOCKET_IFNAME for the advertised address; {} without one or when no
+        interface carries it (a NAT address: the libraries' own choice may still work, so a
+        warning, not a failed start)."""
+        spec = self.spec
+        if not spec.address:
+            return {}
+        try:
+            binding = socket_env(spec.address)
+        except InterfaceNotFound as e:
+            log.warning("job %s g%d: collectives not bound to %s: %s", spec.job_id,
+                        spec.generation, spec.address, e)
+            return {}
+        log.info("job %s g%d: collectives bound to %s (%s)", spec.job_id, spec.generation,
+                 binding["GLOO_SOCKET_IFNAME"], spec.address)
+        return binding
+
+    # ----- checkpoint requests
+
+    def note_event(self, rank: int, event: Mapping[str, object]) -> bool:
+        """Record what a runtime event says about its process (call for every event read from
+        its events file). A `ready` during a checkpoint request gets the request at once.
+        Returns whether a SIGUSR1 was sent."""
+        if event.get("event") != "ready":
+            return False
+        for p in self.processes:
+            if p.rank == rank:
+                p.ready = True
+                return self.checkpoint_requested and self._signal_checkpoint(p)
+        return False
+
+    def request_checkpoint(self) -> int:
+        """A checkpoint request (idempotent while it lasts): SIGUSR1 to every ready process not
+        yet signalled for it; processes that become ready later get it from `note_event`.
+        Returns how many were signalled now. The runtime's per-step all-reduce spreads a request
+        that reached one rank to all, so a partly delivered request is still a full one."""
+        self.checkpoint_requested = True
+        self.poll()
+        return sum(self._signal_checkpoint(p) for p in self.processes)
+
+    def end_checkpoint_request(self) -> None:
+        """The request is over; the next one signals every ready process again."""
+        self.checkpoint_requested = False
+        for p in self.processes:
+            p.checkpoint_signalled = False
+
+    def not_ready(self) -> list[int]:
+        """Ranks still running that have not said they are ready (for logs)."""
+        return [p.rank for p in self.processes if p.running and not p.ready]
+
+    def _signal_checkpoint(self, p: ManagedProcess) -> bool:
+        if not (p.running and p.ready) or p.checkpoint_signalled:
+            return False
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return False  # exited between poll and kill; the next poll records it
+        p.checkpoint_signalled = True
+        log.info("job %s g%d: checkpoint request, SIGUSR1 to rank %d pid %d", self.spec.job_id,
+                 self.spec.generation, p.rank, p.pid)
+        return True
 
     @property
     def running(self) -> bool:

@@ -2,14 +2,16 @@
 
 Layout under the checkpoint URI::
 
-    data/step-0000000120-g3/      DCP files of step 120 written by generation 3 (every rank)
-    manifests/step-0000000120.json  the commit: rank 0 writes it create-only, last
-    generations/g-0000000003      fence markers: one per generation that started
+    data/step-0000000120-g3/                   DCP files of step 120 written by generation 3
+    manifests/step-0000000120-g0000000003.json the commit: rank 0 writes it create-only, last
+    generations/g-0000000004                   fence markers: one per generation that started
 
-A checkpoint without a manifest does not exist. The manifest lists every data file with its size,
-so a torn checkpoint (a shard missing or truncated) is never restored. A manifest is written
-create-only, so a step is committed once; and not at all by a generation older than the newest
-fence marker (a stale process that wakes up after the job has moved on).
+A checkpoint without a visible manifest does not exist. The manifest lists every data file with
+its size, so a torn checkpoint (a shard missing or truncated) is never restored. A manifest is
+written create-only and its key carries the generation (the fencing token): whether it is
+visible is decided by the fence markers alone, by a rule that no pause, partition or crash of
+the committer can get around (see `spotwise.worker.runtime.fencing`, whose docstring gives the argument).
+Storage, not the daemon, decides the restore point: the newest visible valid commit.
 
 An asynchronous save is two futures, as in torchtitan: staging (a copy of the state into CPU
 memory, which blocks training briefly) and upload (run by DCP in a background process or thread).
@@ -35,14 +37,23 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+from spotwise.worker.runtime.commits import Commits
 from spotwise.worker.runtime.dcp_reader import LocalReader, RemoteReader
 from spotwise.worker.runtime.dcp_safety import refusal_in
+from spotwise.worker.runtime.fencing import (
+    FenceError,
+    list_manifests,
+    manifest_name,
+    newest_generation,
+    read_fences,
+    visible,
+    write_fence,
+)
 from spotwise.worker.runtime.manifest import (
     CheckpointError,
-    CheckpointMissing,
     Manifest,
     data_dir_name,
-    step_name,
+    describe,
 )
 from spotwise.worker.runtime.storage import (
     AlreadyExists,
@@ -117,6 +128,7 @@ class Checkpointer:
         device: torch.device,
         on_commit: Callable[[Manifest], None] | None = None,
         on_fenced: Callable[[int, str], None] | None = None,
+        on_failed: Callable[[int, str], None] | None = None,
     ) -> None:
         self.config = config
         self.loc: StorageURI = parse_uri(config.uri)
@@ -126,7 +138,8 @@ class Checkpointer:
         self.device = device
         self.on_commit = on_commit
         self.on_fenced = on_fenced
-        self.fs = filesystem(self.loc)
+        self.on_failed = on_failed
+        self.commits = Commits(filesystem(self.loc), self.loc)
         self._pending: _Pending | None = None
         self._reniced = config.writer_nice == 0 or config.async_mode != "process"
         self._stager: DefaultStager | None = None
@@ -142,10 +155,19 @@ class Checkpointer:
             # interleaving with the training loop's on the default group.
             self._pg = dist.new_group(backend="gloo")
 
+    @property
+    def fs(self):
+        """The checkpoint location's filesystem (shared with `commits`)."""
+        return self.commits.fs
+
+    @fs.setter
+    def fs(self, fs) -> None:  # tests wrap it to pause or fail storage calls
+        self.commits.fs = fs
+
     # ----- paths
 
     def _manifest_path(self, step: int) -> str:
-        return self.loc.join("manifests", f"{step_name(step)}.json")
+        return self.loc.join("manifests", manifest_name(step, self.generation))
 
     def _data_dir(self, step: int) -> str:
         return data_dir_name(step, self.generation)
@@ -284,12 +306,26 @@ class Checkpointer:
         assert pending is not None
         try:
             pending.upload.result(timeout=self.config.upload_timeout_s)
+        except TimeoutError:
+            self._failed(pending.step, f"upload timed out after {self.config.upload_timeout_s:g}s")
+            return None
         except (Exception, CheckpointException) as exc:  # any failure: the step is not committed
-            log.error("checkpoint step %d failed to upload, not committed: %s", pending.step, describe(exc))
+            self._failed(pending.step, f"upload failed: {describe(exc)}")
             return None
         if self.rank != 0:
             return None
-        return self._commit(pending)
+        try:
+            return self._commit(pending)
+        except (OSError, StorageError, FenceError) as exc:
+            # Storage refused the commit (S3 503s past botocore's retries, a partition): the
+            # step stays uncommitted and training goes on from the last commit.
+            self._failed(pending.step, f"commit failed: {describe(exc)}")
+            return None
+
+    def _failed(self, step: int, reason: str) -> None:
+        log.error("checkpoint step %d not committed: %s", step, reason)
+        if self.on_failed:
+            self.on_failed(step, reason)
 
     def _commit(self, p: _Pending) -> Manifest | None:
         """Rank 0: write the manifest (create-only) once every rank's data is written.
@@ -305,9 +341,9 @@ class Checkpointer:
                 self.on_fenced(p.step, reason)
             return None
         data_path = self.loc.join(p.data)
-        files = self._list_files(data_path)
+        files = self.commits.list_files(data_path)
         if ".metadata" not in files:
-            log.error("checkpoint step %d has no .metadata after upload; not committed", p.step)
+            self._failed(p.step, "no .metadata after the upload")
             return None
         manifest = Manifest(
             step=p.step,
@@ -327,6 +363,17 @@ class Checkpointer:
             if self.on_fenced:
                 self.on_fenced(p.step, f"step {p.step} is already committed")
             return None
+        # The manifest is written; whether it counts was decided by the fences (see fencing).
+        # This check only chooses what to report, and may be optimistic: a fence writer may be
+        # between its listing and its write. The restored event is the authority.
+        fences = read_fences(self.fs, self.loc, above=self.generation)
+        if not visible(p.step, self.generation, fences):
+            newer = max(f.generation for f in fences)
+            reason = f"generation {newer} was fenced before this commit landed; it is not visible"
+            log.warning("checkpoint step %d refused: %s", p.step, reason)
+            if self.on_fenced:
+                self.on_fenced(p.step, reason)
+            return None
         self.last_committed = manifest
         log.info("committed checkpoint step %d (%d bytes, %.2fs)", p.step, manifest.bytes, manifest.save_seconds)
         if self.on_commit:
@@ -337,32 +384,26 @@ class Checkpointer:
     def _newest_fence(self) -> int:
         return newest_generation(self.fs, self.loc)
 
-    def _list_files(self, data_path: str) -> dict[str, int]:
-        self.fs.invalidate_cache(data_path)
-        try:
-            entries = self.fs.ls(data_path, detail=True)
-        except FileNotFoundError:
-            return {}
-        return {
-            os.path.basename(e["name"].rstrip("/")): int(e["size"])
-            for e in entries
-            if e.get("type") == "file"
-        }
-
     def _prune(self) -> None:
         """Delete committed checkpoints beyond the newest `keep`, and abandoned data below them."""
         try:
             if self._newest_fence() > self.generation:
                 return  # the job moved on; what to keep is the newer generation's business
-            committed = self.committed()
-            for m in committed[: -self.config.keep]:
+            listed = self.commits.visible_manifests()
+            committed = [m for _path, m in listed]
+            for path, m in listed[: -self.config.keep]:
                 # Manifest first: from then on the data is no checkpoint, whatever remains of it.
-                self.fs.rm(self._manifest_path(m.step))
+                self.fs.rm(path)
                 self.fs.rm(self.loc.join(m.data), recursive=True)
             if not committed:
                 return
             kept = {m.data for m in committed[-self.config.keep :]}
             oldest_kept = committed[-self.config.keep :][0].step
+            visible_paths = {path for path, _m in listed}
+            for path, step, _gen in list_manifests(self.fs, self.loc):
+                # Fenced manifests (never visible) below the kept ones: garbage.
+                if path not in visible_paths and step < oldest_kept:
+                    self.fs.rm(path)
             data_root = self.loc.join("data")
             self.fs.invalidate_cache(data_root)
             for path in self.fs.ls(data_root, detail=False):
@@ -370,83 +411,26 @@ class Checkpointer:
                 step = _parse_step(name)
                 if name not in kept and step is not None and step < oldest_kept:
                     self.fs.rm(path, recursive=True)
-        except (OSError, StorageError, CheckpointError) as exc:
+        except (OSError, StorageError, CheckpointError, FenceError) as exc:
             # Pruning is housekeeping; a failure leaves extra files, never a broken checkpoint.
             log.warning("pruning old checkpoints failed: %s", exc)
 
-    # ----- restoring
+    # ----- restoring (storage decides: see spotwise.worker.runtime.commits)
 
     def committed(self) -> list[Manifest]:
-        """Committed checkpoints, oldest first. Unreadable manifests are skipped with a warning."""
-        path = self.loc.join("manifests")
-        self.fs.invalidate_cache(path)
-        try:
-            names = sorted(self.fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            try:
-                out.append(self.read_manifest(name))
-            except CheckpointError as exc:
-                log.warning("ignoring checkpoint: %s", exc)
-        return sorted(out, key=lambda m: m.step)
+        """See Commits.committed."""
+        return self.commits.committed()
 
     def read_manifest(self, path: str) -> Manifest:
-        try:
-            raw = self.fs.cat_file(path)
-        except FileNotFoundError as exc:
-            raise CheckpointMissing(f"no manifest at {self.loc.url(path)}") from exc
-        m = Manifest.from_json(raw, where=self.loc.url(path))
-        if os.path.basename(path) != f"{step_name(m.step)}.json":
-            raise CheckpointError(f"manifest {self.loc.url(path)} holds step {m.step}, not the step its name says")
-        return m
+        return self.commits.read_manifest(path)
 
     def validate(self, m: Manifest) -> None:
-        """Raise CheckpointError unless every data file is there at its committed size."""
-        have = self._list_files(self.loc.join(m.data))
-        for name, size in m.files.items():
-            if name not in have:
-                raise CheckpointError(f"checkpoint step {m.step} is torn: {m.data}/{name} is missing")
-            if have[name] != size:
-                raise CheckpointError(
-                    f"checkpoint step {m.step} is torn: {m.data}/{name} is {have[name]} bytes, "
-                    f"the manifest says {size}"
-                )
+        """See Commits.validate."""
+        self.commits.validate(m)
 
     def choose(self, step: int | None) -> Manifest | None:
-        """The checkpoint to restore: the newest valid at or after `step` (an error if there is
-        none and `step` itself is unusable), or with no step the newest valid."""
-        if step is not None:
-            if step < 0:
-                return None
-            # The daemon names the newest commit it heard of. A newer one may exist: its report
-            # died with its node, or the generation being replaced committed (and pruned) after
-            # the daemon chose. Storage decides what is committed, so the newest valid commit at
-            # or after the requested step is restored; an older one or none would silently
-            # repeat or lose work, so a requested step that is unusable stays an error.
-            for newer in reversed(self.committed()):
-                if newer.step <= step:
-                    break
-                try:
-                    self.validate(newer)
-                except CheckpointError as exc:
-                    log.warning("skipping %s", exc)
-                    continue
-                log.warning("restoring the committed step %d, newer than the requested %d", newer.step, step)
-                return newer
-            m = self.read_manifest(self._manifest_path(step))
-            self.validate(m)
-            return m
-        for m in reversed(self.committed()):
-            try:
-                self.validate(m)
-                return m
-            except CheckpointError as exc:
-                log.warning("skipping %s", exc)
-        return None
+        """See Commits.choose."""
+        return self.commits.choose(step)
 
     def load(self, state: dict[str, Any], manifest: Manifest) -> None:
         """Load `manifest`'s data into `state` in place (collective); DCP reshards as needed."""
@@ -483,39 +467,6 @@ class Checkpointer:
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
-
-
-def describe(exc: BaseException | tuple) -> str:
-    """One line for a (DCP) failure: each failing rank's exception type and first line."""
-    if isinstance(exc, tuple):  # DCP keeps (exception, traceback frames) per rank
-        exc = exc[0]
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        return "; ".join(f"rank {r}: {describe(e)}" for r, e in sorted(failures.items()))
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"
-
-
-def write_fence(fs, loc: StorageURI, generation: int) -> None:
-    """Mark that `generation` started at this location (idempotent): from then on no older
-    generation may commit or prune there."""
-    fs.makedirs(loc.join("generations"), exist_ok=True)
-    try:
-        write_create_only(fs, loc.join("generations", f"g-{generation:010d}"), b"")
-    except AlreadyExists:
-        pass  # written already (by the agent, or by a restarted process of this generation)
-
-
-def newest_generation(fs, loc: StorageURI) -> int:
-    """The newest generation that started on this checkpoint location (-1 if none)."""
-    path = loc.join("generations")
-    fs.invalidate_cache(path)
-    try:
-        names = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return -1
-    gens = [int(n[2:]) for n in names if n.startswith("g-") and n[2:].isdigit()]
-    return max(gens, default=-1)
 
 
 def _parse_step(name: str) -> int | None:

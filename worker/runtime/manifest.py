@@ -91,3 +91,14 @@ def data_dir_name(step: int, generation: int) -> str:
 
 def _plain_file_name(name: object) -> bool:
     return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def describe(exc: BaseException | tuple) -> str:
+    """One line for a (DCP) failure: each failing rank's exception type and first line."""
+    if isinstance(exc, tuple):  # DCP keeps (exception, traceback frames) per rank
+        exc = exc[0]
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {r}: {describe(e)}" for r, e in sorted(failures.items()))
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"

@@ -172,10 +172,15 @@ class Runtime:
                 device=self.device,
                 on_commit=self._on_commit,
                 on_fenced=self._on_fenced,
+                on_failed=self._on_checkpoint_failed,
             )
         self._commit_listeners: list[Callable[[int], None]] = []
         self._step_listeners: list[Callable[[int, float], None]] = []
-        self._install_signal_handlers()
+        # SIGTERM keeps its default action until here: a process still joining the group
+        # (a C++ wait that defers Python handlers) must die at once when its agent stops it.
+        # SIGUSR1 would kill it too, so the agent sends one only after this `ready` event.
+        if self._install_signal_handlers():
+            self.events.emit("ready", rank=self.rank)
 
     @property
     def run_id(self) -> str:
@@ -246,7 +251,10 @@ class Runtime:
         dist.broadcast_object_list(gen, src=0)
         return int(gen[0])
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> bool:
+        """SIGUSR1 (checkpoint) and SIGTERM (checkpoint, then exit 143) set flags that the next
+        step boundary acts on. Returns False when they cannot be installed (not the main thread)."""
+
         def on_signal(signum: int, _frame: Any) -> None:
             if signum == signal.SIGTERM:
                 self._flags.stop = True
@@ -257,6 +265,8 @@ class Runtime:
             signal.signal(signal.SIGTERM, on_signal)
         except ValueError:
             log.warning("not in the main thread: SIGTERM/SIGUSR1 checkpoints disabled")
+            return False
+        return True
 
     # ----- model
 
@@ -320,7 +330,13 @@ class Runtime:
             self.restored_from = manifest
         self._last_progress = (time.monotonic(), self.step)
         if self.rank == 0:
-            self.events.emit("restored", step=self.step, world_size=self.world_size)
+            # Storage chose the restore point (see spotwise.worker.runtime.commits); this report is
+            # where the generation really starts: the daemon counts lost steps from it.
+            self.events.emit(
+                "restored", step=self.step, world_size=self.world_size,
+                requested=self.config.restore_step,
+                from_generation=manifest.generation if manifest is not None else None,
+            )
             if self.ledger:
                 self.ledger.restored(generation=self.generation, step=self.step)
         log.info(
@@ -443,6 +459,9 @@ class Runtime:
 
     def _on_fenced(self, step: int, reason: str) -> None:
         self.events.emit("fenced", step=step, reason=reason)
+
+    def _on_checkpoint_failed(self, step: int, reason: str) -> None:
+        self.events.emit("checkpoint_failed", step=step, reason=reason)
 
     def finish(self) -> None:
         """Training is done: save and commit the final step, report, leave the group."""

@@ -7,6 +7,7 @@ ones it is tested on. S3 endpoints and credentials come from the standard AWS se
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import fsspec
@@ -61,9 +62,14 @@ def check_reachable(fs: fsspec.AbstractFileSystem, loc: StorageURI) -> None:
 def write_create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write an object that must not exist yet; raises AlreadyExists if it does.
 
-    Local files use O_EXCL; S3 uses a conditional PUT (If-None-Match: *), so two writers racing
-    for the same key cannot both succeed.
+    S3 uses a conditional PUT (If-None-Match: *), so two writers racing for the same key cannot
+    both succeed, and the object appears whole. Local files are written aside, then hard-linked
+    into place (link fails if the name exists): a reader never sees a partial file under the
+    name, which the fencing rule relies on (a listed manifest is a complete one).
     """
+    if _is_local(fs):
+        _write_local_create_only(path, data)
+        return
     try:
         with fs.open(path, "xb") as f:
             f.write(data)
@@ -74,3 +80,26 @@ def write_create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
         if "PreconditionFailed" in str(exc) or "412" in str(exc):
             raise AlreadyExists(f"{path} already exists") from exc
         raise
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = getattr(fs, "protocol", ())
+    return "file" in (protocol if isinstance(protocol, tuple | list) else (protocol,))
+
+
+def _write_local_create_only(path: str, data: bytes) -> None:
+    if os.path.exists(path):  # cheap early answer; os.link below is the real test
+        raise AlreadyExists(f"{path} already exists")
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError as exc:
+            raise AlreadyExists(f"{path} already exists") from exc
+    finally:
+        os.unlink(tmp)

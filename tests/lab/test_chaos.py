@@ -1,0 +1,21 @@
+"""The short seeded chaos soak (bench/chaos.py with one fault of each kind): the job, elastic
+between 2 and 3 hosts, ends SUCCEEDED with no invariant violated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.chaos import run
+from spotwise.cloud.chaos import KINDS
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_seeded_soak_violates_nothing(tmp_path: Path) -> None:
+    report = run(seed=11, faults=len(KINDS), steps=150, workers=3, work=tmp_path)
+    assert report["faults_applied"] == len(KINDS)
+    assert set(report["faults_by_kind"]) == set(KINDS)
+    assert len(report["invariants_checked"]) == 7
+    assert report["violations"] == [], report
