@@ -22,9 +22,7 @@ The rendezvous store is explained in `spotwise.worker.agent.store_host`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,20 +32,18 @@ from grpc import aio
 
 from spotwise.common.credentials import channel_security
 from spotwise.common.exporter import MetricsExporter, start_exporter
-from spotwise.common.sdnotify import Notifier, NotifyError, child_environment, start_watchdog
+from spotwise.common.sdnotify import Notifier, NotifyError, start_watchdog
 from spotwise.config import AgentConfig
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 from spotwise.worker.agent import orphans
 from spotwise.worker.agent.backoff import Backoff
+from spotwise.worker.agent.generations import Generations
 from spotwise.worker.agent.job_isolation import resolve_run_as
-from spotwise.worker.agent.launch import fence_assignment, launch_spec, start_failed
-from spotwise.worker.agent.metrics import AgentMetrics, exit_outcome
+from spotwise.worker.agent.metrics import AgentMetrics
 from spotwise.worker.agent.notices import identity_from_imds, notice_loop
-from spotwise.worker.agent.reports import Reporter, ReportQueue, forwarded
+from spotwise.worker.agent.reports import Reporter, ReportQueue
 from spotwise.worker.agent.scoped_credentials import (
     job_credential_issuer,
-    refresh_loop,
-    storage_env_for,
 )
 from spotwise.worker.agent.session import (
     CHANNEL_OPTIONS,
@@ -59,15 +55,11 @@ from spotwise.worker.agent.session import (
     is_transient,
     register_request,
 )
-from spotwise.worker.agent.store_host import StoreHost, stamp_of, wait_for_stamp
+from spotwise.worker.agent.store_host import StoreHost, stamp_of
 from spotwise.worker.agent.supervisor import (
-    LaunchSpec,
     Supervisor,
-    SupervisorError,
-    generation_dir,
 )
 from spotwise.worker.runtime.events import EventsTail
-from spotwise.worker.runtime.job_facts import append_fact, fact_from_assignment, facts_path
 
 log = logging.getLogger("spotwise.worker.agent")
 
@@ -77,7 +69,7 @@ class AgentError(RuntimeError):
     """The agent cannot go on (the daemon refused it, or it was unreachable for too long)."""
 
 
-class Agent:
+class Agent(Generations):
     """One node agent. `run()` until `request_stop()` or a fatal error."""
 
     def __init__(self, config: AgentConfig, *, max_disconnect_s: float = 600.0,
@@ -217,10 +209,6 @@ class Agent:
         self._fatal = task.exception()
         self.request_stop()
 
-    def _save_pids(self) -> None:
-        orphans.save_pids(self.pid_file, (p.pid for s in (self.current, *self._stopping)
-                                          if s is not None for p in s.processes if p.running))
-
     def _on_notice(self, n: Any) -> None:
         job_id, generation = self._desired_key or ("", 0)
         log.warning("agent %s: interruption notice %s (deadline %s) for job %s g%d",
@@ -231,16 +219,6 @@ class Agent:
             interruption_notice=agent_pb2.InterruptionNotice(action=n.action,
                                                              deadline=n.deadline)))
         self._reports_ready.set()
-
-    async def _stop_all(self) -> None:
-        sups = [s for s in (self.current, *self._stopping) if s is not None]
-        await asyncio.gather(*(s.stop(self.config.grace_s) for s in sups))
-        for s in sups:
-            self._collect(s)
-        self.current = None
-        self._save_pids()
-
-    # ---- daemon calls ---------------------------------------------------------------------
 
     def _register_request(self) -> agent_pb2.RegisterRequest:
         return register_request(self.config, self.credential,
@@ -386,151 +364,6 @@ class Agent:
             self._checkpoint_signalled = None  # the request is over; the next one signals again
             if cur is not None:
                 cur.end_checkpoint_request()
-
-    async def _storage_env(self, spec: LaunchSpec) -> dict[str, str] | None:
-        folder = generation_dir(self.log_dir, spec.job_id, spec.generation) / "aws"
-        return await storage_env_for(self._issuer, spec, folder=folder,
-                                     gid=self._run_as.gid if self._run_as else None,
-                                     timeout_s=6 * self.config.rpc_timeout_s)
-
-    async def _refresh_credentials_loop(self) -> None:
-        await refresh_loop(self._issuer, stopped=self._stop.is_set, sleep=self._sleep)
-
-    async def _reset_store(self, stamp: str) -> None:
-        async with self._store_lock:
-            if self._store_stamp == stamp and self.store is not None:
-                await asyncio.to_thread(self.store.reset, stamp)
-
-    async def _reconcile_loop(self) -> None:
-        """Make the running generation the desired one; stopping takes up to the grace period,
-        so this runs beside the heartbeat loop, which keeps the lease meanwhile."""
-        while not self._stop.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            cur = self.current
-            cur_key = (cur.spec.job_id, cur.spec.generation) if cur else None
-            if cur_key == self._desired_key:
-                continue
-            desired = self._desired
-            fenced = desired is not None and await fence_assignment(desired, timeout_s=2 * self.config.rpc_timeout_s)
-            if cur is not None:
-                self.current = None
-                self._start_failed = []
-                self._stopping.append(cur)
-                # A generation that a newer one of its job replaced cannot commit anything any
-                # more (the fence marker is written), so a long grace buys no checkpoint; it
-                # only delays recovery when a process hangs in a collective with a lost peer.
-                grace = self.config.grace_s
-                if fenced and desired.job_id == cur.spec.job_id:
-                    grace = min(grace, self.switch_grace_s)
-                # If this task is cancelled mid-stop, `cur` stays in _stopping and run()'s
-                # shutdown stops it again (stop is idempotent).
-                await cur.stop(grace)
-                if self._issuer is not None:
-                    self._issuer.forget(cur.spec.job_id, cur.spec.generation)
-                self._stopping.remove(cur)
-                self._collect(cur)
-                self._save_pids()
-            desired = self._desired
-            if desired is None or (desired.job_id, desired.generation) != self._desired_key:
-                self._wake.set()  # changed again while stopping: look again
-                continue
-            await self._start(desired)
-
-    async def _start(self, a: agent_pb2.Assignment) -> None:
-        try:
-            # Every process of the generation binds the address its peers reach this node on.
-            spec = dataclasses.replace(launch_spec(a), address=self.config.address)
-        except ValueError as e:
-            log.error("agent %s: bad assignment for job %s g%d: %s", self.node_id, a.job_id,
-                      a.generation, e)
-            return
-        if self._store_reset is not None:
-            await self._store_reset  # this node's store is fresh for the new generation
-        if spec.node_rank != 0:
-            stamp = stamp_of(spec.job_id, spec.generation)
-            ok = await asyncio.to_thread(wait_for_stamp, spec.master_addr, spec.master_port,
-                                         stamp, timeout_s=30.0)
-            if (a.job_id, a.generation) != self._desired_key:
-                self._wake.set()
-                return
-            if not ok:
-                log.warning("agent %s: job %s g%d: store %s:%d has no stamp %s after 30s; "
-                            "starting anyway", self.node_id, spec.job_id, spec.generation,
-                            spec.master_addr, spec.master_port, stamp)
-        # The job's figures for the processes' experiment tracker (the runtime never asks the
-        # daemon): what the daemon said when this generation started.
-        try:
-            append_fact(facts_path(self.log_dir / spec.job_id), fact_from_assignment(a, time.time()))
-        except OSError as e:
-            log.warning("agent %s: job %s g%d: cannot write the job facts: %s", self.node_id,
-                        spec.job_id, spec.generation, e)
-        try:
-            storage_env, failure = await self._storage_env(spec), None
-        except ValueError as e:  # ScopeError, or STS refused: the job would have no storage
-            storage_env, failure = None, f"no storage credentials: {e}"
-        # Training processes must not inherit systemd's notify socket or watchdog (nor, in
-        # job_environment, any credential of the agent's).
-        sup = Supervisor(spec, log_dir=self.log_dir, base_env=child_environment(os.environ),
-                         run_as=self._run_as, storage_env=storage_env)
-        self.current = sup
-        try:
-            if failure is not None:
-                raise SupervisorError(failure)
-            sup.start()
-        except SupervisorError as e:
-            log.error("agent %s: job %s g%d: %s", self.node_id, spec.job_id, spec.generation, e)
-            self._start_failed = start_failed(spec)
-            for st in self._start_failed:
-                self._queue(spec, agent_pb2.ReportEventRequest(
-                    time=time.time(), process_exited=agent_pb2.ProcessExited(
-                        local_rank=st.local_rank, rank=st.rank, exit_code=st.exit_code)))
-            return
-        for p in sup.processes:
-            self._tails[p.events_path] = EventsTail(p.events_path)
-        self.metrics.generation.set(spec.generation)
-        self._save_pids()
-
-    # ---- watching processes ---------------------------------------------------------------
-
-    async def _watch_loop(self) -> None:
-        while not self._stop.is_set():
-            for sup in [s for s in (self.current, *self._stopping) if s is not None]:
-                self._collect(sup, final=False)
-            await self._sleep(self.poll_interval_s)
-
-    def _collect(self, sup: Supervisor, *, final: bool = True) -> None:
-        """Forward new events and exits of `sup`'s processes; `final` forgets their files."""
-        for p in sup.processes:
-            tail = self._tails.get(p.events_path)
-            if tail is None:
-                continue
-            for event in tail.read():
-                self._on_event(sup, p.rank, event)
-            if final:
-                del self._tails[p.events_path]
-        for p in sup.take_exits():
-            self.metrics.process_exits.labels(exit_outcome(p.exit_code)).inc()
-            # Read the events written just before the exit first, so a commit precedes it.
-            self._queue(sup.spec, agent_pb2.ReportEventRequest(
-                time=time.time(), process_exited=agent_pb2.ProcessExited(
-                    local_rank=p.local_rank, rank=p.rank, exit_code=p.exit_code)))
-
-    def _on_event(self, sup: Supervisor, rank: int, event: dict[str, Any]) -> None:
-        sup.note_event(rank, event)  # a `ready` runtime may now get a pending checkpoint request
-        req = forwarded(self.node_id, sup.spec, rank, event, self.metrics)
-        if req is not None:
-            self._queue(sup.spec, req)
-
-    # ---- reports --------------------------------------------------------------------------
-
-    def _queue(self, spec: LaunchSpec, req: agent_pb2.ReportEventRequest) -> None:
-        req.job_id, req.generation = spec.job_id, spec.generation
-        self._reports.add(req)
-        self._reports_ready.set()
-
 
 def _key_str(key: tuple[str, int] | None) -> str:
     return f"{key[0]} g{key[1]}" if key else "nothing"
