@@ -66,5 +66,10 @@ class Provider(abc.ABC):
     def list_nodes(self) -> list[ProviderNode]:
         """Every live node this provider started (found again by tag after a daemon restart)."""
 
+    def node_price(self, handle: str) -> float | None:
+        """USD per hour of a node this provider runs, when the provider itself sets it (its
+        own config, not the node's word); None: the daemon's price book prices it."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
         """Release what the provider holds (not the nodes)."""

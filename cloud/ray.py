@@ -259,6 +259,10 @@ class RayProvider(Provider):
 
     # ---- the provider interface -----------------------------------------------------------
 
+    def node_price(self, handle: str) -> float | None:
+        """`[daemon.ray] price_per_hour` (0: the price table for the node's instance type)."""
+        return self.config.price_per_hour or None
+
     def list_nodes(self) -> list[ProviderNode]:
         import ray
 

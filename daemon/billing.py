@@ -24,7 +24,13 @@ from spotwise.daemon.budget import (
 )
 from spotwise.daemon.model import JobState, NodeState, SetJobState
 from spotwise.daemon.outbox import Outbox
-from spotwise.daemon.prices import NodePricer, Quote, combined_source
+from spotwise.daemon.prices import (
+    OVERRIDE_SOURCE,
+    PROVIDER_SOURCE,
+    NodePricer,
+    Quote,
+    combined_source,
+)
 from spotwise.daemon.state import JobRecord, NodeRecord, State
 from spotwise.daemon.store import NodeRow
 from spotwise.proto.v1 import jobs_pb2
@@ -40,7 +46,10 @@ class Billing:
 
     def __init__(self, state: State, outbox: Outbox, *, pricer: NodePricer,
                  accounting_interval_s: float, default_instance_types: tuple[str, ...],
-                 metrics: Metrics | None, clock: Callable[[], float]) -> None:
+                 metrics: Metrics | None, clock: Callable[[], float],
+                 provider_price: Callable[[str], float | None] | None = None) -> None:
+        """`provider_price(handle)`: what the provider that launched a node says it costs
+        (its own config), before the price book."""
         self.state = state
         self.outbox = outbox
         self.pricer = pricer
@@ -48,6 +57,7 @@ class Billing:
         self.default_instance_types = default_instance_types
         self.metrics = metrics
         self.clock = clock
+        self.provider_price = provider_price
         self.ledgers: dict[str, Ledger] = {}
 
     def billed_nodes(self, job: JobRecord) -> list[NodeRecord]:
@@ -85,8 +95,14 @@ class Billing:
         return ledger
 
     def quote(self, row: NodeRow) -> Quote:
+        """The node's price: its agent's (stored only when agent prices are trusted), else its
+        provider's, else the price book's."""
+        override, source = row.price_per_hour, OVERRIDE_SOURCE
+        if not override and self.provider_price is not None and row.provider_node:
+            override, source = self.provider_price(row.provider_node) or 0.0, PROVIDER_SOURCE
         return self.pricer.quote(instance_type=row.instance_type, zone=row.zone,
-                                 lifecycle=row.lifecycle, override_usd_per_hour=row.price_per_hour)
+                                 lifecycle=row.lifecycle, override_usd_per_hour=override,
+                                 override_source=source)
 
     def budget_job(self, job: JobRecord) -> BudgetJob:
         """What the budget policy knows of a job: its remaining samples come from the spec's

@@ -65,6 +65,7 @@ class Coordinator:
         pricer: NodePricer | None = None,
         default_instance_types: tuple[str, ...] = (),
         agent_prices: bool = False,
+        provider_price: Callable[[str], float | None] | None = None,
         autocommit: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -86,7 +87,7 @@ class Coordinator:
         self.billing = Billing(self.state, self.outbox, pricer=pricer or NodePricer(clock=clock),
                                accounting_interval_s=accounting_interval_s,
                                default_instance_types=tuple(default_instance_types),
-                               metrics=metrics, clock=clock)
+                               metrics=metrics, clock=clock, provider_price=provider_price)
         self.executor = Executor(self.state, self.outbox, billing=self.billing, metrics=metrics,
                                  max_progress_events=max_progress_events)
         self.assignments = AssignmentCache()

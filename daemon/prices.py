@@ -28,6 +28,7 @@ from spotwise.daemon.budget import NodePrice
 log = logging.getLogger(__name__)
 
 OVERRIDE_SOURCE = "agent price_per_hour"
+PROVIDER_SOURCE = "provider price_per_hour"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,7 @@ def quote_node(
     *,
     instance_type: str,
     override_usd_per_hour: float,
+    override_source: str = OVERRIDE_SOURCE,
     market_price: Price | None,
     on_demand_price: Price | None,
     now: float,
@@ -72,7 +74,7 @@ def quote_node(
     """
     on_demand = on_demand_price.usd_per_hour if on_demand_price is not None else None
     if override_usd_per_hour > 0:
-        usd, source = override_usd_per_hour, OVERRIDE_SOURCE
+        usd, source = override_usd_per_hour, override_source
     elif market_price is not None:
         usd, source = market_price.usd_per_hour, describe_source(market_price, now)
     else:
@@ -138,14 +140,16 @@ class NodePricer:
                      source=self.offline.source)
 
     def quote(self, *, instance_type: str, zone: str, lifecycle: str,
-              override_usd_per_hour: float = 0.0) -> Quote:
+              override_usd_per_hour: float = 0.0, override_source: str = OVERRIDE_SOURCE
+              ) -> Quote:
         """What a node with these properties is charged now."""
         market = market_of(lifecycle)
         on_demand = self._known(instance_type, "on-demand", "")
         market_price = on_demand if market == "on-demand" else (
             None if override_usd_per_hour > 0 else self._known(instance_type, "spot", zone))
         return quote_node(instance_type=instance_type, override_usd_per_hour=override_usd_per_hour,
-                          market_price=market_price, on_demand_price=on_demand, now=self.clock())
+                          override_source=override_source, market_price=market_price,
+                          on_demand_price=on_demand, now=self.clock())
 
     def type_price(self, instance_type: str, market: str) -> float | None:
         """A type's hourly price in a job's market ("spot-with-fallback" counts as spot), for

@@ -235,6 +235,7 @@ class Daemon:
             pricer=make_pricer(config),
             default_instance_types=tuple(config.ec2.instance_types) if config.provider == "ec2" else (),
             agent_prices=config.agent_prices,
+            provider_price=self.provider.node_price if self.provider is not None else None,
             autocommit=False,
             clock=self._clock,
         )

@@ -467,3 +467,26 @@ def test_a_spec_without_types_gets_the_providers_defaults_ranked(tmp_path: Path)
     job = coord.submit(spec().to_proto())
     assert coord.instance_types_for(job) == ("g4dn.xlarge", "g5.xlarge")
     assert make(tmp_path / "x", Clock()).instance_types_for(job) == ()
+
+
+def test_a_node_is_priced_by_its_provider_or_the_book_never_by_its_own_word(tmp_path: Path) -> None:
+    clock = Clock()
+    policy = Policy(lease_s=1e9, settle_s=0.5, settle_max_s=1.5, grow_checkpoint_timeout_s=0)
+    coord = Coordinator(Store(tmp_path / "db"), policy=policy, heartbeat_interval_s=0.5,
+                        accounting_interval_s=10.0, clock=clock,
+                        provider_price=lambda handle: 2.0 if handle == "local-1" else None)
+    job = coord.submit(spec(nodes={"min": 2, "max": 2}).to_proto())
+    launched = coord.register(agent_pb2.RegisterRequest(
+        address="10.0.0.1", store_port=7000, slots=1, provider_node="local-1",
+        instance_type="g4dn.xlarge", price_per_hour=99.0)).node_id
+    stranger = coord.register(agent_pb2.RegisterRequest(
+        address="10.0.0.2", store_port=7000, slots=1, instance_type="g4dn.xlarge",
+        zone="us-east-1a", price_per_hour=0.01)).node_id  # says it is nearly free
+    clock.now += 1
+    coord.tick()
+    assert sorted(job.members) == sorted([launched, stranger])
+    assert coord.nodes[launched].row.price_per_hour == 0.0  # the agent's word is not stored
+    report = coord.cost_report(job)
+    assert report.rate_usd_per_hour == pytest.approx(2.0 + G4_SPOT)
+    assert "provider price_per_hour" in report.price_source
+    assert OFFLINE.source in report.price_source and "agent price_per_hour" not in report.price_source
