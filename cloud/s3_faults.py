@@ -128,7 +128,8 @@ class FaultProxy:
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":  # a HEAD answer has no body (S3's has none either)
+                    self.wfile.write(body)
 
             def _any(self) -> None:
                 if self.path.startswith(CONTROL_PATH):

@@ -14,7 +14,12 @@ from __future__ import annotations
 import logging
 import os
 
-from spotwise.worker.runtime.fencing import list_manifests, read_fences, visible
+from spotwise.worker.runtime.fencing import (
+    list_manifests,
+    parse_manifest_name,
+    read_fences,
+    visible,
+)
 from spotwise.worker.runtime.manifest import CheckpointError, CheckpointMissing, Manifest
 from spotwise.worker.runtime.storage import StorageURI
 
@@ -67,10 +72,6 @@ class Commits:
             except CheckpointError as exc:
                 log.warning("ignoring checkpoint: %s", exc)
                 continue
-            if m.step != step or (gen is not None and m.generation != gen):
-                log.warning("ignoring checkpoint: manifest %s holds step %d of generation %d",
-                            self.loc.url(path), m.step, m.generation)
-                continue
             out.append((path, m))
         return sorted(out, key=lambda pm: (pm[1].step, pm[1].generation))
 
@@ -79,7 +80,12 @@ class Commits:
             raw = self.fs.cat_file(path)
         except FileNotFoundError as exc:
             raise CheckpointMissing(f"no manifest at {self.loc.url(path)}") from exc
-        return Manifest.from_json(raw, where=self.loc.url(path))
+        m = Manifest.from_json(raw, where=self.loc.url(path))
+        named = parse_manifest_name(path)
+        if named is None or m.step != named[0] or named[1] not in (None, m.generation):
+            raise CheckpointError(f"manifest {self.loc.url(path)} holds step {m.step} of "
+                                  f"generation {m.generation}, not the step its name says")
+        return m
 
     def validate(self, m: Manifest) -> None:
         """Raise CheckpointError unless every data file is there at its committed size."""
