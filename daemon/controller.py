@@ -7,7 +7,8 @@ the coordinator gathers the snapshot, carries the decisions out and stores them.
 The rules, in the order `plan` applies them:
 
 1. A node not heard from for `lease_s` is LOST; a member of a generation with a failed rank
-   that has not been heard from since the failure, after `failure_lease_s`.
+   that has not been heard from since the failure, after `failure_lease_s` (both extended by
+   the daemon's own lag, `ClusterState.lag_s`).
 2. Joins are batched: JOINING nodes become READY together once no node has joined for
    `settle_s` (or the oldest has waited `settle_max_s`).
 3. For each live job, oldest first:
@@ -79,7 +80,7 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
         if node.state is NodeState.LOST:
             continue
         silent = now - node.last_seen
-        if silent > policy.lease_s or node.id in failed_at:
+        if silent > policy.lease_s + state.lag_s or node.id in failed_at:
             expired.append(node)
     for node in sorted(expired, key=lambda n: n.id):
         silent = now - node.last_seen
@@ -88,6 +89,7 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
             lease, what = min(policy.failure_lease_s, policy.lease_s), "failure lease"
         else:
             lease, what = policy.lease_s, "lease"
+        lease += state.lag_s
         if silent > lease:
             decisions.append(
                 NodeLost(

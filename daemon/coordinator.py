@@ -170,11 +170,12 @@ class Coordinator:
 
     # ---- the tick ---------------------------------------------------------------------
 
-    def plan_tick(self, now: float | None = None) -> list[Decision]:
-        """Plan over the current facts and carry the decisions out in memory (staged)."""
+    def plan_tick(self, now: float | None = None, *, lag_s: float = 0.0) -> list[Decision]:
+        """Plan over the current facts and carry the decisions out in memory (staged).
+        `lag_s`: how late the event loop runs (leases are extended by it)."""
         now = self.clock() if now is None else now
         self.billing.cap_growth(now)
-        decisions = controller.plan(now, self.state.snapshot(), self.policy)
+        decisions = controller.plan(now, self.state.snapshot(lag_s), self.policy)
         for decision in decisions:
             self.executor.apply(decision, now)
         if now >= self._next_accounting:

@@ -29,6 +29,8 @@ class ControlLoop:
         self.clock = clock
         self._wake = asyncio.Event()
         self.ticks = 0
+        self._lags: list[tuple[float, float]] = []
+        """(when, how late) of recent timed waits: the event loop's lag."""
         coordinator.wake = self.wake
 
     def wake(self) -> None:
@@ -43,7 +45,7 @@ class ControlLoop:
 
     async def tick_once(self) -> None:
         c = self.coordinator
-        c.plan_tick(self.clock())
+        c.plan_tick(self.clock(), lag_s=self.lag_s)
         batch = c.take()
         if batch.empty:
             return
@@ -72,9 +74,26 @@ class ControlLoop:
                 continue
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
+            waited = time.monotonic()
             try:
-                await asyncio.wait({waiter, stopper}, timeout=self.tick_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({waiter, stopper}, timeout=self.tick_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
                 stopper.cancel()
+            if not done:  # a timed wait: how much later than asked it ended is the loop's lag
+                self._note_lag(time.monotonic() - waited - self.tick_s)
+
+    LAG_WINDOW_S = 5.0
+    """The lag that counts is the largest seen over this window."""
+
+    def _note_lag(self, lateness: float) -> None:
+        now = time.monotonic()
+        self._lags = [(t, v) for t, v in self._lags if now - t < self.LAG_WINDOW_S]
+        self._lags.append((now, max(0.0, lateness)))
+
+    @property
+    def lag_s(self) -> float:
+        """The event loop's recent lag (what beats not read yet may be late by)."""
+        now = time.monotonic()
+        return max((v for t, v in self._lags if now - t < self.LAG_WINDOW_S), default=0.0)

@@ -152,6 +152,9 @@ class ClusterState:
     jobs: Sequence[JobView] = ()
     """Every job, oldest first (that order is also the priority for free nodes)."""
     nodes: Mapping[str, NodeView] = field(default_factory=dict)
+    lag_s: float = 0.0
+    """How late the daemon's event loop runs (seconds): beats it has not read yet may be that
+    old, so leases are extended by it rather than a busy daemon declaring live nodes lost."""
 
 
 @dataclass(frozen=True, kw_only=True)

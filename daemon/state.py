@@ -209,7 +209,7 @@ class State:
         if rec.row.instance_id:
             self.by_instance[rec.row.instance_id] = rec.row.id
 
-    def snapshot(self) -> ClusterState:
+    def snapshot(self, lag_s: float = 0.0) -> ClusterState:
         """The controller's view of every live job (oldest first) and every node."""
         for node_id in self._stale:
             rec = self.nodes.get(node_id)
@@ -220,7 +220,7 @@ class State:
         self._stale.clear()
         jobs = sorted((rec.view() for rec in self.jobs.values() if not rec.state.terminal),
                       key=lambda j: (j.created_at, j.id))
-        return ClusterState(jobs=tuple(jobs), nodes=self._node_views)
+        return ClusterState(jobs=tuple(jobs), nodes=self._node_views, lag_s=lag_s)
 
     def member_views(self, job: JobRecord) -> dict[str, NodeView]:
         """The views of the job's members (what checkpoint_now reads)."""

@@ -337,3 +337,14 @@ def test_plan_is_pure() -> None:
     state = cluster([running(("a",))], nodes)
     assert plan(T, state, POLICY) == plan(T, state, POLICY)
     assert state.nodes["a"].state is NodeState.ASSIGNED  # the snapshot is not modified
+
+
+def test_a_busy_daemon_extends_leases_by_its_own_lag() -> None:
+    n = node("n1", seen=T - 2.5)
+    # 2.5 s of silence is past the 2 s lease...
+    assert [type(d) for d in plan(T, cluster([], [n]), POLICY)] == [NodeLost]
+    # ...but not when the daemon itself reads its agents a second late.
+    late = ClusterState(jobs=(), nodes={"n1": n}, lag_s=1.0)
+    assert not [d for d in plan(T, late, POLICY) if isinstance(d, NodeLost)]
+    later = ClusterState(jobs=(), nodes={"n1": node("n1", seen=T - 3.5)}, lag_s=1.0)
+    assert [type(d) for d in plan(T, later, POLICY)] == [NodeLost]
