@@ -72,6 +72,10 @@ def is_terminal(state: int) -> bool:
     return state in TERMINAL_STATES
 
 
+LIST_PAGE_SIZE = 500
+"""Jobs per ListJobs call when the client lists them all."""
+
+
 class SpotwiseError(Exception):
     """A call to the daemon failed. `code` is the gRPC status code, when there was one."""
 
@@ -253,10 +257,18 @@ class Client:
         return self._unary(self._stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), job_id=job_id)
 
     def list(self, states: Iterable[int | str] = ()) -> list[jobs_pb2.Job]:
-        """Every job, or those in one of `states` (JobState values or names like 'running')."""
+        """Every job the caller may see, or those in one of `states` (JobState values or names
+        like 'running'), oldest first: the daemon answers in pages, fetched here one by one."""
         wanted = [parse_state(s) if isinstance(s, str) else int(s) for s in states]
-        response = self._unary(self._stub.ListJobs, jobs_pb2.ListJobsRequest(states=wanted))
-        return list(response.jobs)
+        jobs: list[jobs_pb2.Job] = []
+        token = ""
+        while True:
+            response = self._unary(self._stub.ListJobs, jobs_pb2.ListJobsRequest(
+                states=wanted, page_size=LIST_PAGE_SIZE, page_token=token))
+            jobs.extend(response.jobs)
+            token = response.next_page_token
+            if not token:
+                return jobs
 
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         """Ask the daemon to stop the job; returns the job after the request. Raises JobNotFound."""

@@ -163,3 +163,13 @@ def test_a_live_event_is_serialized_once_however_many_watch_it(
         t.join(10)
     assert all(got[k] == ["state"] for k, _ in streams)
     assert calls == ["state"]  # one cancel event, serialized once for all four watchers
+
+
+def test_the_client_lists_every_page(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    import spotwise.client as client_module
+
+    ids = [fleet.submit("alice", name=f"p{k}") for k in range(5)]
+    fleet.submit("bob")
+    monkeypatch.setattr(client_module, "LIST_PAGE_SIZE", 2)
+    with client_module.Client(fleet.daemon.address, token=fleet.tokens["alice"]) as client:
+        assert [j.id for j in client.list()] == ids  # three pages, only alice's
