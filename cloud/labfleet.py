@@ -154,6 +154,9 @@ class LabFleet:
                               timeout=timeout, cwd=REPO, env=self.env)
 
     def submit(self, spec: dict[str, Any]) -> str:
+        """Submit a job. Its storage credentials come with it (the spec's env): an agent never
+        hands a job its own (they are stripped from the processes' environment)."""
+        spec = {**spec, "env": {**CREDENTIALS, **spec.get("env", {})}}
         path = self.workdir / f"job-{len(list(self.workdir.glob('job-*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(spec))
         out = self.cli("submit", str(path))
