@@ -32,6 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -355,6 +356,24 @@ class _Watch:
     world_size: int
 
 
+def observe(client: Client, job_id: str, view: LiveView, timeline: Timeline, last_gen: int
+            ) -> Any:
+    """One poll of the demo's job: the view takes it, a new generation goes on the timeline.
+    None (after a short pause) when the daemon did not answer; the demo goes on polling."""
+    try:
+        job = client.get(job_id)
+    except SpotwiseError as e:
+        timeline.add(f"daemon call failed: {e}")
+        time.sleep(0.5)
+        return None
+    if view.job is None or job.updated_at >= view.job.updated_at:
+        view.set_job(job)
+    if job.generation != last_gen:
+        timeline.add(f"generation {job.generation}: world size {job.world_size}, "
+                     f"lost steps so far {job.lost_steps}")
+    return job
+
+
 @dataclass
 class _Result:
     job: object | None = None
@@ -379,18 +398,10 @@ def _drive(client: Client, replayer, actions: queue.SimpleQueue, job_id: str, vi
     watches: list[_Watch] = []
     noticed: set[str] = set()
     while time.monotonic() < deadline:
-        try:
-            job = client.get(job_id)
-        except SpotwiseError as e:
-            timeline.add(f"daemon call failed: {e}")
-            time.sleep(0.5)
+        job = observe(client, job_id, view, timeline, last_gen)
+        if job is None:
             continue
-        if view.job is None or job.updated_at >= view.job.updated_at:
-            view.set_job(job)
-        if job.generation != last_gen:
-            last_gen = job.generation
-            timeline.add(f"generation {job.generation}: world size {job.world_size}, "
-                         f"lost steps so far {job.lost_steps}")
+        last_gen = job.generation
         if not started and job.world_size == replayer.schedule.levels[0] \
                 and job.last_checkpoint_step > 0:
             replayer.start()

@@ -40,6 +40,7 @@ from spotwise.demo import (
     _start_daemon,
     _summary,
     _Watcher,
+    observe,
 )
 from spotwise.live import LiveView
 
@@ -181,18 +182,10 @@ def _drive(client: Client, cluster, job_id: str, view: LiveView, timeline: Timel
     phase, t_phase, gen_phase, last_gen = "wait", 0.0, 0, 0
     target = ""
     while time.monotonic() < deadline:
-        try:
-            job = client.get(job_id)
-        except SpotwiseError as e:
-            timeline.add(f"daemon call failed: {e}")
-            time.sleep(0.5)
+        job = observe(client, job_id, view, timeline, last_gen)
+        if job is None:
             continue
-        if view.job is None or job.updated_at >= view.job.updated_at:
-            view.set_job(job)
-        if job.generation != last_gen:
-            last_gen = job.generation
-            timeline.add(f"generation {job.generation}: world size {job.world_size}, "
-                         f"lost steps so far {job.lost_steps}")
+        last_gen = job.generation
         now = time.monotonic()
         running = state_name(job.state) == "RUNNING"
         members = list(job.provider_nodes)
