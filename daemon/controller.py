@@ -89,12 +89,12 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
             lease, what = min(policy.failure_lease_s, policy.lease_s), "failure lease"
         else:
             lease, what = policy.lease_s, "lease"
-        lease += state.lag_s
-        if silent > lease:
+        if silent > lease + state.lag_s:
+            lag = f" + the daemon's lag {state.lag_s:.2f}s" if state.lag_s else ""
             decisions.append(
                 NodeLost(
                     node_id=node.id,
-                    reason=f"node {node.id} silent for {silent:.1f}s > {what} {lease}s",
+                    reason=f"node {node.id} silent for {silent:.1f}s > {what} {lease:g}s{lag}",
                 )
             )
             nodes[node.id] = _with(node, state=NodeState.LOST)
