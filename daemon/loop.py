@@ -28,7 +28,6 @@ class ControlLoop:
         self.min_gap_s = min_gap_s
         self.clock = clock
         self._wake = asyncio.Event()
-        self.ticks = 0
         self._lags: list[tuple[float, float]] = []
         """(when, how late) of recent timed waits: the event loop's lag."""
         coordinator.wake = self.wake
@@ -66,7 +65,6 @@ class ControlLoop:
                 # A bug or a failed write in one tick must not stop the loop that detects lost
                 # nodes; it is logged with its traceback and the next tick tries again.
                 log.exception("control loop tick failed")
-            self.ticks += 1
             gap = self.min_gap_s - (time.monotonic() - started)
             if gap > 0:
                 await asyncio.sleep(gap)

@@ -35,6 +35,7 @@ from spotwise.daemon.state import JobRecord
 from spotwise.daemon.store import EventRow
 from spotwise.daemon.validation import (
     MAX_SPEC_BYTES,
+    bad_request_status,
     echo,
     register_violations,
     report_violations,
@@ -115,8 +116,6 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 except ValueError as exc:
                     raise SpecError([("checkpoint.uri", str(exc))]) from None
         except SpecError as exc:
-            from spotwise.daemon.validation import bad_request_status
-
             log.info("refused a job spec: %s", exc)
             await context.abort_with_status(bad_request_status(exc))
         who = _principal()

@@ -15,7 +15,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spotwise.daemon.model import ClusterState, JobState, JobView, NodeState, NodeView, Policy
+from spotwise.daemon.model import (
+    NODE_TRANSITIONS,
+    ClusterState,
+    JobState,
+    JobView,
+    NodeState,
+    NodeView,
+    Policy,
+)
 from spotwise.daemon.store import JobRow, NodeRow, Store
 from spotwise.proto.v1 import jobs_pb2
 
@@ -135,8 +143,6 @@ class NodeRecord:
 
 def set_node_state(rec: NodeRecord, state: NodeState) -> None:
     """Change a node's state along model.NODE_TRANSITIONS (a programmer error otherwise)."""
-    from spotwise.daemon.model import NODE_TRANSITIONS
-
     if rec.state is not state:
         assert state in NODE_TRANSITIONS[rec.state], f"{rec.state} -> {state}"
         rec.row.state = state.value

@@ -155,6 +155,3 @@ class AssignmentCache:
         if held_version == version:
             return agent_pb2.HeartbeatResponse(assignment_version=version)
         return agent_pb2.HeartbeatResponse(assignment_version=version, assignment=a)
-
-    def forget(self, node_id: str) -> None:
-        self._by_node.pop(node_id, None)

@@ -133,10 +133,6 @@ class _Config(BaseSettings):
             _toml_file.reset(token)
 
 
-def _check_host_port(value: str, what: str) -> str:
-    return check_host_port(value, what)
-
-
 class DaemonConfig(_Config):
     """How the coordinator daemon runs."""
 
@@ -275,11 +271,11 @@ class DaemonConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> DaemonConfig:
-        _check_host_port(self.listen, "listen")
+        check_host_port(self.listen, "listen")
         if self.metrics_listen:
-            _check_host_port(self.metrics_listen, "metrics_listen")
+            check_host_port(self.metrics_listen, "metrics_listen")
         if self.advertise_address:
-            _check_host_port(self.advertise_address, "advertise_address")
+            check_host_port(self.advertise_address, "advertise_address")
         if self.failure_lease_s is not None and self.failure_lease_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"failure_lease_s ({self.failure_lease_s}) must exceed heartbeat_interval_s "
@@ -383,13 +379,13 @@ class AgentConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
-        _check_host_port(self.daemon, "daemon")
+        check_host_port(self.daemon, "daemon")
         if bool(self.job_role_arn) != bool(self.job_checkpoint_prefix):
             raise ValueError("job_role_arn and job_checkpoint_prefix are set together or not at all")
         if self.job_checkpoint_prefix and not self.job_checkpoint_prefix.startswith("s3://"):
             raise ValueError(f"job_checkpoint_prefix must be s3://bucket/prefix, got {self.job_checkpoint_prefix!r}")
         if self.metrics_listen:
-            _check_host_port(self.metrics_listen, "metrics_listen")
+            check_host_port(self.metrics_listen, "metrics_listen")
         return self
 
     @property
