@@ -240,13 +240,16 @@ def write_report(client: Any, job_id: str, out_dir: Path, *, quiet_s: float = 2.
     `<out_dir>/<job_id>-report.png` and `.html`.
 
     For a running job the events end where the stream goes quiet for `quiet_s` after the
-    replay (the picture so far); `timeout_s` bounds the whole read. Raises the client's errors
+    replay (the picture so far); an ended job's stream ends after its replay, which is read
+    to its end however slowly it comes. `timeout_s` bounds the whole read. Raises the client's errors
     (JobNotFound, DaemonUnavailable) and OSError if out_dir cannot be written.
     """
     from spotwise.report_figure import render_html, render_png
 
     job = client.get(job_id)
-    events = client.history(job_id, quiet_s=quiet_s, timeout=timeout_s)
+    # A pause in a loaded daemon's replay must not cut an ended job's history short.
+    quiet = timeout_s if is_terminal(job.state) else quiet_s
+    events = client.history(job_id, quiet_s=quiet, timeout=timeout_s)
     budget = client.cost(job_id).budget_usd
     data = extract(events, job=job, budget_usd=budget)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,9 @@ class Generations:
 
     def _collect(self, sup: Supervisor, *, final: bool = True) -> None:
         """Forward new events and exits of `sup`'s processes; `final` forgets their files."""
+        # Exits are taken before the files are read, so whatever a process wrote before it
+        # exited (its last commit) is read now and reported ahead of its exit.
+        exits = sup.take_exits()
         for p in sup.processes:
             tail = self._tails.get(p.events_path)
             if tail is None:
@@ -178,9 +181,8 @@ class Generations:
                 self._on_event(sup, p.rank, event)
             if final:
                 del self._tails[p.events_path]
-        for p in sup.take_exits():
+        for p in exits:
             self.metrics.process_exits.labels(exit_outcome(p.exit_code)).inc()
-            # Read the events written just before the exit first, so a commit precedes it.
             self._queue(sup.spec, agent_pb2.ReportEventRequest(
                 time=time.time(), process_exited=agent_pb2.ProcessExited(
                     local_rank=p.local_rank, rank=p.rank, exit_code=p.exit_code)))
