@@ -289,7 +289,7 @@ class LocalProvider(Provider):
                 # Its training processes must not outlive it as orphans.
                 kill_marked(self.marker(handle))
 
-    def node_price(self, handle: str) -> float | None:
+    def fleet_price(self) -> float | None:
         """The price this provider was configured with (0: none)."""
         return self.price_per_hour or None
 

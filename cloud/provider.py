@@ -69,6 +69,11 @@ class Provider(abc.ABC):
     def node_price(self, handle: str) -> float | None:
         """USD per hour of a node this provider runs, when the provider itself sets it (its
         own config, not the node's word); None: the daemon's price book prices it."""
+        return self.fleet_price()
+
+    def fleet_price(self) -> float | None:
+        """USD per hour of every node this provider runs, when its config sets one price for
+        all; None: not so (the price book, or node_price, prices each)."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing

@@ -259,7 +259,7 @@ class RayProvider(Provider):
 
     # ---- the provider interface -----------------------------------------------------------
 
-    def node_price(self, handle: str) -> float | None:
+    def fleet_price(self) -> float | None:
         """`[daemon.ray] price_per_hour` (0: the price table for the node's instance type)."""
         return self.config.price_per_hour or None
 

@@ -111,11 +111,11 @@ class AgentProtocol:
             assert rec is not None
             for key, value in fields.items():
                 setattr(rec.row, key, value)
-            if decision.action is RegisterAction.STAY_OUT:
+            if decision.action in (RegisterAction.STAY_OUT, RegisterAction.REJOIN):
+                rec.last_job = rec.row.job_id or rec.last_job
                 rec.row.job_id = ""
-            elif decision.action is RegisterAction.REJOIN:
+            if decision.action is RegisterAction.REJOIN:
                 set_node_state(rec, NodeState.JOINING)
-                rec.row.job_id = ""
                 rec.row.joined_at = now
             rec.last_seen = now
             if job is not None and decision.action is RegisterAction.KEEP:

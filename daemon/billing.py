@@ -1,6 +1,13 @@
 """Where a node is billed: each job's ledger, charged at every accounting tick and membership
 change, the budget's stop and growth cap, instance-type ranking, and GetCost (flow 8).
 
+A machine costs money until it is gone, not until the daemon stops wanting it: a node is
+charged to the job it serves, then to the job whose processes it is still stopping, and a
+provider's machine to the job it last served (or was launched for) until the provider no
+longer lists it (`provider_seen`). So the final checkpoint, the agents' stop and the
+provider's termination are paid for and count against the budget, which stops a job early
+enough to pay for them (`teardown_s`, raised to the longest teardown measured).
+
 The rules are pure and live in `daemon.budget` (ledger, projection, stop, growth cap, ranking)
 and `daemon.prices` (one node's quote); this module gathers their inputs from the state and
 stages what they change.
@@ -9,7 +16,8 @@ stages what they change.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from spotwise.daemon.budget import (
@@ -22,6 +30,7 @@ from spotwise.daemon.budget import (
     plan_budget_stop,
     plan_growth_cap,
 )
+from spotwise.daemon.charging import Machine, ProviderView, charged_to, unregistered
 from spotwise.daemon.model import JobState, NodeState, SetJobState
 from spotwise.daemon.outbox import Outbox
 from spotwise.daemon.prices import (
@@ -31,7 +40,7 @@ from spotwise.daemon.prices import (
     Quote,
     combined_source,
 )
-from spotwise.daemon.state import JobRecord, NodeRecord, State
+from spotwise.daemon.state import JobRecord, State
 from spotwise.daemon.store import NodeRow
 from spotwise.proto.v1 import jobs_pb2
 
@@ -41,15 +50,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("spotwise.daemon.coordinator")
 
 
+class Unpriced(ValueError):
+    """A budgeted job on machines no price source knows (Billing.unpriced says which)."""
+
+
 class Billing:
     """The ledgers of every job and the decisions money takes."""
 
     def __init__(self, state: State, outbox: Outbox, *, pricer: NodePricer,
                  accounting_interval_s: float, default_instance_types: tuple[str, ...],
                  metrics: Metrics | None, clock: Callable[[], float],
-                 provider_price: Callable[[str], float | None] | None = None) -> None:
+                 provider_price: Callable[[str], float | None] | None = None,
+                 provider_prices_all: bool = False, teardown_s: float = 0.0) -> None:
         """`provider_price(handle)`: what the provider that launched a node says it costs
-        (its own config), before the price book."""
+        (its own config), before the price book; `provider_prices_all`: it prices every node
+        it launches. `teardown_s`: what a stopped job still costs, in seconds of its nodes
+        (the budget stop leaves that margin)."""
         self.state = state
         self.outbox = outbox
         self.pricer = pricer
@@ -58,22 +74,60 @@ class Billing:
         self.metrics = metrics
         self.clock = clock
         self.provider_price = provider_price
+        self.provider_prices_all = provider_prices_all
+        self.configured_teardown_s = teardown_s
+        self.teardowns: deque[float] = deque(maxlen=32)
+        """The last teardowns measured: a job's end to its last machine gone (seconds)."""
         self.ledgers: dict[str, Ledger] = {}
+        self.view = ProviderView()
+        """What the provider lists (fed by the fleet loop through provider_seen)."""
 
-    def billed_nodes(self, job: JobRecord) -> list[NodeRecord]:
-        """The nodes the job pays for: its live members, and idle nodes a provider launched
-        for it (they cost money while they wait to join it)."""
-        nodes = self.state.nodes
-        members = [nodes[n] for n in job.members
-                   if n in nodes and nodes[n].state is not NodeState.LOST]
-        idle = [n for n in nodes.values()
-                if n.launched_for == job.row.id and not n.row.job_id and n.row.id not in job.members
-                and n.state in (NodeState.JOINING, NodeState.READY)]
-        return members + sorted(idle, key=lambda n: n.row.id)
+    @property
+    def teardown_s(self) -> float:
+        """The margin a budget stop leaves: the configured teardown, or the longest measured."""
+        return max(self.configured_teardown_s, *self.teardowns, 0.0)
 
-    def bill(self, job: JobRecord, now: float, *, ending: bool = False) -> Ledger:
-        """Charge the job's nodes up to now, and bill its nodes (none if `ending`) from now on."""
-        quotes = {} if ending else {n.row.id: self.quote(n.row) for n in self.billed_nodes(job)}
+    # ---- which job a machine is charged to (daemon.charging) -------------------------------
+
+    def charges(self) -> dict[str, dict[str, Quote]]:
+        """Every job with machines charged to it: {job id: {node id or handle: its quote}}.
+        A machine registered twice is charged once, as its newest registration."""
+        out: dict[str, dict[str, Quote]] = {}
+        charged: set[str] = set()
+        jobs = self.state.jobs
+        for node in sorted(self.state.nodes.values(),
+                           key=lambda n: (-n.row.registered_at, n.row.id)):
+            handle = self.view.handle_of(node)
+            if handle and handle in charged:
+                continue
+            job_id = charged_to(node, self.view, jobs)
+            if job_id:
+                charged.add(handle)
+                out.setdefault(job_id, {})[node.row.id] = self.quote(node.row)
+        for machine in unregistered(self.view, self.state.nodes.values()):
+            if machine.job_id in jobs:
+                out.setdefault(machine.job_id, {})[machine.handle] = self.machine_quote(machine)
+        return out
+
+    def provider_seen(self, machines: Collection[Machine], now: float) -> None:
+        """The provider lists these live machines now. Jobs whose charged machines changed
+        (one booted, one is gone) are charged up to now at what they had, then at what they
+        have: a machine no longer listed is charged no further."""
+        before = self.charges()
+        self.view.seen(machines)
+        after = self.charges()
+        for job_id in before.keys() | after.keys():
+            job = self.state.jobs.get(job_id)
+            if job is not None and before.get(job_id, {}).keys() != after.get(job_id, {}).keys():
+                self.bill(job, now, quotes=after.get(job_id, {}))
+                self.outbox.stage(job.row)
+
+    def bill(self, job: JobRecord, now: float, *, quotes: dict[str, Quote] | None = None
+             ) -> Ledger:
+        """Charge the job's machines up to now, and bill `quotes` (default: the machines
+        charged to it now) from now on."""
+        if quotes is None:
+            quotes = self.charges().get(job.row.id, {})
         if quotes:
             job.price_source = combined_source({q.source for q in quotes.values()})
         prices: dict[str, NodePrice] = {n: q.price for n, q in quotes.items()}
@@ -86,13 +140,49 @@ class Billing:
             ledger = Ledger(last_tick=job.row.cost_at or now, spent_usd=job.row.cost_usd,
                             on_demand_equivalent_usd=job.row.on_demand_usd or job.row.cost_usd,
                             billing=prices if job.row.cost_at and job.members else {})
+        was_billing = bool(ledger.billing)
         ledger = ledger.tick(now, prices)
         self.ledgers[job.row.id] = ledger
+        if job.state.terminal and was_billing and not prices:
+            self._torn_down(job, now, ledger)
         job.row.cost_usd, job.row.cost_at = ledger.spent_usd, ledger.last_tick
         job.row.on_demand_usd = ledger.on_demand_equivalent_usd
         if self.metrics is not None:
             self.metrics.set_cost_total(job.row.id, ledger.spent_usd)
         return ledger
+
+    def _torn_down(self, job: JobRecord, now: float, ledger: Ledger) -> None:
+        """The ended job's last machine is gone: its spend is final; time the teardown."""
+        if job.ended_at is not None:
+            took = max(0.0, now - job.ended_at)
+            self.teardowns.append(took)
+            if self.metrics is not None:
+                self.metrics.observe_teardown(took)
+            log.info("job=%s: its last machine is gone %.1fs after it ended; spent $%.4f "
+                     "(budget $%.4f; teardown margin now %.0fs)", job.row.id, took,
+                     ledger.spent_usd, job.spec.budget_usd, self.teardown_s)
+
+    def unpriced(self, spec: jobs_pb2.JobSpec) -> str:
+        """Why a budgeted job cannot be priced ("": it can): it names instance types (or the
+        provider launches types) that no price source knows, and its provider does not price
+        its nodes itself. A budget cannot hold on machines charged at a guess."""
+        if spec.budget_usd <= 0 or self.provider_prices_all:
+            return ""
+        types = list(spec.instance_types) or list(self.default_instance_types)
+        market = spec.market or "spot"
+        unknown = [t for t in types if self.pricer.type_price(t, market) is None]
+        if not unknown:
+            return ""
+        return (f"budget_usd is set but no price source knows {', '.join(unknown)} "
+                f"({market}): a budget cannot hold on machines nobody priced; name priced "
+                "instance_types, or drop the budget")
+
+    def machine_quote(self, machine: Machine) -> Quote:
+        """An unregistered machine's price: its provider's, else the price book's."""
+        override = (self.provider_price(machine.handle) or 0.0) if self.provider_price else 0.0
+        return self.pricer.quote(instance_type=machine.instance_type, zone=machine.zone,
+                                 lifecycle=machine.lifecycle, override_usd_per_hour=override,
+                                 override_source=PROVIDER_SOURCE)
 
     def quote(self, row: NodeRow) -> Quote:
         """The node's price: its agent's (stored only when agent prices are trusted), else its
@@ -148,23 +238,30 @@ class Billing:
                 continue
             cap = plan_growth_cap(now, self.budget_job(job), ledger,
                                   tick_s=self.accounting_interval_s, max_nodes=job.spec.nodes.max,
-                                  added_usd_per_hour=self._added_node_prices(job))
+                                  added_usd_per_hour=self._added_node_prices(job),
+                                  teardown_s=self.teardown_s)
             job.budget_cap = cap.max_nodes if cap.refused else None
             job.budget_cap_reason = cap.reason
 
     def account(self, now: float, event: Callable[[JobRecord, float, str, str], None]
                 ) -> list[SetJobState]:
-        """An accounting tick: charge every live job and stage its row; return the stops of
-        those the budget cannot carry for one more tick (BUDGET_EXHAUSTED; their agents'
-        SIGTERM takes the final checkpoint); announce growth caps that changed."""
+        """An accounting tick: charge every live job, and every ended job whose machines are
+        not gone yet, and stage its row; return the stops of those the budget cannot carry
+        for one more tick and a teardown (BUDGET_EXHAUSTED; their agents' SIGTERM takes the
+        final checkpoint); announce growth caps that changed."""
         stops = []
+        charges = self.charges()
         for job in self.state.jobs.values():
             if job.state.terminal:
+                ledger = self.ledgers.get(job.row.id)
+                if job.row.id in charges or (ledger is not None and ledger.billing):
+                    self.bill(job, now, quotes=charges.get(job.row.id, {}))
+                    self.outbox.stage(job.row)
                 continue
-            ledger = self.bill(job, now)
+            ledger = self.bill(job, now, quotes=charges.get(job.row.id, {}))
             self.outbox.stage(job.row)
             stop = plan_budget_stop(now, self.budget_job(job), ledger,
-                                    tick_s=self.accounting_interval_s)
+                                    tick_s=self.accounting_interval_s, teardown_s=self.teardown_s)
             if stop is not None:
                 stops.append(SetJobState(job_id=job.row.id, state=JobState.BUDGET_EXHAUSTED,
                                          release=True, reason=stop.reason))

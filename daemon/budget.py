@@ -8,10 +8,12 @@ billed exactly while it is in the set. Spot prices change only at ticks (the pri
 tick holds until the next one).
 
 Right after each tick the daemon calls `plan_budget`. Its STOP rule is: stop when the spend
-plus one more tick at the current rate would exceed the budget. Because every interval is
-charged at the rate the previous check saw, the spend at any tick is at most the budget; the
-final checkpoint and teardown after STOP take at most one more tick, so a job never overspends
-by more than one tick's cost (provided ticks are at most `tick_s` apart).
+plus one more tick and one teardown at the current rate would exceed the budget. A node is
+charged until its provider confirms the machine is gone, so what a stopped job still costs
+(its final checkpoint, its agents stopping, the provider terminating the machines) is charged
+too; `teardown_s` is the time that takes, so the spend when the last machine is gone stays
+within the budget as long as the teardown takes no longer than `teardown_s` (and ticks are at
+most `tick_s` apart).
 """
 
 from __future__ import annotations
@@ -167,18 +169,24 @@ class BudgetDecision:
 
 
 def plan_budget(
-    now: float, job: BudgetJob, ledger: Ledger, *, tick_s: float, growth: Growth | None = None
+    now: float, job: BudgetJob, ledger: Ledger, *, tick_s: float, growth: Growth | None = None,
+    teardown_s: float = 0.0,
 ) -> BudgetDecision:
     """Decide what the budget allows at `now` (call it right after `ledger.tick`).
 
-    - STOP when spent + one tick at the current rate would exceed the budget;
-    - REFUSE_GROWTH when `growth` is proposed and either one tick at the grown rate would
-      exceed the budget or the projection to completion at the grown size does;
+    - STOP when spent + one tick and one teardown (`teardown_s`) at the current rate would
+      exceed the budget;
+    - REFUSE_GROWTH when `growth` is proposed and either one tick and one teardown at the
+      grown rate would exceed the budget or the projection to completion at the grown size
+      (its teardown included) does;
     - ALLOW otherwise (also when throughput is unknown: nothing to project from yet, and the
       STOP rule still caps the spend).
     """
     if tick_s <= 0:
         raise ValueError(f"tick_s must be positive, got {tick_s}")
+    if not (teardown_s >= 0 and math.isfinite(teardown_s)):
+        raise ValueError(f"teardown_s must be a finite non-negative number, got {teardown_s}")
+    ahead_s = tick_s + teardown_s
     spent = ledger.spent_at(now)
     rate = ledger.rate_usd_per_hour
     projection = project_cost(
@@ -193,18 +201,20 @@ def plan_budget(
     if job.budget_usd <= 0:
         return decide(BudgetAction.ALLOW, "no budget set")
     budget = job.budget_usd
-    next_tick = spent + rate * tick_s / SECONDS_PER_HOUR
+    next_tick = spent + rate * ahead_s / SECONDS_PER_HOUR
     if next_tick > budget:
+        teardown = f" and a teardown ({teardown_s:g} s)" if teardown_s else ""
         return decide(
             BudgetAction.STOP,
-            f"spent ${spent:.4f} + one tick ({tick_s:g} s at ${rate:.4f}/h) = ${next_tick:.4f} "
-            f"would exceed the budget ${budget:.4f}: final checkpoint, then BUDGET_EXHAUSTED",
+            f"spent ${spent:.4f} + one tick ({tick_s:g} s){teardown} at ${rate:.4f}/h = "
+            f"${next_tick:.4f} would exceed the budget ${budget:.4f}: final checkpoint, then "
+            "BUDGET_EXHAUSTED",
         )
     if growth is None or growth.added_nodes <= 0:
         return decide(BudgetAction.ALLOW, _within(spent, budget, projection.projected_usd))
 
     grown_rate = rate + growth.added_usd_per_hour
-    if spent + grown_rate * tick_s / SECONDS_PER_HOUR > budget:
+    if spent + grown_rate * ahead_s / SECONDS_PER_HOUR > budget:
         return decide(
             BudgetAction.REFUSE_GROWTH,
             f"adding {growth.added_nodes} node(s) (${growth.added_usd_per_hour:.4f}/h) would overrun "
@@ -216,8 +226,9 @@ def plan_budget(
                       f"{_within(spent, budget, None)}")
     if grown_sps is None:
         return decide(BudgetAction.ALLOW, f"throughput not measured yet, growth allowed; {_within(spent, budget, None)}")
-    grown = project_cost(spent_usd=spent, rate_usd_per_hour=grown_rate,
-                         samples_per_second=grown_sps, remaining_samples=job.remaining_samples)
+    grown = project_cost(spent_usd=spent + grown_rate * teardown_s / SECONDS_PER_HOUR,
+                         rate_usd_per_hour=grown_rate, samples_per_second=grown_sps,
+                         remaining_samples=job.remaining_samples)
     assert grown.projected_usd is not None
     if grown.projected_usd > budget:
         return decide(
@@ -256,7 +267,7 @@ class GrowthCap:
 
 def plan_growth_cap(
     now: float, job: BudgetJob, ledger: Ledger, *, tick_s: float, max_nodes: int,
-    added_usd_per_hour: Sequence[float],
+    added_usd_per_hour: Sequence[float], teardown_s: float = 0.0,
 ) -> GrowthCap:
     """How far `job` (with `job.nodes` nodes now) may grow towards `max_nodes`: one node at a
     time, as long as `plan_budget` allows the growth. `added_usd_per_hour[i]` is the price of
@@ -273,7 +284,7 @@ def plan_growth_cap(
     last = ""
     for k in range(1, max_nodes - job.nodes + 1):
         added_usd += prices[min(k, len(prices)) - 1]
-        decision = plan_budget(now, job, ledger, tick_s=tick_s,
+        decision = plan_budget(now, job, ledger, tick_s=tick_s, teardown_s=teardown_s,
                                growth=Growth(added_nodes=k, added_usd_per_hour=added_usd))
         if decision.action is not BudgetAction.ALLOW:
             cap = job.nodes + k - 1
@@ -368,11 +379,12 @@ class BudgetStop:
     reason: str
 
 
-def plan_budget_stop(now: float, job: BudgetJob, ledger: Ledger, *, tick_s: float
-                     ) -> BudgetStop | None:
+def plan_budget_stop(now: float, job: BudgetJob, ledger: Ledger, *, tick_s: float,
+                     teardown_s: float = 0.0) -> BudgetStop | None:
     """The budget stop rule, at an accounting tick (right after `ledger.tick`): stop when one
-    more tick at the current rate would take the spend past the budget (plan_budget's STOP)."""
-    decision = plan_budget(now, job, ledger, tick_s=tick_s)
+    more tick and one teardown at the current rate would take the spend past the budget
+    (plan_budget's STOP)."""
+    decision = plan_budget(now, job, ledger, tick_s=tick_s, teardown_s=teardown_s)
     if decision.action is BudgetAction.STOP:
         return BudgetStop(job_id=job.job_id, reason=decision.reason)
     return None

@@ -20,12 +20,13 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from spotwise.daemon import controller
 from spotwise.daemon.agents import AgentProtocol, NodeCredentialError
-from spotwise.daemon.billing import Billing
+from spotwise.daemon.billing import Billing, Unpriced
+from spotwise.daemon.charging import Machine
 from spotwise.daemon.events import EventBus
 from spotwise.daemon.executor import Executor
 from spotwise.daemon.model import Decision, JobState, JobView, NodeView, Policy
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 STOPPED_EXIT_CODE = 143
 """A training process stopped on request (SIGTERM) exits with this."""
 
-__all__ = ["Coordinator", "JobRecord", "NodeCredentialError", "NodeRecord", "UnknownJob"]
+__all__ = ["Coordinator", "JobRecord", "NodeCredentialError", "NodeRecord", "UnknownJob",
+           "Unpriced"]
 
 
 class Coordinator:
@@ -66,13 +68,17 @@ class Coordinator:
         default_instance_types: tuple[str, ...] = (),
         agent_prices: bool = False,
         provider_price: Callable[[str], float | None] | None = None,
+        provider_prices_all: bool = False,
+        teardown_s: float = 0.0,
         autocommit: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`pricer` quotes each node's price (default: the offline table). `agent_prices`:
         charge what agents say their node costs (only for fleets whose agents the operator
         controls). `progress_interval_s`: how often progress is stored; `max_progress_events`:
-        a job's stored progress points are thinned to half past this."""
+        a job's stored progress points are thinned to half past this. `provider_prices_all`:
+        the provider prices every node it launches; `teardown_s`: what a stopped job still
+        costs, in seconds of its nodes (the budget stop's margin)."""
         self.store = store
         self.policy = policy
         self.metrics = metrics
@@ -87,7 +93,8 @@ class Coordinator:
         self.billing = Billing(self.state, self.outbox, pricer=pricer or NodePricer(clock=clock),
                                accounting_interval_s=accounting_interval_s,
                                default_instance_types=tuple(default_instance_types),
-                               metrics=metrics, clock=clock, provider_price=provider_price)
+                               metrics=metrics, clock=clock, provider_price=provider_price,
+                               provider_prices_all=provider_prices_all, teardown_s=teardown_s)
         self.executor = Executor(self.state, self.outbox, billing=self.billing, metrics=metrics,
                                  max_progress_events=max_progress_events)
         self.assignments = AssignmentCache()
@@ -266,7 +273,10 @@ class Coordinator:
     def submit(self, spec: jobs_pb2.JobSpec, now: float | None = None, *, owner: str = ""
                ) -> JobRecord:
         """Store a validated spec as a PENDING job owned by `owner` (staged; committed at
-        once with autocommit)."""
+        once with autocommit). Raises Unpriced for a budget on machines nobody prices."""
+        why = self.billing.unpriced(spec)
+        if why:
+            raise Unpriced(why)
         now = self.clock() if now is None else now
         job_id = f"job-{uuid.uuid4().hex[:10]}"
         row = JobRow(id=job_id, spec=spec.SerializeToString(), name=spec.name,
@@ -282,6 +292,13 @@ class Coordinator:
         self.wake()
         self._autocommit()
         return job
+
+    def provider_seen(self, machines: Collection[Machine], now: float | None = None) -> None:
+        """The provider lists these live machines now (the fleet loop): a machine is charged
+        from its first listing to the first that no longer shows it."""
+        self.billing.provider_seen(machines, self.clock() if now is None else now)
+        self.wake()
+        self._autocommit()
 
     def cancel(self, job_id: str, now: float | None = None, *, by: str = "") -> JobRecord:
         """Cancel a job; its nodes are told to stop once the change commits.

@@ -167,8 +167,12 @@ class Executor:
             job.members = []
             job.checkpoint_requested_at = None
             job.row.world_size = 0
-            self.billing.bill(job, now, ending=d.state.terminal)
         job.row.state = d.state.value
+        if d.state.terminal:
+            job.ended_at = now
+        if d.release or d.state.terminal:
+            # Its machines are charged until they are gone (Billing.charged_to).
+            self.billing.bill(job, now)
         job.row.message = d.reason
         job.row.updated_at = now
         self.outbox.stage(job.row)
@@ -197,6 +201,7 @@ class Executor:
             return
         if node.state is NodeState.ASSIGNED:
             set_node_state(node, NodeState.READY)
+        node.last_job = node.row.job_id or node.last_job
         node.row.job_id = ""
         node.row.node_rank = 0
         self.state.changed(node)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from spotwise.cloud.provider import NodeRequest, Provider, ProviderError, ProviderNode
+from spotwise.daemon.charging import Machine
 from spotwise.daemon.controller import NodeState
 from spotwise.daemon.coordinator import Coordinator
 
@@ -249,6 +250,11 @@ class FleetLoop:
         """One reconciliation. Raises ProviderError if a provider call fails or times out."""
         provider_nodes = await self._call(self.provider.list_nodes)
         now = self.clock()
+        # What the provider runs is what is charged: a machine it no longer lists is gone.
+        self.coordinator.provider_seen(
+            [Machine(handle=pn.handle, job_id=pn.job_id, instance_type=pn.instance_type,
+                     zone=pn.zone, lifecycle=pn.lifecycle)
+             for pn in provider_nodes if pn.state != "terminated"], now)
         demands = demands_of(self.coordinator, daemon_address=self.daemon_address)
         plan = plan_fleet(now, demands, self._fleet_nodes(provider_nodes, now),
                           register_timeout_s=self.register_timeout_s, max_nodes=self.max_nodes)

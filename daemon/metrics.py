@@ -102,6 +102,12 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self.teardown_seconds = Histogram(
+            "spotwise_job_teardown_seconds",
+            "Seconds from a job's end to its last machine gone (charged until then).",
+            buckets=CHECKPOINT_BUCKETS_S,
+            registry=r,
+        )
         self.heartbeat_latency_seconds = Histogram(
             "spotwise_heartbeat_latency_seconds",
             "Seconds the daemon took to handle one agent heartbeat.",
@@ -149,6 +155,10 @@ class Metrics:
         when it committed, exported as the job's last-commit time."""
         self.checkpoint_seconds.labels(job=job_id).observe(seconds)
         self.set_job_last_checkpoint(job_id, time.time() if at is None else at)
+
+    def observe_teardown(self, seconds: float) -> None:
+        """One ended job's teardown: from its end to its last machine gone."""
+        self.teardown_seconds.observe(seconds)
 
     def set_job_last_checkpoint(self, job_id: str, committed_at: float) -> None:
         """When the job's newest checkpoint committed (unix seconds): what observe_checkpoint

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ class Quote:
     price: NodePrice
     source: str
     """"agent price_per_hour", "spot api", "on-demand cache (40 s old)", "offline table <date>",
-    or "no price for <type>" (charged $0); followed by "(on-demand reference: ...)" when the
+    or "no price for <type> (charged the upper bound ...)"; followed by "(on-demand reference: ...)" when the
     on-demand price of the saving report came from elsewhere."""
 
 
@@ -65,12 +66,15 @@ def quote_node(
     market_price: Price | None,
     on_demand_price: Price | None,
     now: float,
+    unpriced_usd_per_hour: float,
 ) -> Quote:
     """The price a node is charged (pure).
 
     `override_usd_per_hour` > 0 (the agent said what it costs) wins; otherwise `market_price`
-    (the book's price in the node's market); with neither, the node is charged nothing and the
-    source says why. `on_demand_price` (None: unknown) only feeds the on-demand equivalent.
+    (the book's price in the node's market); with neither, the node is charged the stated
+    upper bound `unpriced_usd_per_hour` (never $0: a budget must stop a job on machines
+    nobody priced) and the source says so. `on_demand_price` (None: unknown) only feeds the
+    on-demand equivalent.
     """
     on_demand = on_demand_price.usd_per_hour if on_demand_price is not None else None
     if override_usd_per_hour > 0:
@@ -78,7 +82,9 @@ def quote_node(
     elif market_price is not None:
         usd, source = market_price.usd_per_hour, describe_source(market_price, now)
     else:
-        usd, source = 0.0, f"no price for {instance_type or 'an unknown type'} (charged $0)"
+        usd = unpriced_usd_per_hour
+        source = (f"no price for {instance_type or 'an unknown type'} (charged the upper bound "
+                  f"${usd:.2f}/h, [daemon.pricing] unpriced_usd_per_hour)")
     if on_demand_price is not None and on_demand_price is not market_price:
         reference = describe_source(on_demand_price, now)
         if reference != source:
@@ -104,10 +110,19 @@ class NodePricer:
         *,
         offline: OfflineTable | None = None,
         refresh_s: float = 60.0,
+        unpriced_usd_per_hour: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`unpriced_usd_per_hour`: what a node no source prices is charged; None: the
+        offline table's dearest on-demand price."""
         self.book = book
         self.offline = offline or (book.offline if book is not None else load_offline_table())
+        if unpriced_usd_per_hour is None:
+            unpriced_usd_per_hour = max(self.offline.on_demand.values())
+        if not (unpriced_usd_per_hour > 0 and math.isfinite(unpriced_usd_per_hour)):
+            raise ValueError("unpriced_usd_per_hour must be a positive number, got "
+                             f"{unpriced_usd_per_hour}")
+        self.unpriced_usd_per_hour = unpriced_usd_per_hour
         self.refresh_s = refresh_s
         self.clock = clock
         self._lock = threading.Lock()
@@ -149,7 +164,8 @@ class NodePricer:
             None if override_usd_per_hour > 0 else self._known(instance_type, "spot", zone))
         return quote_node(instance_type=instance_type, override_usd_per_hour=override_usd_per_hour,
                           override_source=override_source, market_price=market_price,
-                          on_demand_price=on_demand, now=self.clock())
+                          on_demand_price=on_demand, now=self.clock(),
+                          unpriced_usd_per_hour=self.unpriced_usd_per_hour)
 
     def type_price(self, instance_type: str, market: str) -> float | None:
         """A type's hourly price in a job's market ("spot-with-fallback" counts as spot), for

@@ -126,6 +126,8 @@ def make_provider(config: DaemonConfig) -> Provider | None:
             grace_s=config.grace_s,
             max_nodes=config.local_max_nodes,
             env=env,
+            instance_type=config.local_instance_type,
+            price_per_hour=config.local_price_per_hour,
         )
     if config.provider == "ec2":
         from spotwise.cloud.ec2 import Ec2Provider
@@ -143,7 +145,7 @@ def make_pricer(config: DaemonConfig) -> NodePricer:
     cached, the offline table as fallback), or the offline table only."""
     p = config.pricing
     if config.pricing_offline:
-        return NodePricer(refresh_s=p.refresh_s)
+        return NodePricer(refresh_s=p.refresh_s, unpriced_usd_per_hour=p.unpriced_usd_per_hour)
     from spotwise.cloud.pricing import PriceBook, PricingConfig
 
     book = PriceBook(PricingConfig(
@@ -155,7 +157,7 @@ def make_pricer(config: DaemonConfig) -> NodePricer:
         spot_max_age_s=p.spot_max_age_s,
         timeout_s=p.timeout_s,
     ))
-    return NodePricer(book, refresh_s=p.refresh_s)
+    return NodePricer(book, refresh_s=p.refresh_s, unpriced_usd_per_hour=p.unpriced_usd_per_hour)
 
 
 class Daemon:
@@ -236,6 +238,8 @@ class Daemon:
             default_instance_types=tuple(config.ec2.instance_types) if config.provider == "ec2" else (),
             agent_prices=config.agent_prices,
             provider_price=self.provider.node_price if self.provider is not None else None,
+            provider_prices_all=self.provider is not None and bool(self.provider.fleet_price()),
+            teardown_s=config.budget_teardown_s,
             autocommit=False,
             clock=self._clock,
         )

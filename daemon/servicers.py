@@ -28,7 +28,7 @@ import grpc
 from spotwise.common.uri import check_checkpoint_uri
 from spotwise.daemon import auth
 from spotwise.daemon.agents import NodeCredentialError
-from spotwise.daemon.coordinator import Coordinator, UnknownJob
+from spotwise.daemon.coordinator import Coordinator, UnknownJob, Unpriced
 from spotwise.daemon.events import WatcherLagged
 from spotwise.daemon.loop import ControlLoop
 from spotwise.daemon.state import JobRecord
@@ -123,6 +123,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         try:
             job = self._c.submit(spec.to_proto(), owner=who.name if who else "")
             await self._committed()
+        except Unpriced as exc:
+            log.info("refused a job spec: %s", exc)
+            await context.abort_with_status(bad_request_status(SpecError([("budget_usd",
+                                                                          str(exc))])))
         finally:
             self._calls -= 1
         return jobs_pb2.SubmitJobResponse(job_id=job.row.id)

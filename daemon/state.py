@@ -77,6 +77,8 @@ class JobRecord:
     """Progress events stored for the job (thinned when it passes the bound)."""
     checkpoint_flagged: bool = False
     """The job's message says it cannot commit (cleared by the next commit)."""
+    ended_at: float | None = None
+    """When it reached a final state in this daemon's life (its teardown is timed from it)."""
 
     @property
     def state(self) -> JobState:
@@ -115,6 +117,8 @@ class NodeRecord:
     reported_running: bool = False
     """The agent's last heartbeat listed a running training process."""
     launched_for: str = ""
+    last_job: str = ""
+    """The job it last served: a provider's machine is charged to it until it is gone."""
     _view: NodeView | None = None
 
     @property

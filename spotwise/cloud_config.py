@@ -44,6 +44,13 @@ class PricingSettings(BaseModel):
         60.0, gt=0, description="How often the daemon asks the price book for its nodes' prices."
     )
     timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of each pricing call.")
+    unpriced_usd_per_hour: float | None = Field(
+        None,
+        gt=0,
+        description="What a node that no price source knows is charged per hour (never $0, so "
+        "a budget stops a job on unpriced machines); default: the offline table's dearest "
+        "on-demand price.",
+    )
 
 
 class Ec2Settings(BaseModel):

@@ -188,6 +188,15 @@ class DaemonConfig(_Config):
         description="How often jobs are charged and budgets checked (a job never overspends by "
         "more than one interval's cost).",
     )
+    budget_teardown_s: float = Field(
+        35.0,
+        ge=0,
+        description="What a stopped job still costs, in seconds of its nodes: the final "
+        "checkpoint (the agents' 30 s grace at most), the fleet's next pass and the provider "
+        "terminating the machines (each is charged until the provider confirms it gone). A "
+        "budget stop leaves this margin; the daemon raises it to the longest teardown it has "
+        "measured.",
+    )
     drain_timeout_s: float = Field(
         90.0,
         gt=0,
@@ -225,6 +234,14 @@ class DaemonConfig(_Config):
     )
     local_max_nodes: int = Field(
         3, ge=0, description="local provider: the most agent subprocesses it runs at once."
+    )
+    local_instance_type: str = Field(
+        "local", description="local provider: the instance type its nodes report (priced by "
+        "the price book unless local_price_per_hour is set)."
+    )
+    local_price_per_hour: float = Field(
+        0.0, ge=0, description="local provider: what each of its nodes costs per hour (0: the "
+        "price book's price for local_instance_type, or the unpriced upper bound)."
     )
     fleet_interval_s: float = Field(
         2.0, gt=0, description="How often the fleet reconciler compares wanted and existing nodes."

@@ -60,24 +60,38 @@ def _price(usd: float, market: str = "spot", source: str = "api", fetched_at: fl
 
 def test_an_agents_price_overrides_the_book_and_keeps_the_on_demand_reference() -> None:
     q = quote_node(instance_type="g4dn.xlarge", override_usd_per_hour=0.3,
-                   market_price=_price(0.2), on_demand_price=_price(0.526, "on-demand"), now=100.0)
+                   market_price=_price(0.2), on_demand_price=_price(0.526, "on-demand"), now=100.0,
+                   unpriced_usd_per_hour=99.0)
     assert q.price == NodePrice(usd_per_hour=0.3, on_demand_usd_per_hour=0.526)
     assert q.source == f"{OVERRIDE_SOURCE} (on-demand reference: on-demand api)"
 
 
 def test_without_override_the_market_price_is_charged_and_its_source_named() -> None:
     q = quote_node(instance_type="g4dn.xlarge", override_usd_per_hour=0.0,
-                   market_price=_price(0.2, source="cache"), on_demand_price=None, now=140.0)
+                   market_price=_price(0.2, source="cache"), on_demand_price=None, now=140.0,
+                   unpriced_usd_per_hour=99.0)
     assert q.price == NodePrice(usd_per_hour=0.2, on_demand_usd_per_hour=None)
     assert q.source == "spot cache (40 s old)"
     assert describe_source(_price(0.5, "on-demand"), 100.0) == "on-demand api"
     assert describe_source(_price(0.5, source=OFFLINE.source), 100.0) == OFFLINE.source
 
 
-def test_a_node_no_source_prices_is_charged_nothing_and_says_so() -> None:
+def test_a_node_no_source_prices_is_charged_the_stated_upper_bound_never_nothing() -> None:
     q = quote_node(instance_type="local", override_usd_per_hour=0.0, market_price=None,
-                   on_demand_price=None, now=0.0)
-    assert q.price.usd_per_hour == 0.0 and "no price for local" in q.source
+                   on_demand_price=None, now=0.0, unpriced_usd_per_hour=98.32)
+    assert q.price.usd_per_hour == 98.32
+    assert "no price for local" in q.source and "upper bound $98.32/h" in q.source
+
+
+def test_the_pricers_upper_bound_is_the_dearest_offline_price_unless_set() -> None:
+    dearest = max(OFFLINE.on_demand.values())
+    unknown = {"instance_type": "x9.nothing", "zone": "", "lifecycle": "spot"}
+    assert NodePricer(clock=Clock()).quote(**unknown).price.usd_per_hour == dearest
+    assert NodePricer(clock=Clock(), unpriced_usd_per_hour=7.5).quote(
+        **unknown).price.usd_per_hour == 7.5
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="unpriced_usd_per_hour"):
+            NodePricer(clock=Clock(), unpriced_usd_per_hour=bad)
 
 
 # ---- NodePricer ---------------------------------------------------------------------------
