@@ -163,6 +163,11 @@ def demands_of(coordinator: Coordinator, *, daemon_address: str,
     return out
 
 
+def _machine(pn: ProviderNode) -> Machine:
+    return Machine(handle=pn.handle, job_id=pn.job_id, instance_type=pn.instance_type,
+                   zone=pn.zone, lifecycle=pn.lifecycle)
+
+
 class FleetLoop:
     """Runs plan_fleet every `interval_s` and carries it out through a provider.
 
@@ -251,10 +256,8 @@ class FleetLoop:
         provider_nodes = await self._call(self.provider.list_nodes)
         now = self.clock()
         # What the provider runs is what is charged: a machine it no longer lists is gone.
-        self.coordinator.provider_seen(
-            [Machine(handle=pn.handle, job_id=pn.job_id, instance_type=pn.instance_type,
-                     zone=pn.zone, lifecycle=pn.lifecycle)
-             for pn in provider_nodes if pn.state != "terminated"], now)
+        machines = [_machine(pn) for pn in provider_nodes if pn.state != "terminated"]
+        self.coordinator.provider_seen(machines, now)
         demands = demands_of(self.coordinator, daemon_address=self.daemon_address)
         plan = plan_fleet(now, demands, self._fleet_nodes(provider_nodes, now),
                           register_timeout_s=self.register_timeout_s, max_nodes=self.max_nodes)
@@ -267,6 +270,9 @@ class FleetLoop:
             started = await self._call(self.provider.launch, requests[job_id], count)
             for node in started:
                 self._first_seen.setdefault(node.handle, self.clock())
+            if started:  # charged from their launch, not from the next listing
+                machines += [_machine(pn) for pn in started]
+                self.coordinator.provider_seen(machines, self.clock())
             if len(started) < count:
                 log.warning("fleet: job=%s: asked %s for %d node(s), got %d", job_id,
                             self.provider.name, count, len(started))
