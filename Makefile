@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/checkpoint.py
 	$(PY) bench/recovery.py
 	$(PY) bench/goodput.py
+	$(PY) bench/budget.py
 	$(PY) bench/scale.py
 	$(PY) bench/watchers.py
 	$(PY) bench/ray_recovery.py
