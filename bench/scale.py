@@ -28,7 +28,7 @@ each, on one Heartbeats stream each, or unary Heartbeat calls with --unary), spr
 
 Measured for each phase: heartbeat round trips (p50/p99/max, on the agents' side),
 heartbeats answered, the daemon's CPU time (/proc/<pid>/stat utime+stime) per heartbeat
-answered, the growth of its database (pages in use, WAL included) extrapolated to MB per
+sent, the growth of its database (pages in use, WAL included) extrapolated to MB per
 hour, its RSS, and the busiest generator process's CPU share (near 1.0 the generator, not the
 daemon, limits the figures). Over the whole run: `reregisters` (Register calls after an
 agent's first: the daemon forgot a node; target 0) and failed calls by method and code.
@@ -93,6 +93,9 @@ class ScaleConfig:
     """Length of each measured steady phase (idle, job, shared)."""
     unary: bool
     """Agents beat with unary Heartbeat calls instead of one Heartbeats stream each."""
+    stream: bool = False
+    """Agents beat on the gRPC Heartbeats stream even though the daemon offers its beat
+    channel (the protocol before it)."""
     quick: bool
     """A smoke run: small N and short phases unless given."""
     heartbeat_interval_s: float
@@ -153,12 +156,14 @@ class Meter:
         batch = batch or self.gen.collect()
         wall = time.monotonic() - self.t
         cpu = self.head.cpu_s() - self.cpu
-        beats = batch.counters["answered"] - self.counters["answered"]
+        # Beats the daemon took in (on the beat channel not every one is answered).
+        beats = batch.counters["sent"] - self.counters["sent"]
+        answered = batch.counters["answered"] - self.counters["answered"]
         grown = self.head.db_size().logical_bytes - self.db.logical_bytes
         gen_share = max((cpu_seconds(p) - c) / wall for p, c in zip(self.gen.pids, self.gen_cpu, strict=True))
         lat = batch.latencies_ms
         return {
-            "seconds": _round(wall, 2), "heartbeats": beats,
+            "seconds": _round(wall, 2), "heartbeats": beats, "heartbeats_answered": answered,
             "heartbeat_p50_ms": _round(percentile(lat, 50), 2),
             "heartbeat_p99_ms": _round(percentile(lat, 99), 2),
             "heartbeat_max_ms": _round(max(lat) if lat else None, 2),
@@ -211,6 +216,7 @@ def run_fleet(n: int, cfg: ScaleConfig, work: Path) -> dict[str, Any]:
         creds = head.credentials
         settings = AgentSettings(address=head.address, agent_token=creds.agent_token,
                                  ca_pem=creds.ca_file.read_bytes(), unary=cfg.unary,
+                                 stream=cfg.stream,
                                  progress_interval_s=cfg.progress_interval_s)
         with LoadGenerator(settings, nodes=n, processes=cfg.processes) as gen, \
                 Client(head.address, token=creds.client_token, ca_file=creds.ca_file) as client:
@@ -371,6 +377,8 @@ def parse_args(argv: list[str] | None) -> ScaleConfig:
                    help="generator processes, 2-4 (default: 4 with 8+ cores, else 2)")
     p.add_argument("--phase-s", type=float, default=None,
                    help="seconds of each steady phase (default 20; --quick: 5)")
+    p.add_argument("--stream", action="store_true",
+                   help="beat on the gRPC Heartbeats stream, not the daemon's beat channel")
     p.add_argument("--unary", action="store_true",
                    help="beat with unary Heartbeat calls (older daemons) instead of a stream")
     p.add_argument("--quick", action="store_true", help="a smoke run: N = 50, 5 s phases")
@@ -391,7 +399,7 @@ def parse_args(argv: list[str] | None) -> ScaleConfig:
         p.error("--phase-s and --settle-timeout-s must be positive, --progress-interval-s >= 0")
     out = a.out or ROOT / "bench" / "results" / ("scale-quick.json" if a.quick else "scale.json")
     defaults = DaemonSettings()
-    return ScaleConfig(nodes=nodes, processes=a.processes, phase_s=phase_s, unary=a.unary,
+    return ScaleConfig(nodes=nodes, processes=a.processes, phase_s=phase_s, unary=a.unary, stream=a.stream,
                        quick=a.quick, heartbeat_interval_s=defaults.heartbeat_interval_s,
                        lease_s=defaults.lease_s, progress_interval_s=a.progress_interval_s,
                        settle_timeout_s=a.settle_timeout_s, out=out)
@@ -448,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         "met": met(figures, bounds), "targets": bounds,
         "per_n": {str(r["nodes"]): {**headline(r), **r} for r in runs},
         "setup": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-                  "agent_protocol": "unary Heartbeat" if cfg.unary else "Heartbeats stream",
+                  "agent_protocol": ("unary Heartbeat" if cfg.unary else "Heartbeats stream"
+                                     if cfg.stream else "beat channel (TLS frames)"),
                   "daemon": asdict(DaemonSettings(heartbeat_interval_s=cfg.heartbeat_interval_s,
                                                   lease_s=cfg.lease_s)),
                   "daemon_command": "spotwise daemon --config <toml>, provider none, "

@@ -4,8 +4,9 @@ It does what a node agent does on the wire and nothing else (no processes, no re
 
 - `register()`: Register with the fleet's agent token (node_id "" the first time: the daemon
   assigns one; node_id and node_secret when it registers again).
-- `run()`: beats every heartbeat interval (the Register answer's), either on ONE long-lived
-  `Heartbeats` stream (the first message carries node_id and node_secret) or, with `unary`, one
+- `run()`: beats every heartbeat interval (the Register answer's): on the daemon's beat channel
+  when its Register answer names one (spotwise.daemon.beats; `stream` forces gRPC), else on ONE
+  long-lived `Heartbeats` stream (the first message carries node_id and node_secret) or, with `unary`, one
   `Heartbeat` call per beat carrying both. Each beat says which assignment_version it holds and,
   once the node runs an assignment, its job, generation and one running process (local rank 0,
   global rank rank_start). An answer's assignment, when present, is adopted from the next beat
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import ssl
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
+from spotwise.common.beatwire import ANSWER, BEAT, HELLO, REFUSED, FrameReader, frame
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 
 MAX_BACKOFF_S = 5.0
@@ -49,6 +52,8 @@ class AgentSettings:
     token sent as call metadata."""
     unary: bool = False
     """Beat with the unary Heartbeat call (older daemons) instead of the Heartbeats stream."""
+    stream: bool = False
+    """Beat on the gRPC Heartbeats stream even when the daemon offers its beat channel."""
     rpc_timeout_s: float = 10.0
     """Deadline of each unary call (Register, Heartbeat, ReportEvent) and of each stream write."""
     progress_interval_s: float = 0.5
@@ -64,6 +69,9 @@ class AgentStats:
     """Heartbeat round trips since the last take, in milliseconds."""
     answered: int = 0
     """Heartbeat answers received."""
+    sent: int = 0
+    """Heartbeats sent (on the beat channel only every ACK_EVERY-th one, and those with news,
+    is answered)."""
     registered: int = 0
     """Successful first Register calls."""
     reregisters: int = 0
@@ -87,7 +95,7 @@ class AgentStats:
         return taken
 
     def counters(self) -> dict[str, object]:
-        return {"answered": self.answered, "registered": self.registered,
+        return {"answered": self.answered, "sent": self.sent, "registered": self.registered,
                 "reregisters": self.reregisters, "reregister_answers": self.reregister_answers,
                 "errors": dict(self.errors), "stream_restarts": self.stream_restarts,
                 "silent_streams_closed": self.silent_streams_closed,
@@ -126,6 +134,7 @@ class SimAgent:
         self._stub: agent_pb2_grpc.AgentServiceStub | None = None
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._must_register = False
+        self.beat_port = 0
 
     # ---- connection ---------------------------------------------------------------------
 
@@ -176,6 +185,7 @@ class SimAgent:
         self.node_secret = resp.node_secret or self.node_secret
         if resp.heartbeat_interval_s > 0:
             self.interval_s = resp.heartbeat_interval_s
+        self.beat_port = resp.beat_port
         # A (re)registered node holds no version of the daemon's new record: the next
         # answer must carry the assignment.
         self.version = 0
@@ -241,6 +251,8 @@ class SimAgent:
                     await self.register()  # counts its own failures
                 elif self.settings.unary:
                     await self._run_unary(stop)
+                elif self.beat_port and not self.settings.stream:
+                    await self._run_channel(stop)
                 else:
                     await self._run_stream(stop)
                 backoff = 0.1
@@ -266,6 +278,7 @@ class SimAgent:
             sent = time.monotonic()
             self.last_beat_wall = time.time()
             try:
+                self.stats.sent += 1
                 resp = await self._stub.Heartbeat(self.beat(first=True),
                                                   timeout=self.settings.rpc_timeout_s,
                                                   metadata=self._metadata)
@@ -299,12 +312,65 @@ class SimAgent:
                 self.last_beat_wall = time.time()
                 await asyncio.wait_for(call.write(self.beat(first=first)),
                                        self.settings.rpc_timeout_s)
+                self.stats.sent += 1
                 first = False
                 self._maybe_report()
         finally:
             call.cancel()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+
+    async def _run_channel(self, stop: asyncio.Event) -> None:
+        """Beat on the daemon's beat channel (spotwise.daemon.beats): frames on a TLS
+        connection of its own; answers name the beat they answer, which times them."""
+        s = self.settings
+        host = s.address.rpartition(":")[0].strip("[]")
+        context = (ssl.create_default_context(cadata=s.ca_pem.decode())
+                   if s.ca_pem is not None else None)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, self.beat_port, ssl=context, server_hostname=host if context else None),
+            s.rpc_timeout_s)
+        writer.write(frame(HELLO, s.agent_token.encode()))
+        sent: dict[int, float] = {}
+
+        async def read() -> None:
+            frames = FrameReader()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise StreamEnded("the daemon closed the beat connection")
+                for kind, payload in frames.feed(data):
+                    if kind == REFUSED:
+                        raise StreamEnded(f"beat connection refused: {payload.decode()}")
+                    if kind == ANSWER:
+                        resp = agent_pb2.HeartbeatResponse.FromString(payload)
+                        self.answered(resp, sent.pop(resp.seq, time.monotonic()))
+
+        reading = asyncio.create_task(read())
+        try:
+            seq = 0
+            next_at = time.monotonic()
+            while not stop.is_set() and not self._must_register:
+                next_at = await _tick(stop, next_at, self.interval_s)
+                if reading.done():
+                    reading.result()
+                    raise StreamEnded("the beat connection ended")
+                if self.silent or stop.is_set():
+                    continue
+                seq += 1
+                sent[seq] = time.monotonic()
+                sent.pop(seq - 16, None)  # beats without news go unanswered
+                self.last_beat_wall = time.time()
+                req = self.beat(first=seq == 1)
+                req.seq = seq
+                writer.write(frame(BEAT, req.SerializeToString()))
+                await asyncio.wait_for(writer.drain(), s.rpc_timeout_s)
+                self.stats.sent += 1
+                self._maybe_report()
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            writer.close()
 
     # ---- progress ---------------------------------------------------------------------------
 

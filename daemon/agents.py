@@ -56,6 +56,8 @@ class AgentProtocol:
         self.assignments = assignments
         self.heartbeat_interval_s = heartbeat_interval_s
         self.lease_s = lease_s
+        self.beat_port = 0
+        """The beat channel's port, told at Register (0: none; set when it listens)."""
         self.agent_prices = agent_prices
         self.metrics = metrics
         self.wake = wake
@@ -131,7 +133,8 @@ class AgentProtocol:
                  decision.reason)
         return agent_pb2.RegisterResponse(node_id=node_id,
                                           heartbeat_interval_s=self.heartbeat_interval_s,
-                                          lease_s=self.lease_s, node_secret=secret)
+                                          lease_s=self.lease_s, node_secret=secret,
+                                          beat_port=self.beat_port)
 
     # ---- heartbeats -----------------------------------------------------------------------
 

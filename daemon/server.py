@@ -41,6 +41,7 @@ from spotwise.cloud.provider import Provider
 from spotwise.common.exporter import MetricsExporter, start_exporter
 from spotwise.config import DaemonConfig
 from spotwise.daemon.auth import TokenAuthInterceptor, TokenStore
+from spotwise.daemon.beats import BeatServer, start_beats
 from spotwise.daemon.controller import Policy
 from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.fleet import FleetLoop
@@ -192,6 +193,7 @@ class Daemon:
         self.coordinator: Coordinator | None = None
         self.loop: ControlLoop | None = None
         self.port = 0
+        self.beats: BeatServer | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._stop = asyncio.Event()
@@ -278,6 +280,15 @@ class Daemon:
         self.port = port
         await server.start()
         self._server = server
+        try:
+            self.beats = await start_beats(self.coordinator, config, tokens=self.token_store,
+                                           clock=self._clock)
+        except RuntimeError:
+            await server.stop(0)
+            self._server = None
+            self.store.close()
+            self.store = None
+            raise
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._stop.clear()
@@ -337,6 +348,9 @@ class Daemon:
         """Stop serving and the loops; the nodes keep running (a restarted daemon reconciles)."""
         self._stop.set()
         await self.mark_not_serving()
+        if self.beats is not None:
+            await self.beats.stop()
+            self.beats = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

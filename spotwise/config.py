@@ -147,6 +147,12 @@ class DaemonConfig(_Config):
         default_factory=default_state_dir,
         description="Directory of the SQLite database (spotwise.db) and the local logs.",
     )
+    beat_listen: str = Field(
+        "",
+        description="host:port of the beat channel, where agents heartbeat with TLS frames "
+        "far cheaper than gRPC messages (open it to the agents beside listen's port); empty = "
+        "listen's host and a free port; \"off\" = agents heartbeat on the gRPC stream.",
+    )
     advertise_address: str = Field(
         "",
         description="host:port that agents on launched machines dial (the ec2 provider writes "

@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from spotwise.proto.v1 import jobs_pb2 as spotwise_dot_proto_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspotwise/proto/v1/agent.proto\x12\x0bspotwise.v1\x1a\x1cspotwise/proto/v1/jobs.proto\"\xba\x02\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rinstance_type\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x11\n\tlifecycle\x18\x05 \x01(\t\x12\x0c\n\x04gpus\x18\x06 \x01(\r\x12\r\n\x05slots\x18\x07 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x08 \x01(\t\x12\x12\n\nstore_port\x18\t \x01(\r\x12\x16\n\x0eprice_per_hour\x18\n \x01(\x01\x12\x16\n\x0e\x63urrent_job_id\x18\x0b \x01(\t\x12\x1a\n\x12\x63urrent_generation\x18\x0c \x01(\x04\x12\x0f\n\x07log_dir\x18\r \x01(\t\x12\x15\n\rprovider_node\x18\x0e \x01(\t\x12\x13\n\x0bnode_secret\x18\x0f \x01(\t\"g\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\x12\x13\n\x0bnode_secret\x18\x04 \x01(\t\"b\n\rProcessStatus\x12\x12\n\nlocal_rank\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x08\x12\x11\n\texit_code\x18\x05 \x01(\x05\"\xa7\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12-\n\tprocesses\x18\x04 \x03(\x0b\x32\x1a.spotwise.v1.ProcessStatus\x12\x13\n\x0bnode_secret\x18\x05 \x01(\t\x12\x1a\n\x12\x61ssignment_version\x18\x06 \x01(\x04\"\xbf\x02\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.spotwise.v1.JobSpec\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x11\n\tnode_rank\x18\x05 \x01(\r\x12\x11\n\tnum_nodes\x18\x06 \x01(\r\x12\x12\n\nrank_start\x18\x07 \x01(\r\x12\r\n\x05nproc\x18\x08 \x01(\r\x12\x13\n\x0bmaster_addr\x18\t \x01(\t\x12\x13\n\x0bmaster_port\x18\n \x01(\r\x12\x14\n\x0crestore_step\x18\x0b \x01(\x03\x12\x16\n\x0e\x63heckpoint_now\x18\x0c \x01(\x08\x12\x12\n\nlost_steps\x18\r \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x0e \x01(\x01\x12\x0e\n\x06reason\x18\x0f \x01(\t\"p\n\x11HeartbeatResponse\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x17.spotwise.v1.Assignment\x12\x12\n\nreregister\x18\x02 \x01(\x08\x12\x1a\n\x12\x61ssignment_version\x18\x03 \x01(\x04\"D\n\rProcessExited\x12\x12\n\nlocal_rank\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x11\n\texit_code\x18\x03 \x01(\x05\"P\n\x13\x43heckpointCommitted\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\"6\n\x12InterruptionNotice\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x01\"V\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x12\n\nworld_size\x18\x04 \x01(\r\"0\n\x10\x43heckpointFailed\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\x08Restored\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x12\n\nworld_size\x18\x02 \x01(\r\"\xbf\x03\n\x12ReportEventRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0c\n\x04time\x18\x04 \x01(\x01\x12\x34\n\x0eprocess_exited\x18\n \x01(\x0b\x32\x1a.spotwise.v1.ProcessExitedH\x00\x12@\n\x14\x63heckpoint_committed\x18\x0b \x01(\x0b\x32 .spotwise.v1.CheckpointCommittedH\x00\x12>\n\x13interruption_notice\x18\x0c \x01(\x0b\x32\x1f.spotwise.v1.InterruptionNoticeH\x00\x12)\n\x08progress\x18\r \x01(\x0b\x32\x15.spotwise.v1.ProgressH\x00\x12)\n\x08restored\x18\x0e \x01(\x0b\x32\x15.spotwise.v1.RestoredH\x00\x12:\n\x11\x63heckpoint_failed\x18\x0f \x01(\x0b\x32\x1d.spotwise.v1.CheckpointFailedH\x00\x12\x13\n\x0bnode_secret\x18\x05 \x01(\tB\x07\n\x05\x65vent\"7\n\x13ReportEventResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x9c\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_JOINING\x10\x01\x12\x14\n\x10NODE_STATE_READY\x10\x02\x12\x17\n\x13NODE_STATE_ASSIGNED\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x13\n\x0fNODE_STATE_LOST\x10\x05\x32\xc6\x02\n\x0c\x41gentService\x12G\n\x08Register\x12\x1c.spotwise.v1.RegisterRequest\x1a\x1d.spotwise.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.spotwise.v1.HeartbeatRequest\x1a\x1e.spotwise.v1.HeartbeatResponse\x12O\n\nHeartbeats\x12\x1d.spotwise.v1.HeartbeatRequest\x1a\x1e.spotwise.v1.HeartbeatResponse(\x01\x30\x01\x12P\n\x0bReportEvent\x12\x1f.spotwise.v1.ReportEventRequest\x1a .spotwise.v1.ReportEventResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspotwise/proto/v1/agent.proto\x12\x0bspotwise.v1\x1a\x1cspotwise/proto/v1/jobs.proto\"\xba\x02\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rinstance_type\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x11\n\tlifecycle\x18\x05 \x01(\t\x12\x0c\n\x04gpus\x18\x06 \x01(\r\x12\r\n\x05slots\x18\x07 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x08 \x01(\t\x12\x12\n\nstore_port\x18\t \x01(\r\x12\x16\n\x0eprice_per_hour\x18\n \x01(\x01\x12\x16\n\x0e\x63urrent_job_id\x18\x0b \x01(\t\x12\x1a\n\x12\x63urrent_generation\x18\x0c \x01(\x04\x12\x0f\n\x07log_dir\x18\r \x01(\t\x12\x15\n\rprovider_node\x18\x0e \x01(\t\x12\x13\n\x0bnode_secret\x18\x0f \x01(\t\"z\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\x12\x13\n\x0bnode_secret\x18\x04 \x01(\t\x12\x11\n\tbeat_port\x18\x05 \x01(\r\"b\n\rProcessStatus\x12\x12\n\nlocal_rank\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x08\x12\x11\n\texit_code\x18\x05 \x01(\x05\"\xb4\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12-\n\tprocesses\x18\x04 \x03(\x0b\x32\x1a.spotwise.v1.ProcessStatus\x12\x13\n\x0bnode_secret\x18\x05 \x01(\t\x12\x1a\n\x12\x61ssignment_version\x18\x06 \x01(\x04\x12\x0b\n\x03seq\x18\x07 \x01(\x04\"\xbf\x02\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.spotwise.v1.JobSpec\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x11\n\tnode_rank\x18\x05 \x01(\r\x12\x11\n\tnum_nodes\x18\x06 \x01(\r\x12\x12\n\nrank_start\x18\x07 \x01(\r\x12\r\n\x05nproc\x18\x08 \x01(\r\x12\x13\n\x0bmaster_addr\x18\t \x01(\t\x12\x13\n\x0bmaster_port\x18\n \x01(\r\x12\x14\n\x0crestore_step\x18\x0b \x01(\x03\x12\x16\n\x0e\x63heckpoint_now\x18\x0c \x01(\x08\x12\x12\n\nlost_steps\x18\r \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x0e \x01(\x01\x12\x0e\n\x06reason\x18\x0f \x01(\t\"}\n\x11HeartbeatResponse\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x17.spotwise.v1.Assignment\x12\x12\n\nreregister\x18\x02 \x01(\x08\x12\x1a\n\x12\x61ssignment_version\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"D\n\rProcessExited\x12\x12\n\nlocal_rank\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x11\n\texit_code\x18\x03 \x01(\x05\"P\n\x13\x43heckpointCommitted\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\x04\"6\n\x12InterruptionNotice\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x01\"V\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x03 \x01(\x01\x12\x12\n\nworld_size\x18\x04 \x01(\r\"0\n\x10\x43heckpointFailed\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\x08Restored\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x12\n\nworld_size\x18\x02 \x01(\r\"\xbf\x03\n\x12ReportEventRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x0c\n\x04time\x18\x04 \x01(\x01\x12\x34\n\x0eprocess_exited\x18\n \x01(\x0b\x32\x1a.spotwise.v1.ProcessExitedH\x00\x12@\n\x14\x63heckpoint_committed\x18\x0b \x01(\x0b\x32 .spotwise.v1.CheckpointCommittedH\x00\x12>\n\x13interruption_notice\x18\x0c \x01(\x0b\x32\x1f.spotwise.v1.InterruptionNoticeH\x00\x12)\n\x08progress\x18\r \x01(\x0b\x32\x15.spotwise.v1.ProgressH\x00\x12)\n\x08restored\x18\x0e \x01(\x0b\x32\x15.spotwise.v1.RestoredH\x00\x12:\n\x11\x63heckpoint_failed\x18\x0f \x01(\x0b\x32\x1d.spotwise.v1.CheckpointFailedH\x00\x12\x13\n\x0bnode_secret\x18\x05 \x01(\tB\x07\n\x05\x65vent\"7\n\x13ReportEventResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x9c\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_JOINING\x10\x01\x12\x14\n\x10NODE_STATE_READY\x10\x02\x12\x17\n\x13NODE_STATE_ASSIGNED\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x13\n\x0fNODE_STATE_LOST\x10\x05\x32\xc6\x02\n\x0c\x41gentService\x12G\n\x08Register\x12\x1c.spotwise.v1.RegisterRequest\x1a\x1d.spotwise.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.spotwise.v1.HeartbeatRequest\x1a\x1e.spotwise.v1.HeartbeatResponse\x12O\n\nHeartbeats\x12\x1d.spotwise.v1.HeartbeatRequest\x1a\x1e.spotwise.v1.HeartbeatResponse(\x01\x30\x01\x12P\n\x0bReportEvent\x12\x1f.spotwise.v1.ReportEventRequest\x1a .spotwise.v1.ReportEventResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spotwise.proto.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=2104
-  _globals['_NODESTATE']._serialized_end=2260
+  _globals['_NODESTATE']._serialized_start=2149
+  _globals['_NODESTATE']._serialized_end=2305
   _globals['_REGISTERREQUEST']._serialized_start=77
   _globals['_REGISTERREQUEST']._serialized_end=391
   _globals['_REGISTERRESPONSE']._serialized_start=393
-  _globals['_REGISTERRESPONSE']._serialized_end=496
-  _globals['_PROCESSSTATUS']._serialized_start=498
-  _globals['_PROCESSSTATUS']._serialized_end=596
-  _globals['_HEARTBEATREQUEST']._serialized_start=599
-  _globals['_HEARTBEATREQUEST']._serialized_end=766
-  _globals['_ASSIGNMENT']._serialized_start=769
-  _globals['_ASSIGNMENT']._serialized_end=1088
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1090
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1202
-  _globals['_PROCESSEXITED']._serialized_start=1204
-  _globals['_PROCESSEXITED']._serialized_end=1272
-  _globals['_CHECKPOINTCOMMITTED']._serialized_start=1274
-  _globals['_CHECKPOINTCOMMITTED']._serialized_end=1354
-  _globals['_INTERRUPTIONNOTICE']._serialized_start=1356
-  _globals['_INTERRUPTIONNOTICE']._serialized_end=1410
-  _globals['_PROGRESS']._serialized_start=1412
-  _globals['_PROGRESS']._serialized_end=1498
-  _globals['_CHECKPOINTFAILED']._serialized_start=1500
-  _globals['_CHECKPOINTFAILED']._serialized_end=1548
-  _globals['_RESTORED']._serialized_start=1550
-  _globals['_RESTORED']._serialized_end=1594
-  _globals['_REPORTEVENTREQUEST']._serialized_start=1597
-  _globals['_REPORTEVENTREQUEST']._serialized_end=2044
-  _globals['_REPORTEVENTRESPONSE']._serialized_start=2046
-  _globals['_REPORTEVENTRESPONSE']._serialized_end=2101
-  _globals['_AGENTSERVICE']._serialized_start=2263
-  _globals['_AGENTSERVICE']._serialized_end=2589
+  _globals['_REGISTERRESPONSE']._serialized_end=515
+  _globals['_PROCESSSTATUS']._serialized_start=517
+  _globals['_PROCESSSTATUS']._serialized_end=615
+  _globals['_HEARTBEATREQUEST']._serialized_start=618
+  _globals['_HEARTBEATREQUEST']._serialized_end=798
+  _globals['_ASSIGNMENT']._serialized_start=801
+  _globals['_ASSIGNMENT']._serialized_end=1120
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1122
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1247
+  _globals['_PROCESSEXITED']._serialized_start=1249
+  _globals['_PROCESSEXITED']._serialized_end=1317
+  _globals['_CHECKPOINTCOMMITTED']._serialized_start=1319
+  _globals['_CHECKPOINTCOMMITTED']._serialized_end=1399
+  _globals['_INTERRUPTIONNOTICE']._serialized_start=1401
+  _globals['_INTERRUPTIONNOTICE']._serialized_end=1455
+  _globals['_PROGRESS']._serialized_start=1457
+  _globals['_PROGRESS']._serialized_end=1543
+  _globals['_CHECKPOINTFAILED']._serialized_start=1545
+  _globals['_CHECKPOINTFAILED']._serialized_end=1593
+  _globals['_RESTORED']._serialized_start=1595
+  _globals['_RESTORED']._serialized_end=1639
+  _globals['_REPORTEVENTREQUEST']._serialized_start=1642
+  _globals['_REPORTEVENTREQUEST']._serialized_end=2089
+  _globals['_REPORTEVENTRESPONSE']._serialized_start=2091
+  _globals['_REPORTEVENTRESPONSE']._serialized_end=2146
+  _globals['_AGENTSERVICE']._serialized_start=2308
+  _globals['_AGENTSERVICE']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)

@@ -58,16 +58,18 @@ class RegisterRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., instance_type: _Optional[str] = ..., zone: _Optional[str] = ..., lifecycle: _Optional[str] = ..., gpus: _Optional[int] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., store_port: _Optional[int] = ..., price_per_hour: _Optional[float] = ..., current_job_id: _Optional[str] = ..., current_generation: _Optional[int] = ..., log_dir: _Optional[str] = ..., provider_node: _Optional[str] = ..., node_secret: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_s", "lease_s", "node_secret")
+    __slots__ = ("node_id", "heartbeat_interval_s", "lease_s", "node_secret", "beat_port")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    BEAT_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     heartbeat_interval_s: float
     lease_s: float
     node_secret: str
-    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., node_secret: _Optional[str] = ...) -> None: ...
+    beat_port: int
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., node_secret: _Optional[str] = ..., beat_port: _Optional[int] = ...) -> None: ...
 
 class ProcessStatus(_message.Message):
     __slots__ = ("local_rank", "rank", "pid", "running", "exit_code")
@@ -84,20 +86,22 @@ class ProcessStatus(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ..., rank: _Optional[int] = ..., pid: _Optional[int] = ..., running: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "job_id", "generation", "processes", "node_secret", "assignment_version")
+    __slots__ = ("node_id", "job_id", "generation", "processes", "node_secret", "assignment_version", "seq")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     job_id: str
     generation: int
     processes: _containers.RepeatedCompositeFieldContainer[ProcessStatus]
     node_secret: str
     assignment_version: int
-    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[ProcessStatus, _Mapping]]] = ..., node_secret: _Optional[str] = ..., assignment_version: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, node_id: _Optional[str] = ..., job_id: _Optional[str] = ..., generation: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[ProcessStatus, _Mapping]]] = ..., node_secret: _Optional[str] = ..., assignment_version: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("job_id", "generation", "spec", "world_size", "node_rank", "num_nodes", "rank_start", "nproc", "master_addr", "master_port", "restore_step", "checkpoint_now", "lost_steps", "cost_usd", "reason")
@@ -134,14 +138,16 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., generation: _Optional[int] = ..., spec: _Optional[_Union[_jobs_pb2.JobSpec, _Mapping]] = ..., world_size: _Optional[int] = ..., node_rank: _Optional[int] = ..., num_nodes: _Optional[int] = ..., rank_start: _Optional[int] = ..., nproc: _Optional[int] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., restore_step: _Optional[int] = ..., checkpoint_now: _Optional[bool] = ..., lost_steps: _Optional[int] = ..., cost_usd: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("assignment", "reregister", "assignment_version")
+    __slots__ = ("assignment", "reregister", "assignment_version", "seq")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     reregister: bool
     assignment_version: int
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., reregister: _Optional[bool] = ..., assignment_version: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., reregister: _Optional[bool] = ..., assignment_version: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class ProcessExited(_message.Message):
     __slots__ = ("local_rank", "rank", "exit_code")

@@ -12,6 +12,7 @@ The address rules come from `spotwise.common.address`, as the daemon's listening
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,16 @@ class ChannelSecurity:
     """TLS credentials; None for a plaintext channel."""
     metadata: tuple[tuple[str, str], ...]
     """The bearer token's metadata (empty without a token); pass it on every call."""
+    ssl_context: ssl.SSLContext | None = None
+    """The same TLS for a connection that is not gRPC's (the beat channel); None: plaintext."""
+
+    @property
+    def token(self) -> str:
+        """The bearer token ("" without one)."""
+        for key, value in self.metadata:
+            if key == METADATA_KEY and value.startswith("Bearer "):
+                return value[len("Bearer "):]
+        return ""
 
     @property
     def tls(self) -> bool:
@@ -108,12 +119,23 @@ def channel_security(
             f"refusing to send a token in plaintext to {address}: set {ca_name} to use TLS, "
             "or dial the daemon on a loopback address"
         )
-    credentials = None
+    credentials = context = None
     if ca_file:
+        ca = _read(ca_file, ca_name)
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(ca_file, ca_name),
+            root_certificates=ca,
             private_key=_read(key_file, key_name) if key_file else None,
             certificate_chain=_read(cert_file, cert_name) if cert_file else None,
         )
+        try:
+            context = ssl.create_default_context(cadata=ca.decode(errors="replace"))
+        except ssl.SSLError as exc:
+            raise CredentialsError(f"{ca_name} {ca_file} holds no usable CA: {exc}") from None
+        if cert_file and key_file:
+            try:
+                context.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise CredentialsError(f"cannot load {cert_name} {cert_file} with {key_name} "
+                                       f"{key_file}: {exc}") from None
     return ChannelSecurity(address=address, credentials=credentials,
-                           metadata=bearer_metadata(token) if token else ())
+                           metadata=bearer_metadata(token) if token else (), ssl_context=context)

@@ -51,13 +51,14 @@ def head(tmp_path: Path) -> Iterator[tuple[DaemonThread, Credentials]]:
         yield daemon, creds
 
 
-@pytest.mark.parametrize("unary", [True, False], ids=["unary", "stream"])
+@pytest.mark.parametrize("protocol", ["unary", "stream", "channel"])
 def test_simulated_agents_register_beat_run_a_job_and_a_silent_one_is_replaced(
-    head: tuple[DaemonThread, Credentials], tmp_path: Path, unary: bool
+    head: tuple[DaemonThread, Credentials], tmp_path: Path, protocol: str
 ) -> None:
     daemon, creds = head
     settings = AgentSettings(address=daemon.address, agent_token=creds.agent_token,
-                             ca_pem=creds.ca_file.read_bytes(), unary=unary)
+                             ca_pem=creds.ca_file.read_bytes(), unary=protocol == "unary",
+                             stream=protocol == "stream")
     with LoadGenerator(settings, nodes=AGENTS, processes=1) as gen, \
             Client(daemon.address, token=creds.client_token, ca_file=creds.ca_file) as client:
         gen.register()
@@ -71,6 +72,13 @@ def test_simulated_agents_register_beat_run_a_job_and_a_silent_one_is_replaced(
         if not first.counters["answered"]:
             pytest.skip("this daemon does not serve the Heartbeats stream yet")
         assert first.counters["registered"] == AGENTS
+        def on_channel() -> int:
+            return daemon.call(lambda: len(daemon.daemon.beats.connections))
+
+        if protocol == "channel":
+            until(lambda: on_channel() == AGENTS, 10, "every agent on the beat channel")
+        else:
+            assert on_channel() == 0
         # One connection per agent (plus none shared): the daemon's port has at least that many
         # established peers.
         assert established_to(int(daemon.address.rpartition(":")[2])) >= AGENTS

@@ -197,6 +197,7 @@ def head_values() -> dict[str, object]:
         "tokens_b64": b64("sha256:" + "0" * 64 + " agent agents\n"),
         "daemon_key_parameter": "/spotwise/daemon/tls-key",
         "daemon_port": 7450,
+        "beat_port": 7451,
         "metrics_port": 9450,
         "require_client_cert": "false",
         "checkpoint_uri": "s3://spotwise-checkpoints-123456789012/checkpoints/",
@@ -441,7 +442,7 @@ def test_instances_require_imdsv2(module: Config) -> None:
 # --- network -----------------------------------------------------------------------------------
 
 
-def test_daemon_port_admits_only_agents_and_admin_cidrs(module: Config) -> None:
+def test_daemon_and_beat_ports_admit_only_agents_and_admin_cidrs(module: Config) -> None:
     for name, sg in module.of_type("aws_security_group").items():
         assert "ingress" not in sg and "egress" not in sg, f"inline rules hide in {name}"
     assert not module.of_type("aws_security_group_rule"), "use the per-rule resources"
@@ -451,7 +452,7 @@ def test_daemon_port_admits_only_agents_and_admin_cidrs(module: Config) -> None:
         if rule["security_group_id"] == "${aws_security_group.head.id}"
     }
     assert head_rules
-    daemon_rules = {}
+    daemon_rules, beat_rules = {}, {}
     for name, rule in head_rules.items():
         assert rule.get("cidr_ipv4") != "0.0.0.0/0", name
         assert rule.get("cidr_ipv6") != "::/0", name
@@ -459,6 +460,8 @@ def test_daemon_port_admits_only_agents_and_admin_cidrs(module: Config) -> None:
         assert rule["ip_protocol"] == "tcp", f"{name} opens every protocol"
         if rule["from_port"] == "${var.daemon_port}":
             daemon_rules[name] = rule
+        elif rule["from_port"] == "${var.beat_port}":
+            beat_rules[name] = rule
         else:
             assert rule["from_port"] == "${var.metrics_port}", name
         assert rule["to_port"] == rule["from_port"], name
@@ -467,6 +470,9 @@ def test_daemon_port_admits_only_agents_and_admin_cidrs(module: Config) -> None:
         for rule in daemon_rules.values()
     )
     assert sources == ["${aws_security_group.agents.id}", "${each.value}"]
+    # The beat channel is for agents only.
+    assert [r.get("referenced_security_group_id") for r in beat_rules.values()] == [
+        "${aws_security_group.agents.id}"]
     admin = next(r for r in daemon_rules.values() if "cidr_ipv4" in r)
     assert admin["for_each"] == "${toset(var.admin_cidrs)}"
     admin_cidrs = module.variables["admin_cidrs"]

@@ -30,6 +30,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from spotwise.common.address import split_host_port
+from spotwise.common.beatwire import ACK_EVERY
 from spotwise.common.credentials import channel_security
 from spotwise.common.exporter import MetricsExporter, start_exporter
 from spotwise.common.sdnotify import Notifier, NotifyError, start_watchdog
@@ -37,6 +39,7 @@ from spotwise.config import AgentConfig
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc
 from spotwise.worker.agent import orphans
 from spotwise.worker.agent.backoff import Backoff
+from spotwise.worker.agent.beats import BeatChannel, BeatUnreachable
 from spotwise.worker.agent.generations import Generations
 from spotwise.worker.agent.job_isolation import resolve_run_as
 from spotwise.worker.agent.metrics import AgentMetrics
@@ -60,6 +63,9 @@ from spotwise.worker.agent.supervisor import (
     Supervisor,
 )
 from spotwise.worker.runtime.events import EventsTail
+
+BEAT_FALLBACK_S = 60.0
+"""After the beat channel was unreachable, beat on the gRPC stream this long, then try again."""
 
 log = logging.getLogger("spotwise.worker.agent")
 
@@ -99,7 +105,11 @@ class Agent(Generations):
                        if config.node_id else None)
         self.credential = Credential(secret_path, config.node_id)
         self._held_version = 0
-        self._beats: HeartbeatStream | None = None
+        self._beats: HeartbeatStream | BeatChannel | None = None
+        self._grpc_beats: HeartbeatStream | None = None
+        self._beat_port = 0
+        self._beat_fallback_until = 0.0
+        """Until then the agent beats on the gRPC stream: the beat channel was unreachable."""
         self._store_lock = asyncio.Lock()
         self._notifier = notifier or Notifier(address=None)
         self._watchdog: asyncio.Task[None] | None = None
@@ -162,8 +172,9 @@ class Agent(Generations):
                  self.log_dir)
         channel = self._security.aio_channel(options=CHANNEL_OPTIONS)
         self._stub = agent_pb2_grpc.AgentServiceStub(channel)
-        self._beats = HeartbeatStream(self._stub, metadata=self._metadata,
-                                      timeout_s=self.config.rpc_timeout_s)
+        self._grpc_beats = HeartbeatStream(self._stub, metadata=self._metadata,
+                                           timeout_s=self.config.rpc_timeout_s)
+        self._beats = self._grpc_beats
         self._reporter = Reporter(self._reports, self._reports_ready, self._stub,
                                   metadata=self._metadata, credential=self.credential,
                                   timeout_s=self.config.rpc_timeout_s,
@@ -253,6 +264,8 @@ class Agent(Generations):
             self.lease_s = resp.lease_s or self.lease_s
             if self._beats is not None:
                 self._beats.close()  # the next beat opens a stream as this registration
+            self._beat_port = resp.beat_port
+            self._beats = self._beat_transport(resp.beat_port)
             cur = self.current
             log.info("agent: registered as node %s (job %s g%s), heartbeat %.2fs lease %.2fs",
                      self.node_id, cur.spec.job_id if cur else "-",
@@ -276,6 +289,16 @@ class Agent(Generations):
             raise AgentError(f"daemon {self.config.daemon} unreachable for more than "
                              f"{self.max_disconnect_s:.0f}s: {err.code().name}: {err.details()}")
 
+    def _beat_transport(self, beat_port: int) -> HeartbeatStream | BeatChannel | None:
+        """The beat channel when the daemon has one and it was not unreachable lately, else
+        the gRPC Heartbeats stream."""
+        if not beat_port or time.monotonic() < self._beat_fallback_until:
+            return self._grpc_beats
+        host = split_host_port(self.config.daemon)[0].strip("[]")
+        return BeatChannel(host, beat_port, ssl_context=self._security.ssl_context,
+                           token=self._security.token, timeout_s=self.config.rpc_timeout_s,
+                           silence_s=max(2.0, 3 * ACK_EVERY * self.heartbeat_interval_s))
+
     def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
         return heartbeat_request(self.credential, self._held_version, self.current,
                                  self._start_failed)
@@ -289,6 +312,12 @@ class Agent(Generations):
             t0 = time.monotonic()
             try:
                 resp = await self._beats.beat(self._heartbeat_request())
+            except BeatUnreachable as e:
+                log.warning("agent %s: %s; beating on the gRPC stream for %.0fs", self.node_id,
+                            e.details(), BEAT_FALLBACK_S)
+                self._beat_fallback_until = time.monotonic() + BEAT_FALLBACK_S
+                self._beats = self._grpc_beats
+                continue
             except aio.AioRpcError as e:
                 if e.code() in UNKNOWN_NODE or e.code() is grpc.StatusCode.PERMISSION_DENIED:
                     await self._register(time.monotonic())
@@ -320,14 +349,23 @@ class Agent(Generations):
             if resp.HasField("assignment"):
                 self._held_version = resp.assignment_version
                 self._apply(resp.assignment)
-            await self._sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)))
+            await self._sleep(max(0.0, self.heartbeat_interval_s - (time.monotonic() - t0)),
+                              wake=getattr(self._beats, "news", None))
+            if (self._beats is self._grpc_beats and self._beat_port
+                    and time.monotonic() >= self._beat_fallback_until):
+                self._beats = self._beat_transport(self._beat_port)  # try the channel again
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake at once when the agent is asked to stop."""
+    async def _sleep(self, seconds: float, *, wake: asyncio.Event | None = None) -> None:
+        """Sleep, but wake at once when the agent is asked to stop (or `wake` is set: the
+        beat channel brought news)."""
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if wake is not None:
+            waits.append(asyncio.ensure_future(wake.wait()))
         try:
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     # ---- assignments ----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ resource "aws_instance" "head" {
     tokens_b64           = base64encode(local.tokens_file)
     daemon_key_parameter = aws_ssm_parameter.daemon_tls_key.name
     daemon_port          = var.daemon_port
+    beat_port            = var.beat_port
     metrics_port         = var.metrics_port
     require_client_cert  = var.mutual_tls ? "true" : "false"
     checkpoint_uri       = local.checkpoint_uri

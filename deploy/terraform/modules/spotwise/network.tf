@@ -34,6 +34,16 @@ resource "aws_vpc_security_group_ingress_rule" "daemon_from_agents" {
   tags                         = local.tags
 }
 
+resource "aws_vpc_security_group_ingress_rule" "beats_from_agents" {
+  security_group_id            = aws_security_group.head.id
+  description                  = "spotwise daemon beat channel from agents"
+  ip_protocol                  = "tcp"
+  from_port                    = var.beat_port
+  to_port                      = var.beat_port
+  referenced_security_group_id = aws_security_group.agents.id
+  tags                         = local.tags
+}
+
 resource "aws_vpc_security_group_ingress_rule" "daemon_from_admins" {
   for_each = toset(var.admin_cidrs)
 

@@ -52,6 +52,17 @@ variable "admin_cidrs" {
   }
 }
 
+variable "beat_port" {
+  description = "TCP port of the daemon's beat channel, where agents heartbeat (TLS)."
+  type        = number
+  default     = 7451
+
+  validation {
+    condition     = var.beat_port > 0 && var.beat_port < 65536
+    error_message = "beat_port must be a TCP port number."
+  }
+}
+
 variable "daemon_port" {
   description = "TCP port of the daemon's gRPC server (TLS)."
   type        = number
