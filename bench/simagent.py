@@ -207,10 +207,12 @@ class SimAgent:
                 local_rank=0, rank=a.rank_start, pid=self._pid, running=True))
         return req
 
-    def answered(self, resp: agent_pb2.HeartbeatResponse, sent: float) -> None:
-        """Take in one heartbeat answer to the beat sent at monotonic time `sent`."""
-        self.stats.latencies_ms.append((time.monotonic() - sent) * 1000.0)
-        self.stats.answered += 1
+    def answered(self, resp: agent_pb2.HeartbeatResponse, sent: float | None) -> None:
+        """Take in one heartbeat answer to the beat sent at monotonic time `sent` (None: an
+        assignment the daemon pushed, no beat's answer)."""
+        if sent is not None:
+            self.stats.latencies_ms.append((time.monotonic() - sent) * 1000.0)
+            self.stats.answered += 1
         if resp.reregister:
             self.stats.reregister_answers += 1
             self._must_register = True
@@ -344,7 +346,7 @@ class SimAgent:
                         raise StreamEnded(f"beat connection refused: {payload.decode()}")
                     if kind == ANSWER:
                         resp = agent_pb2.HeartbeatResponse.FromString(payload)
-                        self.answered(resp, sent.pop(resp.seq, time.monotonic()))
+                        self.answered(resp, sent.pop(resp.seq, None) if resp.seq else None)
 
         reading = asyncio.create_task(read())
         try:

@@ -201,6 +201,16 @@ class BeatServer:
         decision = decide_access(HEARTBEATS_METHOD, token or None, self.tokens, AccessPolicy())
         return "" if decision.allowed else f"{decision.code.name}: {decision.reason}"
 
+    def push(self, node_ids: list[str]) -> None:
+        """Send the new assignments of these nodes now, to those on the channel (seq 0: no
+        beat asked), rather than at their next beat: a generation starts half a heartbeat
+        interval sooner."""
+        answer = self.coordinator.assignments.answer
+        for node_id in node_ids:
+            conn = self.connections.get(node_id)
+            if conn is not None:
+                conn._send(answer(node_id, -1))
+
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
         """Listen on host:port (0: a free port); returns the port."""
         loop = asyncio.get_running_loop()
@@ -213,6 +223,8 @@ class BeatServer:
         return self.port
 
     async def stop(self) -> None:
+        if self.coordinator.assignments.on_change == self.push:
+            self.coordinator.assignments.on_change = None
         if self._server is not None:
             self._server.close()
             for conn in list(self.connections.values()):
@@ -269,5 +281,6 @@ async def start_beats(coordinator: Coordinator, config: DaemonConfig, *,
     except OSError as exc:
         raise RuntimeError(f"beat channel: cannot listen on {address}: {exc}") from exc
     coordinator.agents.beat_port = server.port  # told to agents at Register
+    coordinator.assignments.on_change = server.push
     return server
 

@@ -121,8 +121,8 @@ class Outbox:
         self._waiters.clear()
 
 
-def publish(batch: Batch, bus: EventBus, install: Callable[[dict[str, agent_pb2.Assignment]], None]
-            ) -> None:
+def publish(batch: Batch, bus: EventBus,
+            install: Callable[[dict[str, agent_pb2.Assignment]], object]) -> None:
     """After the commit: events to watchers, assignments to heartbeats, callers released."""
     install(batch.assignments)
     for row, final in batch.events:

@@ -137,14 +137,22 @@ class AssignmentCache:
         self._next = int(time.time() * 1e6)
         self._by_node: dict[str, tuple[int, agent_pb2.Assignment]] = {}
         self._empty = agent_pb2.Assignment()
+        self.on_change: Callable[[list[str]], None] | None = None
+        """Called with the nodes whose assignment changed (the beat channel pushes them)."""
 
-    def install(self, assignments: Mapping[str, agent_pb2.Assignment]) -> None:
+    def install(self, assignments: Mapping[str, agent_pb2.Assignment]) -> list[str]:
+        """Take in committed assignments; the nodes whose assignment changed."""
+        changed = []
         for node_id, a in assignments.items():
             old = self._by_node.get(node_id)
             if old is not None and old[1] == a:
                 continue
             self._next += 1
             self._by_node[node_id] = (self._next, a)
+            changed.append(node_id)
+        if changed and self.on_change is not None:
+            self.on_change(changed)
+        return changed
 
     def get(self, node_id: str) -> tuple[int, agent_pb2.Assignment]:
         return self._by_node.get(node_id, (0, self._empty))

@@ -12,7 +12,7 @@ import struct
 HELLO, BEAT, ANSWER, REFUSED = 1, 2, 3, 4
 MAX_FRAME = 64 * 1024
 """The longest frame either side sends (a beat lists at most a node's processes)."""
-ACK_EVERY = 2
+ACK_EVERY = 4
 """Every this many beats get an answer even without news."""
 
 _LENGTH = struct.Struct("!I")

@@ -264,3 +264,26 @@ def test_the_real_agent_beats_on_the_channel_or_falls_back_to_the_stream(
             assert d.call(lambda: coordinator.nodes[node_id].state.value) != "LOST"
         finally:
             provider.shutdown()
+
+
+def test_a_new_assignment_is_pushed_without_waiting_for_a_beat(daemon: DaemonThread) -> None:
+    node = register(daemon)
+    raw = RawBeats(node.beat_port)
+    try:
+        raw.send(frame(HELLO, b""))
+        raw.beat(node, 1)  # binds the connection; answered (news: no assignment held yet)
+        kind, _ = raw.read() or (0, b"")
+        assert kind == ANSWER
+        with grpc.insecure_channel(daemon.address) as ch:
+            job_id = jobs_pb2_grpc.JobServiceStub(ch).SubmitJob(jobs_pb2.SubmitJobRequest(
+                spec=JobSpec.model_validate({"entrypoint": ["python", "t.py"],
+                                             "checkpoint": {"uri": "/tmp/ck"},
+                                             "global_batch_size": 8}).to_proto()),
+                timeout=RPC_TIMEOUT_S).job_id
+        # No more beats: the generation's assignment comes on its own.
+        kind, payload = raw.read() or (0, b"")
+        pushed = agent_pb2.HeartbeatResponse.FromString(payload)
+        assert kind == ANSWER and pushed.seq == 0
+        assert pushed.assignment.job_id == job_id and pushed.assignment.generation == 1
+    finally:
+        raw.close()
