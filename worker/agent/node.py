@@ -353,7 +353,9 @@ class Agent(Generations):
                               wake=getattr(self._beats, "news", None))
             if (self._beats is self._grpc_beats and self._beat_port
                     and time.monotonic() >= self._beat_fallback_until):
-                self._beats = self._beat_transport(self._beat_port)  # try the channel again
+                # Try the channel again, on the port the daemon serves it on now (a restarted
+                # daemon may have another): its Register answer names it.
+                await self._register(time.monotonic())
 
     async def _sleep(self, seconds: float, *, wake: asyncio.Event | None = None) -> None:
         """Sleep, but wake at once when the agent is asked to stop (or `wake` is set: the
