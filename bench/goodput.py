@@ -46,13 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench modules be
 TINY = ROOT / "tests" / "workloads" / "tiny_train.py"
 TRACE = ROOT.parent / "shared" / "traces" / "aws-2023-08-27-us-east-2b-p3.2xlarge-16node-availability.json"
 RESULTS = ROOT / "bench" / "results" / "goodput.json"
-TRACE_LENGTH = 20
+TRACE_LENGTH = 18
 """Trace samples of the trace scenarios' window (see real_trace's why_window)."""
-STARTUP_ESTIMATE_S = 20.0
+STARTUP_ESTIMATE_S = 15.0
 """Seconds a run spends before and after its window on a quiet 2-core machine (daemon or
 store, agents, torch imports, first commit, teardown), for --plan's estimate."""
 REFERENCE_ESTIMATE_S = 75.0
 """Seconds one measurement of the reference rates takes, for --plan's estimate."""
+BUDGET_ESTIMATE_S = 90.0
+"""Seconds the budget run takes, for --plan's estimate."""
 
 
 def worker(argv: list[str]) -> int:
@@ -155,7 +157,7 @@ def _setup_json(setup, scenarios, rounds: int) -> dict:
     }
 
 
-def _plan_s(scenarios, rounds: int, setup) -> dict[str, float]:
+def _plan_s(scenarios, rounds: int, setup, *, budget: bool) -> dict[str, float]:
     """About how long each scenario's rounds take (default torchrun waits its 30 s last call
     before its first step when a scenario starts below full size)."""
     out = {}
@@ -165,6 +167,8 @@ def _plan_s(scenarios, rounds: int, setup) -> dict[str, float]:
                         for sys_ in s.systems)
         out[s.name] = round(per_round * rounds)
     out["references"] = REFERENCE_ESTIMATE_S * (rounds + 1)
+    if budget:
+        out["budget_run"] = BUDGET_ESTIMATE_S
     return out
 
 
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         start = args.start if args.start is not None else busy_window(trace, nodes=3,
                                                                       length=TRACE_LENGTH)
         scenarios = [s for s in builtin_scenarios(trace=str(args.trace), trace_start=start,
-                                                  notice=notice)
+                                                  notice=notice, length=TRACE_LENGTH)
                      if args.scenario is None and not args.scenario_file
                      or s.name in (args.scenario or [])]
         scenarios += [load_scenario(p, notice=notice) for p in args.scenario_file]
@@ -231,12 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("two scenarios have the same name")
     setup = BenchSetup(notice=notice, checkpoint_every_steps=args.checkpoint_every,
                        reference_s=args.reference_s, price_per_hour=p3_spot_price(ROOT))
-    plan = _plan_s(scenarios, args.rounds, setup)
+    plan = _plan_s(scenarios, args.rounds, setup, budget=not args.no_budget)
     if args.plan:
         for s in scenarios:
-            print(f"{s.name}: window {s.window_s:.0f} s, systems {' '.join(s.systems)}; "
+            where = f" (samples {s.generator.start}..)" if s.generator.kind == "trace" else ""
+            print(f"{s.name}: window {s.window_s:.0f} s{where}, systems {' '.join(s.systems)}; "
                   f"about {plan[s.name] / 60:.1f} min for {args.rounds} round(s)")
         print(f"references: about {plan['references'] / 60:.1f} min")
+        if "budget_run" in plan:
+            print(f"budget run: about {plan['budget_run'] / 60:.1f} min")
         print(f"total: about {sum(plan.values()) / 60:.0f} min")
         return 0
     # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so every harness stops its nodes.

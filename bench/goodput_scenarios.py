@@ -234,11 +234,12 @@ def _from_changes(changes: list[tuple[float, int]], window_s: float, *, nodes: i
                           duration_s=samples * GRID_S)
 
 
-def builtin_scenarios(*, trace: str, trace_start: int, notice: NoticeModel,
-                      nodes: int = 3) -> list[Scenario]:
-    """The default run's scenarios, in the order they run within a round."""
+def builtin_scenarios(*, trace: str, trace_start: int, notice: NoticeModel, nodes: int = 3,
+                      length: int = 18) -> list[Scenario]:
+    """The default run's scenarios, in the order they run within a round; the trace scenarios
+    replay `length` samples of `trace` from `trace_start`."""
     lead, c = notice.lead_s, notice.compression
-    window = TraceWindow(trace=trace, start=trace_start, length=20, nodes=nodes,
+    window = TraceWindow(trace=trace, start=trace_start, length=length, nodes=nodes,
                          notice_fraction=1.0, lead_s=lead, compression=c)
     return [
         Scenario(
@@ -248,9 +249,7 @@ def builtin_scenarios(*, trace: str, trace_start: int, notice: NoticeModel,
                         "removal with the compressed two-minute notice",
             generator=window,
             systems=(*COMPARED, "restart"),
-            why_window="20 trace samples (100 s): all 4 level changes of the window (at 15, 35, "
-                       "50 and 70 s) and 30 s after the last, which is default torchrun's last "
-                       "call, so every system's recovery from every change lies inside it"),
+            why_window=_trace_why(window)),
         Scenario(
             name="no_notice",
             description="the same trace window, every removal without notice (hardware "
@@ -277,12 +276,28 @@ def builtin_scenarios(*, trace: str, trace_start: int, notice: NoticeModel,
             name="mass_preemption",
             description="3 nodes, all noticed (the compressed two-minute notice) and removed at "
                         "10 s; 3 nodes back 15 s later",
-            generator=MassPreemption(window_s=60.0, at_s=10.0, gap_s=15.0, lead_s=lead,
+            generator=MassPreemption(window_s=50.0, at_s=10.0, gap_s=15.0, lead_s=lead,
                                      nodes=nodes),
-            why_window="35 s after capacity returns: new agents start, rendezvous and restore "
-                       "(well under 20 s for every system when it works); the figure that "
+            why_window="25 s after capacity returns: new agents start, rendezvous and restore "
+                       "(about 10 s for every system here when it works); the figure that "
                        "matters, lost steps, is settled by the first restore"),
     ]
+
+
+def _trace_why(window: TraceWindow) -> str:
+    """Why a trace window is long enough, from where its level changes."""
+    sched = window.schedule(0)
+    levels = sched.levels
+    changes = [i * sched.step_s for i in range(1, len(levels)) if levels[i] != levels[i - 1]]
+    if not changes:
+        return f"{window.length} trace samples ({window.window_s:.0f} s) without a level change"
+    tail = window.window_s - changes[-1]
+    return (f"{window.length} trace samples ({window.window_s:.0f} s): level changes at "
+            f"{', '.join(f'{t:.0f}' for t in changes)} s and {tail:.0f} s after the last. On the "
+            "16-node trace (changes at 15, 35, 50, 70 s) the last is a grow to full size, which "
+            "every system completes without a last call (its rendezvous is full), and default "
+            "torchrun's 30 s last calls after the losses at 15 and 50 s end with the arrivals at "
+            "35 and 70 s: each system's recovery from every change lies inside the window")
 
 
 def load_scenario(path: Path, *, notice: NoticeModel) -> Scenario:
