@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +154,9 @@ def _setup_json(setup, scenarios, rounds: int) -> dict:
                      "the ledger cut at the window's end (goodput_ledger)",
         "lost_steps": "per restore inside the window, the steps between where the job was and "
                       "the step restored (the daemon's rule), from the ledger, every system",
+        "unsaved_at_outage": "steps run past the newest commit when a removal left no node, "
+                             "from the ledger cut at that moment: what the outage loses even "
+                             "when the restore comes after the window",
         "price_per_hour": setup.price_per_hour,
     }
 
@@ -185,16 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         round_order,
         summarize,
     )
-    from goodput_scenarios import NoticeModel, builtin_scenarios, load_scenario
-    from goodput_systems import BenchSetup, measure_reference, run_system
+    from goodput_scenarios import BUILTIN, NoticeModel, builtin_scenarios, load_scenario
+    from goodput_systems import BenchSetup, measure_reference
 
     from spotwise.cloud.trace import busy_window, load_trace
 
-    builtin_names = [s.name for s in builtin_scenarios(trace=str(TRACE), trace_start=0,
-                                                        notice=NoticeModel())]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--scenario", action="append", choices=builtin_names,
+    parser.add_argument("--scenario", action="append", choices=BUILTIN,
                         help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--scenario-file", action="append", type=Path, default=[],
                         help="also run the scenario this JSON file describes (repeatable)")
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-s", type=float, default=BenchSetup.reference_s,
                         help="wall seconds each uninterrupted rate is measured over")
     parser.add_argument("--seed", type=int, default=0, help="round r uses seed + r")
+    parser.add_argument("--systems", nargs="+", default=None,
+                        help="run only these systems of each scenario (default: all of them)")
     parser.add_argument("--no-budget", action="store_true", help="skip the budget run")
     parser.add_argument("--plan", action="store_true", help="print what would run and exit")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
@@ -233,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if len({s.name for s in scenarios}) != len(scenarios):
         parser.error("two scenarios have the same name")
+    if args.systems is not None:
+        scenarios = [dc_replace(s, systems=tuple(x for x in s.systems if x in args.systems))
+                     for s in scenarios]
+        scenarios = [s for s in scenarios if s.systems]
+        if not scenarios:
+            parser.error(f"no scenario runs any of {args.systems}")
     setup = BenchSetup(notice=notice, checkpoint_every_steps=args.checkpoint_every,
                        reference_s=args.reference_s, price_per_hour=p3_spot_price(ROOT))
     plan = _plan_s(scenarios, args.rounds, setup, budget=not args.no_budget)
@@ -267,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             schedule = s.generator.schedule(seed)
             order = round_order(s.systems, r)
             log(f"round {r + 1}/{args.rounds} {s.name} (seed {seed}): {' '.join(order)}")
-            runs = {system: run_system(setup, system, schedule, log, seed=seed) for system in order}
+            runs = {system: _run(setup, system, schedule, log, seed=seed) for system in order}
             pending.append((s, schedule, order, runs))
         references.append(measure_reference(setup, log))
         result["references"].append({"after_round": r, "rates": _rates_json(references[-1])})
         rates = mean_rates(references[r], references[r + 1])
         for s, schedule, order, runs in pending:
             for run in runs.values():
+                if run.error:
+                    continue
                 run.expected_samples = round(expected_samples(schedule.levels, schedule.step_s,
                                                               run.wall_s, rates), 1)
                 run.goodput = (round(run.committed_samples / run.expected_samples, 4)
@@ -306,6 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _run(setup, system: str, schedule, log: Callable[[str], None], *, seed: int):
+    """run_system's result; a system that never got to its window (it did not train within
+    the start timeout, or its harness failed) is recorded with the error and no figures, and
+    the next system runs."""
+    from goodput_systems import RunResult, run_system
+
+    try:
+        return run_system(setup, system, schedule, log, seed=seed)
+    except (TimeoutError, RuntimeError) as e:
+        log(f"  {system}: no result: {e}")
+        return RunResult.failed(system, str(e))
+
+
 def _rates_json(rates: dict[int, float]) -> dict[str, float]:
     return {str(k): round(v, 2) for k, v in sorted(rates.items())}
 
@@ -327,8 +352,10 @@ def _write(path: Path, result: dict) -> None:
 def _print(result: dict, out: Callable[[str], None] = print) -> None:
     for name, entry in result["scenarios"].items():
         summary = entry["summary"]
-        for group in ("goodput", "lost_steps", "ratio", "ceiling"):
+        for group in ("goodput", "lost_steps", "unsaved_at_outage", "ratio", "ceiling"):
             for key, s in summary.get(group, {}).items():
+                if s["n"] == 0:
+                    continue
                 out(f"{name}.{group}.{key}: {s['median']} (min {s['min']}, max {s['max']}, "
                     f"n {s['n']})")
     for t in result["targets"]:

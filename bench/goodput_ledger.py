@@ -84,6 +84,20 @@ def _committed_at(path: Path, end: int, *, dataset_size: int, global_batch: int)
         cut.unlink()
 
 
+def unsaved_at(path: Path, offset: int, *, dataset_size: int, global_batch: int) -> int:
+    """Steps run past the newest commit, in the ledger cut at `offset`: what a removal of every
+    node at that moment loses, however long the restore takes to come (0 before any step)."""
+    committed = _committed_at(path, offset, dataset_size=dataset_size, global_batch=global_batch)
+    newest, current = 0, None
+    for r in read_records(path, offset):
+        if r["kind"] == "step":
+            newest = r["step"] if r["generation"] != current else max(newest, r["step"])
+            current = r["generation"]
+        elif r["kind"] == "restored":
+            newest, current = r["step"], r["generation"]
+    return max(0, newest - committed)
+
+
 def training_state(path: Path) -> tuple[int, int, int, bool]:
     """(generation, ranks, newest step, whether it committed) of the generation that stepped
     last, from the ledger as it is now ((-1, 0, 0, False) before any step): a harness waits

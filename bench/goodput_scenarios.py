@@ -35,6 +35,8 @@ SYSTEMS = ("spotwise", "torchrun", "torchrun_tuned", "restart")
 """Every system the harness can run (see goodput_systems)."""
 COMPARED = ("spotwise", "torchrun", "torchrun_tuned")
 """The systems of every scenario; the generous restart model runs on the real trace only."""
+BUILTIN = ("real_trace", "no_notice", "failure_every_60s", "failure_every_15s", "mass_preemption")
+"""The default run's scenarios (builtin_scenarios), in the order a round runs them."""
 GRID_S = 0.5
 """Wall seconds per level sample of a synthetic schedule (its events fall on this grid)."""
 
@@ -241,7 +243,7 @@ def builtin_scenarios(*, trace: str, trace_start: int, notice: NoticeModel, node
     lead, c = notice.lead_s, notice.compression
     window = TraceWindow(trace=trace, start=trace_start, length=length, nodes=nodes,
                          notice_fraction=1.0, lead_s=lead, compression=c)
-    return [
+    scenarios = [
         Scenario(
             name="real_trace",
             description="the 16-node p3.2xlarge availability trace (its first window that starts "
@@ -282,6 +284,8 @@ def builtin_scenarios(*, trace: str, trace_start: int, notice: NoticeModel, node
                        "(about 10 s for every system here when it works); the figure that "
                        "matters, lost steps, is settled by the first restore"),
     ]
+    assert tuple(x.name for x in scenarios) == BUILTIN
+    return scenarios
 
 
 def _trace_why(window: TraceWindow) -> str:

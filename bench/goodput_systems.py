@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,14 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from goodput_ledger import count_window, ledger_length, training_state
+from goodput_ledger import count_window, ledger_length, training_state, unsaved_at
 from goodput_scenarios import NoticeModel
 from torchrun_elastic import DEFAULT, TUNED, TorchrunNodes, start_store
 
 from spotwise.client import Client
 from spotwise.cloud.local import LocalProvider, processes_with_env, scan_marked, stop_process_group
 from spotwise.cloud.provider import NodeRequest
-from spotwise.cloud.replay import TraceReplayer
+from spotwise.cloud.replay import ReplayAction, TraceReplayer
 from spotwise.cloud.trace import ReplaySchedule
 from spotwise.worker.runtime.ledger import LedgerError, verify_ledger
 
@@ -87,10 +88,10 @@ class RunResult:
     """Seconds of the window (the clock from start to the ledger's cut)."""
     committed_steps: int
     committed_samples: int
-    lost_steps: int
+    lost_steps: int | None
     """From the ledger (goodput_ledger): the same count for every system."""
     restores: list[tuple[int, int, int]]
-    generations: int
+    generations: int | None
     start_commit: int
     end_commit: int
     exactly_once: str
@@ -101,6 +102,9 @@ class RunResult:
     """From the first launch to the window's start."""
     run_wall_s: float = 0.0
     """Everything: start, window, teardown."""
+    unsaved_at_outage: int | None = None
+    """Steps past the newest commit when a removal left no node (what it loses, whenever the
+    restore comes; goodput_ledger.unsaved_at); None when no removal did."""
     nodes_added: int = 0
     removed_with_notice: int = 0
     removed_without_notice: int = 0
@@ -108,6 +112,15 @@ class RunResult:
     goodput: float | None = None
     """Filled in by the caller, which knows the round's reference rates."""
     expected_samples: float | None = None
+    error: str = ""
+    """Why the run has no figures (it never reached its window); empty when it has them."""
+
+    @classmethod
+    def failed(cls, system: str, error: str) -> RunResult:
+        return cls(system=system, wall_s=0.0, committed_steps=0, committed_samples=0,
+                   lost_steps=None, restores=[], generations=None, start_commit=0,
+                   end_commit=0, exactly_once="not checked", cost_usd=None, startup_s=0.0,
+                   error=error)
 
 
 def worker_argv(setup: BenchSetup, ledger: Path, *, sigterm: str = "checkpoint") -> list[str]:
@@ -183,13 +196,17 @@ class SpotwiseHarness:
     def cost_usd(self) -> float | None:
         return self.client.cost(self.job_id).spent_usd if self.job_id else None
 
-    def close(self) -> None:
+    def close(self, *, remove: bool = True) -> None:
+        """Kill every node and the daemon; then remove the directory unless `remove` is
+        False (a failed run's logs are kept for a look)."""
         self.client.close()
         self.provider.shutdown()  # SIGKILL of every node: nothing after the window counts
         stop_process_group(self.daemon)
         leftover = scan_marked(self.provider.cluster + "/")
         if leftover:
             raise RuntimeError(f"processes outlived the harness: {sorted(leftover)}")
+        if remove:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class TorchrunHarness:
@@ -216,7 +233,8 @@ class TorchrunHarness:
     def cost_usd(self) -> float | None:
         return None  # no daemon bills torchrun
 
-    def close(self) -> None:
+    def close(self, *, remove: bool = True) -> None:
+        """Kill every node and the store; then remove the directory unless `remove` is False."""
         self.provider.shutdown()
         try:
             os.killpg(self.store.pid, signal.SIGKILL)
@@ -226,6 +244,8 @@ class TorchrunHarness:
         leftover = scan_marked(self.provider.cluster + "/")
         if leftover:
             raise RuntimeError(f"processes outlived the harness: {sorted(leftover)}")
+        if remove:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def make_harness(setup: BenchSetup, system: str) -> SpotwiseHarness | TorchrunHarness:
@@ -249,9 +269,15 @@ def run_system(setup: BenchSetup, system: str, schedule: ReplaySchedule,
     picks of which nodes go, so the same seed removes the same nodes for every system."""
     t_run = time.monotonic()
     h = make_harness(setup, system)
+    outages: list[int] = []  # ledger lengths when a removal left no node
+
+    def on_action(a: ReplayAction) -> None:
+        if a.kind == "remove" and schedule.level_at(a.t + schedule.step_s / 2) == 0:
+            outages.append(ledger_length(h.ledger))
+        log(f"  {system} t={a.t:5.1f}s {a.reason}")
+
     replayer = TraceReplayer(h.provider, schedule, h.request, seed=seed,
-                             notices=system == "spotwise",
-                             on_action=lambda a: log(f"  {system} t={a.t:5.1f}s {a.reason}"))
+                             notices=system == "spotwise", on_action=on_action)
     closed = False
     try:
         replayer.begin()
@@ -275,19 +301,23 @@ def run_system(setup: BenchSetup, system: str, schedule: ReplaySchedule,
             raise RuntimeError(f"the replay failed: {replayer.error}")
         replayer.stop()
         closed = True
-        h.close()
+        h.close(remove=False)  # the ledger is read below; nothing writes to it any more
         count = count_window(h.ledger, start, end, dataset_size=DATASET_SIZE,
                              global_batch=GLOBAL_BATCH)
+        unsaved = [unsaved_at(h.ledger, offset, dataset_size=DATASET_SIZE,
+                              global_batch=GLOBAL_BATCH) for offset in outages]
         try:
             verify_ledger(str(h.ledger), dataset_size=DATASET_SIZE, global_batch_size=GLOBAL_BATCH)
             exactly_once = "ok"
         except LedgerError as e:
             exactly_once = str(e)
+        shutil.rmtree(h.tmp, ignore_errors=True)
         stats = replayer.stats
         return RunResult(
             system=system, wall_s=round(wall, 2), committed_steps=count.committed_steps,
             committed_samples=count.committed_steps * GLOBAL_BATCH, lost_steps=count.lost_steps,
             restores=count.restores, generations=count.generations,
+            unsaved_at_outage=sum(unsaved) if outages else None,
             start_commit=count.start_commit, end_commit=count.end_commit,
             exactly_once=exactly_once, cost_usd=cost, startup_s=round(startup, 1),
             run_wall_s=round(time.monotonic() - t_run, 1), nodes_added=stats.added,
@@ -297,7 +327,8 @@ def run_system(setup: BenchSetup, system: str, schedule: ReplaySchedule,
     finally:
         replayer.stop()
         if not closed:
-            h.close()
+            log(f"  {system}: the run failed; its logs stay in {h.tmp}")
+            h.close(remove=False)
 
 
 def measure_reference(setup: BenchSetup, log: Callable[[str], None]) -> dict[int, float]:

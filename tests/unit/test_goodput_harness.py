@@ -18,7 +18,7 @@ from goodput_figures import (  # noqa: E402
     spread,
     summarize,
 )
-from goodput_ledger import count_window, ledger_length, training_state  # noqa: E402
+from goodput_ledger import count_window, ledger_length, training_state, unsaved_at  # noqa: E402
 from goodput_scenarios import (  # noqa: E402
     MassPreemption,
     NoticeModel,
@@ -194,3 +194,20 @@ def test_window_counts_nothing_before_it_and_ignores_a_cut_record(tmp_path):
     assert count.lost_steps == 0 and count.committed_steps == 0 and count.end_commit == 5
     assert count_window(path, start, ledger_length(path), dataset_size=1000,
                         global_batch=BATCH).committed_steps == 3
+
+
+def test_unsaved_at_an_outage_is_the_work_past_the_newest_commit(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    led = Ledger(str(path))
+    assert unsaved_at(path, ledger_length(path), dataset_size=1000, global_batch=BATCH) == 0
+    led.restored(generation=0, step=0)
+    _steps(led, 0, 1, 14)
+    led.committed(generation=0, step=10)
+    killed = ledger_length(path)  # every node goes: 11..14 are gone
+    led.restored(generation=1, step=10)
+    _steps(led, 1, 11, 12)
+    led.committed(generation=1, step=12)  # a drain checkpoint at the newest step
+    drained = ledger_length(path)
+    led.close()
+    assert unsaved_at(path, killed, dataset_size=1000, global_batch=BATCH) == 4
+    assert unsaved_at(path, drained, dataset_size=1000, global_batch=BATCH) == 0
