@@ -128,6 +128,9 @@ def _setup_json(setup, scenarios, rounds: int) -> dict:
                 "why": "scaled by the compression; the agent polls no faster than every "
                        f"{effective} s (AWS's guidance), so it reacts slower than the scaled "
                        "model: a handicap for spotwise, not a help"}},
+        "spotwise_job": {"max_failures": 100,
+                         "why": "the spec's default gives up after a few failures in a row; "
+                                "a failure scenario makes more (torchrun gets --max-restarts=100)"},
         "restart_overrides": {"SPOTWISE_DAEMON_GROW_CHECKPOINT_TIMEOUT_S": 0,
                               "notices": "none (no metadata service)"},
         "torchrun": {**DEFAULT.describe(), "max_restarts": 100},
@@ -181,15 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         return worker(argv[1:])
     from goodput_budget import p3_spot_price, run_budget
-    from goodput_figures import (
-        TARGETS,
-        expected_samples,
-        mean_rates,
-        rates_drift,
-        round_order,
-        summarize,
-    )
-    from goodput_scenarios import BUILTIN, NoticeModel, builtin_scenarios, load_scenario
+    from goodput_figures import round_order
+    from goodput_scenarios import BUILTIN, SYSTEMS, NoticeModel, builtin_scenarios, load_scenario
     from goodput_systems import BenchSetup, measure_reference
 
     from spotwise.cloud.trace import busy_window, load_trace
@@ -210,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-s", type=float, default=BenchSetup.reference_s,
                         help="wall seconds each uninterrupted rate is measured over")
     parser.add_argument("--seed", type=int, default=0, help="round r uses seed + r")
-    parser.add_argument("--systems", nargs="+", default=None,
+    parser.add_argument("--systems", nargs="+", default=None, choices=SYSTEMS,
                         help="run only these systems of each scenario (default: all of them)")
     parser.add_argument("--no-budget", action="store_true", help="skip the budget run")
     parser.add_argument("--plan", action="store_true", help="print what would run and exit")
@@ -281,30 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             pending.append((s, schedule, order, runs))
         references.append(measure_reference(setup, log))
         result["references"].append({"after_round": r, "rates": _rates_json(references[-1])})
-        rates = mean_rates(references[r], references[r + 1])
-        for s, schedule, order, runs in pending:
-            for run in runs.values():
-                if run.error:
-                    continue
-                run.expected_samples = round(expected_samples(schedule.levels, schedule.step_s,
-                                                              run.wall_s, rates), 1)
-                run.goodput = (round(run.committed_samples / run.expected_samples, 4)
-                               if run.expected_samples else None)
-            entry = result["scenarios"][s.name]
-            entry["rounds"].append({"round": r, "seed": seed, "order": order,
-                                    "reference_rates": _rates_json(rates),
-                                    "reference_drift": round(rates_drift(references[r],
-                                                                         references[r + 1]), 3),
-                                    "runs": {k: asdict(v) for k, v in runs.items()}})
-            entry["summary"] = summarize(entry["rounds"], s.systems)
-            spotwise_runs = [x["runs"]["spotwise"] for x in entry["rounds"] if "spotwise" in x["runs"]]
-            entry["summary"]["usd_per_million_samples"] = {"spotwise": _usd_per_million(spotwise_runs)}
-        names = {s.name for s in scenarios}
-        result["targets"] = [t.evaluate(result["scenarios"][t.scenario]["summary"])
-                             for t in TARGETS if t.scenario in names]
-        for s in scenarios:
-            result["scenarios"][s.name]["targets"] = [t for t in result["targets"]
-                                                      if t["scenario"] == s.name]
+        _record_round(result, pending, references, r, seed)
         result["bench_wall_s"] = round(time.monotonic() - t_all, 1)
         _write(args.out, result)
     if not args.no_budget:
@@ -318,15 +291,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _record_round(result: dict, pending: list, references: list[dict[int, float]], r: int,
+                  seed: int) -> None:
+    """Round r's figures into `result`: each run's denominator from the references that
+    bracket the round, then every scenario's summary and the targets, all from every round
+    so far."""
+    from goodput_figures import TARGETS, expected_samples, mean_rates, rates_drift, summarize
+
+    rates = mean_rates(references[r], references[r + 1])
+    for s, schedule, order, runs in pending:
+        for run in runs.values():
+            if run.error:
+                continue
+            run.expected_samples = round(expected_samples(schedule.levels, schedule.step_s,
+                                                          run.wall_s, rates), 1)
+            run.goodput = (round(run.committed_samples / run.expected_samples, 4)
+                           if run.expected_samples else None)
+        entry = result["scenarios"][s.name]
+        entry["rounds"].append({"round": r, "seed": seed, "order": order,
+                                "reference_rates": _rates_json(rates),
+                                "reference_drift": round(rates_drift(references[r],
+                                                                     references[r + 1]), 3),
+                                "runs": {k: asdict(v) for k, v in runs.items()}})
+        entry["summary"] = summarize(entry["rounds"], s.systems)
+        spotwise_runs = [x["runs"]["spotwise"] for x in entry["rounds"] if "spotwise" in x["runs"]]
+        entry["summary"]["usd_per_million_samples"] = {"spotwise": _usd_per_million(spotwise_runs)}
+    result["targets"] = [t.evaluate(result["scenarios"][t.scenario]["summary"])
+                         for t in TARGETS if t.scenario in result["scenarios"]]
+    for name, entry in result["scenarios"].items():
+        entry["targets"] = [t for t in result["targets"] if t["scenario"] == name]
+
+
 def _run(setup, system: str, schedule, log: Callable[[str], None], *, seed: int):
-    """run_system's result; a system that never got to its window (it did not train within
-    the start timeout, or its harness failed) is recorded with the error and no figures, and
-    the next system runs."""
+    """run_system's result; a run without figures (the system did not train within the start
+    timeout, its harness failed, or its ledger broke exactly-once) is recorded with the error,
+    and the next system runs: one bad run does not cost the other 47."""
     from goodput_systems import RunResult, run_system
+
+    from spotwise.worker.runtime.ledger import LedgerError
 
     try:
         return run_system(setup, system, schedule, log, seed=seed)
-    except (TimeoutError, RuntimeError) as e:
+    except (TimeoutError, RuntimeError, LedgerError) as e:
         log(f"  {system}: no result: {e}")
         return RunResult.failed(system, str(e))
 
