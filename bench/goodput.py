@@ -128,6 +128,8 @@ def _setup_json(setup, scenarios, rounds: int) -> dict:
                 "why": "scaled by the compression; the agent polls no faster than every "
                        f"{effective} s (AWS's guidance), so it reacts slower than the scaled "
                        "model: a handicap for spotwise, not a help"}},
+        "every_system_env": {"OMP_NUM_THREADS": "1",
+                             "why": "one intra-op thread per process on 2 shared cores"},
         "spotwise_job": {"max_failures": 100,
                          "why": "the spec's default gives up after a few failures in a row; "
                                 "a failure scenario makes more (torchrun gets --max-restarts=100)"},
