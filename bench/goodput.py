@@ -54,8 +54,6 @@ STARTUP_ESTIMATE_S = 15.0
 store, agents, torch imports, first commit, teardown), for --plan's estimate."""
 REFERENCE_ESTIMATE_S = 75.0
 """Seconds one measurement of the reference rates takes, for --plan's estimate."""
-BUDGET_ESTIMATE_S = 90.0
-"""Seconds the budget run takes, for --plan's estimate."""
 
 
 def worker(argv: list[str]) -> int:
@@ -166,7 +164,7 @@ def _setup_json(setup, scenarios, rounds: int) -> dict:
     }
 
 
-def _plan_s(scenarios, rounds: int, setup, *, budget: bool) -> dict[str, float]:
+def _plan_s(scenarios, rounds: int, setup) -> dict[str, float]:
     """About how long each scenario's rounds take (default torchrun waits its 30 s last call
     before its first step when a scenario starts below full size)."""
     out = {}
@@ -176,16 +174,23 @@ def _plan_s(scenarios, rounds: int, setup, *, budget: bool) -> dict[str, float]:
                         for sys_ in s.systems)
         out[s.name] = round(per_round * rounds)
     out["references"] = REFERENCE_ESTIMATE_S * (rounds + 1)
-    if budget:
-        out["budget_run"] = BUDGET_ESTIMATE_S
     return out
+
+
+def p3_spot_price() -> float:
+    """p3.2xlarge spot USD/hour from the shipped offline table (its usd_per_million_samples
+    prices this machine's throughput at a V100's price, per wall second)."""
+    from spotwise.cloud.pricing import load_offline_table
+
+    price = load_offline_table().spot_price("p3.2xlarge")
+    assert price is not None
+    return round(price, 4)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         return worker(argv[1:])
-    from goodput_budget import p3_spot_price, run_budget
     from goodput_figures import round_order
     from goodput_scenarios import BUILTIN, SYSTEMS, NoticeModel, builtin_scenarios, load_scenario
     from goodput_systems import BenchSetup, measure_reference
@@ -210,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="round r uses seed + r")
     parser.add_argument("--systems", nargs="+", default=None, choices=SYSTEMS,
                         help="run only these systems of each scenario (default: all of them)")
-    parser.add_argument("--no-budget", action="store_true", help="skip the budget run")
     parser.add_argument("--plan", action="store_true", help="print what would run and exit")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args(argv)
@@ -242,16 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         if not scenarios:
             parser.error(f"no scenario runs any of {args.systems}")
     setup = BenchSetup(notice=notice, checkpoint_every_steps=args.checkpoint_every,
-                       reference_s=args.reference_s, price_per_hour=p3_spot_price(ROOT))
-    plan = _plan_s(scenarios, args.rounds, setup, budget=not args.no_budget)
+                       reference_s=args.reference_s, price_per_hour=p3_spot_price())
+    plan = _plan_s(scenarios, args.rounds, setup)
     if args.plan:
         for s in scenarios:
             where = f" (samples {s.generator.start}..)" if s.generator.kind == "trace" else ""
             print(f"{s.name}: window {s.window_s:.0f} s{where}, systems {' '.join(s.systems)}; "
                   f"about {plan[s.name] / 60:.1f} min for {args.rounds} round(s)")
         print(f"references: about {plan['references'] / 60:.1f} min")
-        if "budget_run" in plan:
-            print(f"budget run: about {plan['budget_run'] / 60:.1f} min")
         print(f"total: about {sum(plan.values()) / 60:.0f} min")
         return 0
     # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so every harness stops its nodes.
@@ -282,11 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         _record_round(result, pending, references, r, seed)
         result["bench_wall_s"] = round(time.monotonic() - t_all, 1)
         _write(args.out, result)
-    if not args.no_budget:
-        budget = run_budget(setup, log)
-        result["budget_run"] = budget
-        result["budget_overspend_usd"] = round(float(budget["overspend_usd"]), 6)
-        result["budget_tick_cost_usd"] = round(float(budget["tick_cost_usd"]), 6)
     result["bench_wall_s"] = round(time.monotonic() - t_all, 1)
     _write(args.out, result)
     _print(result)
@@ -369,8 +366,6 @@ def _print(result: dict, out: Callable[[str], None] = print) -> None:
     for t in result["targets"]:
         out(f"target {t['scenario']} {t['figure']} {t['target']}: median {t['median']} -> "
             f"{'holds' if t['holds'] else 'NOT met' if t['holds'] is False else 'not run'}")
-    if "budget_overspend_usd" in result:
-        out(f"budget_overspend_usd: {result['budget_overspend_usd']}")
     out(f"bench_wall_s: {result['bench_wall_s']}")
 
 
