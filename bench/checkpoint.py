@@ -20,12 +20,18 @@ is kept in the JSON and each figure is reported as its median with its spread:
 - dcp_stock_restore_over_spotwise: DCP's stock restore (dcp.load with its FileSystemReader and
   distributed planning) over spotwise's (Checkpointer.load), same and resharded.
 
-moto stands for a remote S3: `--s3-placement pinned` runs it on a core of its own and the
-training (ranks and their writer processes) on the others, so it takes none of the training's
-CPU; `shared` lets it run anywhere at nice 10 (the CPU it takes is then reported, `s3_server_share`).
+moto stands for a remote S3, which takes none of the training machine's CPU. Placements
+(`--s3-placement`, each run in turn, the first that can run is the headline):
+- pinned: moto on a core of its own, the training (ranks and their writer processes) on the
+  others; needs 3 CPUs (two ranks need two cores), so it is skipped on a 2-core machine;
+- idle: moto anywhere under SCHED_IDLE, so it runs only on CPU time nothing else wants (its
+  work then shows as longer uploads, not slower steps);
+- shared: moto anywhere at nice 10, taking what the scheduler gives it.
+In each, the CPU every party took during the upload windows is reported (`s3_server_share`,
+`writers_share`, `ranks_share`, and `others_share`: processes outside the benchmark).
 
 Prints `name: median (min-max)` lines and writes bench/results/checkpoint.json.
-Run: python bench/checkpoint.py [--runs 3 --s3-placement pinned,shared]
+Run: python bench/checkpoint.py [--runs 3 --s3-placement pinned,idle,shared]
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ TARGETS = {
     "s3_write_over_raw": (">=", 0.7),
     "reshard_restore_over_same": ("<=", 1.25),
 }
-PLACEMENTS = ("pinned", "shared")
+PLACEMENTS = ("pinned", "idle", "shared")
 
 MOTO = """
 import sys, time
@@ -67,7 +73,7 @@ sys.stdin.read()
 
 def split_cpus(placement: str) -> tuple[set[int] | None, set[int] | None]:
     """(moto's CPUs, the training's CPUs) for a placement; None leaves affinity as it is."""
-    if placement == "shared":
+    if placement != "pinned":
         return None, None
     cpus = sorted(os.sched_getaffinity(0))
     return {cpus[-1]}, set(cpus[:-1])
@@ -83,12 +89,16 @@ def pinned_refusal() -> str | None:
     return None
 
 
-def start_moto(cpus: set[int] | None):
-    """moto's S3 in its own process at nice 10, on `cpus` if given. Its threads inherit both
-    from the process (set before exec), so the whole server stays there."""
+def start_moto(placement: str, cpus: set[int] | None):
+    """moto's S3 in its own process: at nice 10 (on `cpus` if given), or under SCHED_IDLE for
+    the idle placement. Its threads inherit both from the process (set before exec), so the
+    whole server keeps them."""
 
     def place() -> None:
-        os.nice(10)
+        if placement == "idle":
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        else:
+            os.nice(10)
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 
@@ -110,7 +120,7 @@ def one_run(args, placement: str) -> dict:
 
     moto_cpus, train_cpus = split_cpus(placement)
     before = os.sched_getaffinity(0)
-    server, host, port = start_moto(moto_cpus)
+    server, host, port = start_moto(placement, moto_cpus)
     env = {
         "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
@@ -176,8 +186,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="iterations per baseline window")
     ap.add_argument("--repeats", type=int, default=5, help="saves / restores per kind and run")
     ap.add_argument("--runs", type=int, default=3, help="runs (fresh processes) per placement")
-    ap.add_argument("--s3-placement", default="pinned,shared",
-                    help="comma-separated: pinned (moto on a core of its own), shared (anywhere, nice 10)")
+    ap.add_argument("--s3-placement", default="pinned,idle,shared",
+                    help="comma-separated, in order: pinned (moto on a core of its own), idle "
+                         "(SCHED_IDLE), shared (anywhere, nice 10); the first that runs is the headline")
     ap.add_argument("--max-upload-steps", type=int, default=2000,
                     help="an upload not committed after this many iterations fails the run")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
@@ -223,9 +234,10 @@ def main() -> int:
             "batch": args.batch, "runs": args.runs, "repeats": args.repeats,
             "baseline_window_steps": args.steps,
             "params_plus_optimizer_mb": round(headline["runs"][0]["measured"]["state_mb_per_rank"] * 2, 1),
-            "storage": "moto S3 server (ThreadedMotoServer, its own process at nice 10) on loopback, and local disk",
+            "storage": "moto S3 server (ThreadedMotoServer, its own process) on loopback, and local disk",
             "s3_placement": {
-                "pinned": "moto on the last CPU alone; the ranks and their DCP writer processes on the others",
+                "pinned": "moto at nice 10 on the last CPU alone; the ranks and their DCP writer processes on the others",
+                "idle": "no CPU affinity; moto under SCHED_IDLE (only CPU time nothing else wants)",
                 "shared": "no CPU affinity: moto, ranks and writers anywhere (moto at nice 10)",
             },
             "timed_iteration": "optimizer step + Checkpointer.poll() + control all-reduce, in baseline and upload windows alike",

@@ -61,5 +61,12 @@ def judged(medians: Mapping[str, dict[str, Any]],
             for name, (op, value) in targets.items()}
 
 
+def interleaved(systems: Sequence[str], rounds: int) -> list[list[str]]:
+    """Each round's order: the systems rotated by one more place each round (A B C, B C A,
+    C A B, ...), so that no system always runs first or after the same one."""
+    n = len(systems)
+    return [[systems[(r + i) % n] for i in range(n)] for r in range(rounds)]
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
