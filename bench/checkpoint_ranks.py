@@ -9,8 +9,10 @@ so a drift of the machine's speed shows in both.
 
 from __future__ import annotations
 
+import cProfile
 import io
 import os
+import pstats
 import socket
 import statistics
 import time
@@ -205,6 +207,21 @@ def sync_saves(r: dict, trainer: Trainer, target: str, uri: str, rank: int, worl
     ck.close()
 
 
+def profiled(fn, top: int = 12) -> list[dict]:
+    """Run `fn` under cProfile: its `top` functions by own time (where a restore's time goes)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    out = []
+    for (path, line, name), (_cc, calls, own, cum, _callers) in rows:
+        short = path.split("site-packages/")[-1].split("/spotwise/")[-1]
+        out.append({"function": f"{short}:{line}({name})", "calls": calls,
+                    "own_s": round(own, 4), "cumulative_s": round(cum, 4)})
+    return out
+
+
 def restores(r: dict, trainer: Trainer, rank: int, world: int, args) -> None:
     """Restore a checkpoint saved at the same 2 ranks and one saved at 4 (resharded on load),
     each with spotwise's Checkpointer.load and with DCP's stock reader (dcp.load with a
@@ -240,6 +257,15 @@ def restores(r: dict, trainer: Trainer, rank: int, world: int, args) -> None:
             times.setdefault(key, []).append(time.perf_counter() - t0)
     for key, values in times.items():
         r[key] = statistics.median(values)
+    for name, load in (("same", spotwise), ("reshard", spotwise), ("reshard", stock)):
+        ck, manifest = chosen[name]
+        state = trainer.state()
+        dist.barrier()
+        key = f"profile_restore_{name}" + ("" if load is spotwise else "_dcp_stock")
+        if rank == 0:  # rank 0's view; the other rank runs the same collective unprofiled
+            r[key] = profiled(lambda ck=ck, manifest=manifest, state=state, load=load: load(ck, manifest, state))
+        else:
+            load(ck, manifest, state)
 
 
 def run_ranks(rank: int, world: int, port: int, args, env: dict, queue) -> None:

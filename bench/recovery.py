@@ -8,7 +8,9 @@ All run tests/workloads/tiny_train.py on two "nodes" of one process each
   rendezvous store is a standalone TCPStore process (`--rdzv-conf=is_host=false`), so losing a
   node does not take the store with it. `torchrun` keeps every other setting at torchrun's
   default (a 30 s last call); `torchrun_tuned` sets what an experienced user would
-  (bench/torchrun_elastic.py: `last_call_timeout=1,join_timeout=60`, `--monitor-interval=0.1`).
+  (bench/torchrun_elastic.py: `last_call_timeout=1,join_timeout=60,keep_alive_interval=1,
+  keep_alive_max_attempt=3`, `--monitor-interval=0.1`). Both log at LOGLEVEL=INFO, so that
+  their restarts and rendezvous are on record.
   Restarts resume from the newest committed checkpoint (the spotwise runtime runs under
   torchrun too: torchrun with DCP).
 - spotwise: a `spotwise daemon` and two local agents (the local provider), default settings.
@@ -40,6 +42,7 @@ from pathlib import Path
 from recovery_phases import PHASES, out_of_order, phases
 from recovery_systems import REPO, SYSTEMS
 from repeats import interleaved, summary
+from torchrun_elastic import TUNED_MONITOR_INTERVAL, TUNED_RDZV_CONF
 
 TARGETS = {"spotwise_recovery_s": ("<=", 5.0), "ratio": ("<=", 0.12)}
 
@@ -117,8 +120,10 @@ def main() -> int:
             "checkpoint_every": args.every, "warm_steps": args.warm_steps,
             "killed": "the node running rank 1 (SIGKILL of its agent and workers)",
             "torchrun": "--nnodes=1:2 c10d rendezvous on a standalone TCPStore, defaults",
-            "torchrun_tuned": "as torchrun, plus --rdzv-conf last_call_timeout=1,join_timeout=60 "
-                              "--monitor-interval=0.1",
+            "torchrun_tuned": "as torchrun, plus --rdzv-conf " + ",".join(
+                f"{k}={v}" for k, v in TUNED_RDZV_CONF.items())
+                + f" --monitor-interval={TUNED_MONITOR_INTERVAL}",
+            "torchrun_logging": "LOGLEVEL=INFO (its agent logs restarts and rendezvous at INFO)",
             "spotwise": "daemon and 2 local agents, default settings",
             "phases": "seconds from the kill; see bench/recovery_phases.py for each signal",
             "rounds": args.rounds, "wall_s": round(time.time() - started, 1),
