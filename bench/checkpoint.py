@@ -32,6 +32,7 @@ In each, the CPU every party took during the upload windows is reported (`s3_ser
 
 Prints `name: median (min-max)` lines and writes bench/results/checkpoint.json.
 Run: python bench/checkpoint.py [--runs 3 --s3-placement pinned,idle,shared]
+(the default: 3 runs of each placement that can run; on a 2-core machine idle and shared)
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="iterations per baseline window")
-    ap.add_argument("--repeats", type=int, default=5, help="saves / restores per kind and run")
+    ap.add_argument("--repeats", type=int, default=3, help="saves / restores per kind and run")
     ap.add_argument("--runs", type=int, default=3, help="runs (fresh processes) per placement")
     ap.add_argument("--s3-placement", default="pinned,idle,shared",
                     help="comma-separated, in order: pinned (moto on a core of its own), idle "
@@ -242,6 +243,7 @@ def main() -> int:
             },
             "timed_iteration": "optimizer step + Checkpointer.poll() + control all-reduce, in baseline and upload windows alike",
             "first_save": "the first save of a new Checkpointer in new processes: DCP's writer process starts (S3, the first target) and staging buffers are allocated; local's first save reuses the writer process",
+            "s3_placements_run": placements,
             "torch": torch.__version__, "cpus": os.cpu_count(), "writer_nice": args.writer_nice,
             "wall_s": round(time.time() - started, 1),
         },

@@ -26,7 +26,7 @@ reported as its median over the kills with its spread.
 
 Writes bench/results/recovery.json and prints one line per system and phase.
 
-    python bench/recovery.py                  # 3 rounds of the three systems, ~10 minutes
+    python bench/recovery.py                  # 3 rounds of the three systems, ~8-12 minutes
     python bench/recovery.py --rounds 1 --systems spotwise,torchrun_tuned
 """
 
