@@ -47,7 +47,7 @@ from pathlib import Path
 # Loopback only: Ray binds the machine's outside address otherwise (read when Ray is imported).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from recovery import StepWatch, until  # noqa: E402 - bench/, beside this script
+from step_watch import StepWatch, until  # noqa: E402 - bench/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -12,7 +12,7 @@ just-in-time checkpoint, as Ray's docs recommend.
 Each step, rank 0 appends `step loss generation` to the loss log, and each worker group
 writes `step` (with as many ids as rank 0's share of the batch, so that the world size reads
 as in the spotwise ledger), `restored` and `committed` records to the ledger: the same files
-bench/recovery.py's StepWatch reads for spotwise.
+bench/step_watch.py's StepWatch reads for spotwise.
 """
 
 from __future__ import annotations

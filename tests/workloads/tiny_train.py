@@ -3,23 +3,41 @@
 A two-block MLP regresses a fixed random linear map on a synthetic dataset. Runs under
 torchrun or a spotwise agent. Faults for tests: --die-at STEP (SIGKILL itself after that step,
 as a lost machine would), --save-full PATH (rank 0 writes the full, unsharded model and optimizer
-state after restore or at the end, for bit-exact comparisons).
+state after restore or at the end, for bit-exact comparisons). --timeline PATH: every process
+appends when its Python started and when its imports were done, and rank 0 when its first step
+completed (bench/recovery.py reads these).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import signal
 import time
 
-import torch
-from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+PYTHON_STARTED = time.time()  # before the heavy imports below: what they cost shows apart
 
-from spotwise.worker.runtime import Runtime, run_main
-from spotwise.worker.runtime.tracking import MLflowTracker
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: E402
+
+from spotwise.worker.runtime import Runtime, run_main  # noqa: E402
+from spotwise.worker.runtime.tracking import MLflowTracker  # noqa: E402
+
+
+def mark(path: str | None, event: str, **fields) -> None:
+    """Append one timeline record (one write on an O_APPEND descriptor, so lines stay whole)."""
+    if not path:
+        return
+    record = {"event": event, "time": time.time(), "pid": os.getpid(), **fields}
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 class Block(nn.Module):
@@ -81,7 +99,10 @@ def main() -> None:
                    help="log to this MLflow tracking store (e.g. sqlite:///mlflow.db): one run "
                         "for the job across generations, each step once it is committed")
     p.add_argument("--mlflow-experiment", default="spotwise", help="MLflow experiment name")
+    p.add_argument("--timeline", default=None,
+                   help="append JSON lines here: python started, imports done, first step")
     args = p.parse_args()
+    mark(args.timeline, "imported", python_started=PYTHON_STARTED, rank=os.environ.get("RANK"))
     logging.basicConfig(level=os.environ.get("SPOTWISE_LOG_LEVEL", "WARNING"))
     if args.ledger:
         os.environ["SPOTWISE_LEDGER"] = args.ledger
@@ -104,8 +125,13 @@ def main() -> None:
         idx = torch.as_tensor(ids)
         return nn.functional.mse_loss(model(x[idx]), y[idx])
 
+    first = True
     while rt.step < args.steps:
         loss = rt.train_step(sampler, loss_of)
+        if first and rt.rank == 0:
+            mark(args.timeline, "first_step", step=rt.step, world_size=rt.world_size,
+                 generation=rt.generation)
+        first = False
         if tracker is not None:  # it records the loss itself; anything else goes here
             tracker.log({"lr": scheduler.get_last_lr()[0]})
         if args.loss_log and rt.rank == 0:

@@ -15,7 +15,9 @@ Storage, not the daemon, decides the restore point: the newest visible valid com
 
 An asynchronous save is two futures, as in torchtitan: staging (a copy of the state into CPU
 memory, which blocks training briefly) and upload (run by DCP in a background process or thread).
-The previous upload is always waited on before the next save and at close.
+The previous upload is always waited on before the next save and at close. Pruning after a
+commit is a third future on a thread of its own (a dozen storage calls, 0.19 s of a 0.25 s commit
+on loopback S3, that rank 0 would spend in a step while the other ranks wait), waited on likewise.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -141,6 +143,8 @@ class Checkpointer:
         self.on_failed = on_failed
         self.commits = Commits(filesystem(self.loc), self.loc)
         self._pending: _Pending | None = None
+        self._pruner: ThreadPoolExecutor | None = None
+        self._pruning: Future | None = None
         self._reniced = config.writer_nice == 0 or config.async_mode != "process"
         self._stager: DefaultStager | None = None
         self._pg = None
@@ -296,10 +300,11 @@ class Checkpointer:
         return self._finish()
 
     def wait(self) -> Manifest | None:
-        """Block until the pending save (if any) is uploaded and committed."""
-        if self._pending is None:
-            return None
-        return self._finish()
+        """Block until the pending save (if any) is committed and the last commit pruned."""
+        try:
+            return None if self._pending is None else self._finish()
+        finally:
+            self._wait_pruned()
 
     def _finish(self) -> Manifest | None:
         pending, self._pending = self._pending, None
@@ -378,8 +383,23 @@ class Checkpointer:
         log.info("committed checkpoint step %d (%d bytes, %.2fs)", p.step, manifest.bytes, manifest.save_seconds)
         if self.on_commit:
             self.on_commit(manifest)
-        self._prune()
+        self._prune_later()
         return manifest
+
+    def _prune_later(self) -> None:
+        """Prune on the pruning thread (see the module docstring); one prune at a time."""
+        self._wait_pruned()
+        if self._pruner is None:
+            self._pruner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spotwise-prune")
+        self._pruning = self._pruner.submit(self._prune)
+
+    def _wait_pruned(self) -> None:
+        pruning, self._pruning = self._pruning, None
+        try:
+            if pruning is not None:
+                pruning.result(timeout=self.config.upload_timeout_s)
+        except TimeoutError:  # storage hung past its own timeouts: extra files stay for now
+            log.warning("pruning old checkpoints did not finish in %gs", self.config.upload_timeout_s)
 
     def _newest_fence(self) -> int:
         return newest_generation(self.fs, self.loc)
@@ -464,6 +484,9 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            if self._pruner is not None:
+                self._pruner.shutdown(wait=False)  # wait() above waited for its one task
+                self._pruner = None
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
