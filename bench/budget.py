@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from step_watch import until  # noqa: E402 - bench/, beside this script
+
 from spotwise.client import Client, state_name  # noqa: E402
 from spotwise.cloud.local import scan_marked, stop_process_group  # noqa: E402
 from spotwise.cloud.pricing import load_offline_table  # noqa: E402
@@ -70,16 +72,6 @@ class Round:
     """The teardown margin the daemon's stop left (its config, or the longest it measured)."""
     lifetimes_s: dict[str, float]
     wall_s: float
-
-
-def _until(fn: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class Lifetimes:
@@ -132,7 +124,7 @@ def run_round(nodes: int, budget_s: float, log: Callable[[str], None]) -> Round:
     lifetimes = Lifetimes(str((state_dir / "logs").absolute()))
     t0 = time.monotonic()
     try:
-        address = _until(lambda: (m := re.search(r"daemon serving on (\S+)",
+        address = until(lambda: (m := re.search(r"daemon serving on (\S+)",
                                                  daemon_log.read_text())) and m.group(1),
                          60, "the daemon")
         with Client(str(address), timeout=10) as client:
@@ -148,10 +140,10 @@ def run_round(nodes: int, budget_s: float, log: Callable[[str], None]) -> Round:
                 "total_steps": 1000000,
                 "budget_usd": budget,
             })
-            job = _until(lambda: (j := client.get(job_id)) and state_name(j.state) in TERMINAL
+            job = until(lambda: (j := client.get(job_id)) and state_name(j.state) in TERMINAL
                          and j, budget_s * 3 + 120, "the budget stop", poll_s=0.5)
             stopped_at = time.time()
-            _until(lambda: not lifetimes.live(), 120, "the machines to be gone")
+            until(lambda: not lifetimes.live(), 120, "the machines to be gone")
             gone_at = max(lifetimes.last.values(), default=stopped_at)
             # The daemon sees them gone at its next fleet listing; then its charge is final.
             fleet_s = DaemonConfig.model_fields["fleet_interval_s"].default

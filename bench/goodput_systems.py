@@ -40,6 +40,7 @@ from pathlib import Path
 
 from goodput_ledger import count_window, ledger_length, training_state, unsaved_at
 from goodput_scenarios import NoticeModel
+from step_watch import until
 from torchrun_elastic import DEFAULT, TUNED, TorchrunNodes, start_store
 
 from spotwise.client import Client
@@ -129,16 +130,6 @@ def worker_argv(setup: BenchSetup, ledger: Path, *, sigterm: str = "checkpoint")
     return ["bench/goodput.py", "worker", "--sigterm", sigterm, str(setup.compute_s),
             "--steps", "1000000", "--global-batch-size", str(GLOBAL_BATCH),
             "--micro-batch-size", "2", "--dataset-size", str(DATASET_SIZE), "--ledger", str(ledger)]
-
-
-def until(cond: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class SpotwiseHarness:

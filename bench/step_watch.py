@@ -86,13 +86,15 @@ class StepWatch:
         return None
 
 
-def until(cond, timeout_s: float, what: str):
+def until(cond, timeout_s: float, what: str, poll_s: float = 0.02):
+    """Call `cond` every `poll_s` until it returns something truthy and return that;
+    TimeoutError after `timeout_s`. The benchmarks' one wait."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = cond()
         if value:
             return value
-        time.sleep(0.02)
+        time.sleep(poll_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
