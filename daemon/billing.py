@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
+from spotwise.cloud.provider import ProviderNode
 from spotwise.daemon.budget import (
     BudgetJob,
     InstanceOption,
@@ -30,7 +31,7 @@ from spotwise.daemon.budget import (
     plan_budget_stop,
     plan_growth_cap,
 )
-from spotwise.daemon.charging import Machine, ProviderView, charged_to, unregistered
+from spotwise.daemon.charging import ProviderView, charged_to, unregistered
 from spotwise.daemon.model import JobState, NodeState, SetJobState
 from spotwise.daemon.outbox import Outbox
 from spotwise.daemon.prices import (
@@ -109,7 +110,7 @@ class Billing:
                 out.setdefault(machine.job_id, {})[machine.handle] = self.machine_quote(machine)
         return out
 
-    def provider_seen(self, machines: Collection[Machine], now: float) -> None:
+    def provider_seen(self, machines: Collection[ProviderNode], now: float) -> None:
         """The provider lists these live machines now. Jobs whose charged machines changed
         (one booted, one is gone) are charged up to now at what they had, then at what they
         have: a machine no longer listed is charged no further."""
@@ -177,7 +178,7 @@ class Billing:
                 f"({market}): a budget cannot hold on machines nobody priced; name priced "
                 "instance_types, or drop the budget")
 
-    def machine_quote(self, machine: Machine) -> Quote:
+    def machine_quote(self, machine: ProviderNode) -> Quote:
         """An unregistered machine's price: its provider's, else the price book's."""
         override = (self.provider_price(machine.handle) or 0.0) if self.provider_price else 0.0
         return self.pricer.quote(instance_type=machine.instance_type, zone=machine.zone,

@@ -11,34 +11,22 @@ loop's listings said; `charged_to` and `unregistered` are the rules (pure over t
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
+from spotwise.cloud.provider import ProviderNode
 from spotwise.daemon.model import NodeState
 from spotwise.daemon.state import JobRecord, NodeRecord
-
-
-@dataclass(frozen=True, kw_only=True)
-class Machine:
-    """A machine as its provider lists it."""
-
-    handle: str
-    job_id: str
-    """The job it was launched for."""
-    instance_type: str = ""
-    zone: str = ""
-    lifecycle: str = "spot"
 
 
 class ProviderView:
     """The provider's last listing of its live machines, and every handle it ever listed."""
 
     def __init__(self) -> None:
-        self.live: dict[str, Machine] | None = None
+        self.live: dict[str, ProviderNode] | None = None
         """Handle -> machine, as last listed; None: no provider lists machines."""
         self.known: set[str] = set()
         """Handles listed since this daemon started: those machines are the provider's."""
 
-    def seen(self, machines: Iterable[Machine]) -> None:
+    def seen(self, machines: Iterable[ProviderNode]) -> None:
         self.live = {m.handle: m for m in machines}
         self.known.update(self.live)
 
@@ -80,7 +68,7 @@ def charged_to(node: NodeRecord, view: ProviderView, jobs: Mapping[str, JobRecor
     return (node.last_job or node.launched_for) if handle else ""
 
 
-def unregistered(view: ProviderView, nodes: Iterable[NodeRecord]) -> list[Machine]:
+def unregistered(view: ProviderView, nodes: Iterable[NodeRecord]) -> list[ProviderNode]:
     """Live provider machines no registered node stands for yet (booting, or whose agent
     never registered): each is charged to the job it was launched for."""
     if not view.live:

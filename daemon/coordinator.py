@@ -23,10 +23,10 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
+from spotwise.cloud.provider import ProviderNode
 from spotwise.daemon import controller
 from spotwise.daemon.agents import AgentProtocol, NodeCredentialError
 from spotwise.daemon.billing import Billing, Unpriced
-from spotwise.daemon.charging import Machine
 from spotwise.daemon.events import EventBus
 from spotwise.daemon.executor import Executor
 from spotwise.daemon.model import Decision, JobState, JobView, NodeView, Policy
@@ -293,7 +293,7 @@ class Coordinator:
         self._autocommit()
         return job
 
-    def provider_seen(self, machines: Collection[Machine], now: float | None = None) -> None:
+    def provider_seen(self, machines: Collection[ProviderNode], now: float | None = None) -> None:
         """The provider lists these live machines now (the fleet loop): a machine is charged
         from its first listing to the first that no longer shows it."""
         self.billing.provider_seen(machines, self.clock() if now is None else now)

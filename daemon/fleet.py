@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from spotwise.cloud.provider import NodeRequest, Provider, ProviderError, ProviderNode
-from spotwise.daemon.charging import Machine
 from spotwise.daemon.controller import NodeState
 from spotwise.daemon.coordinator import Coordinator
 
@@ -163,11 +162,6 @@ def demands_of(coordinator: Coordinator, *, daemon_address: str,
     return out
 
 
-def _machine(pn: ProviderNode) -> Machine:
-    return Machine(handle=pn.handle, job_id=pn.job_id, instance_type=pn.instance_type,
-                   zone=pn.zone, lifecycle=pn.lifecycle)
-
-
 class FleetLoop:
     """Runs plan_fleet every `interval_s` and carries it out through a provider.
 
@@ -256,7 +250,7 @@ class FleetLoop:
         provider_nodes = await self._call(self.provider.list_nodes)
         now = self.clock()
         # What the provider runs is what is charged: a machine it no longer lists is gone.
-        machines = [_machine(pn) for pn in provider_nodes if pn.state != "terminated"]
+        machines = [pn for pn in provider_nodes if pn.state != "terminated"]
         self.coordinator.provider_seen(machines, now)
         demands = demands_of(self.coordinator, daemon_address=self.daemon_address)
         plan = plan_fleet(now, demands, self._fleet_nodes(provider_nodes, now),
@@ -271,7 +265,7 @@ class FleetLoop:
             for node in started:
                 self._first_seen.setdefault(node.handle, self.clock())
             if started:  # charged from their launch, not from the next listing
-                machines += [_machine(pn) for pn in started]
+                machines += started
                 self.coordinator.provider_seen(machines, self.clock())
             if len(started) < count:
                 log.warning("fleet: job=%s: asked %s for %d node(s), got %d", job_id,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spotwise.daemon.charging import Machine
+from spotwise.cloud.provider import ProviderNode
 from spotwise.daemon.coordinator import Coordinator, Unpriced
 from spotwise.daemon.model import JobState, Policy
 from spotwise.daemon.store import Store
@@ -62,7 +62,7 @@ def test_a_providers_machine_is_charged_from_its_first_listing_to_the_first_with
     coord = make(tmp_path, clock, provider_price=lambda handle: 3600.0 * USD_PER_S,
                  provider_prices_all=True)
     job = coord.submit(spec().to_proto())
-    machine = Machine(handle="local-1", job_id=job.row.id)
+    machine = ProviderNode(handle="local-1", job_id=job.row.id)
     coord.provider_seen([machine])  # launched for the job: it boots at the job's expense
     clock.now += 10
     node = register(coord, "10.0.0.1", provider_node="local-1")
@@ -113,7 +113,7 @@ def test_a_machine_registered_twice_is_charged_once_and_a_lost_one_until_it_is_g
     coord = make(tmp_path, clock, provider_price=lambda handle: 3600.0 * USD_PER_S,
                  provider_prices_all=True)
     job = coord.submit(spec().to_proto())
-    coord.provider_seen([Machine(handle="i-1", job_id=job.row.id)])
+    coord.provider_seen([ProviderNode(handle="i-1", job_id=job.row.id)])
     first = register(coord, "10.0.0.1", provider_node="i-1")
     coord.tick()
     register(coord, "10.0.0.2", provider_node="i-1")  # its agent restarted with a new identity
