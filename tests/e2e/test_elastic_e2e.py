@@ -320,8 +320,11 @@ def test_daemon_restart_does_not_stop_training(cluster: Cluster) -> None:
     meanwhile, the agents re-register with their generation, and the job goes on in it."""
     cluster.add_nodes(2)
     job_id, ledger = cluster.submit(steps=80, step_sleep=0.1)
-    job = _until(lambda: (j := cluster.job(job_id)).world_size == 2 and j.step >= 5 and j,
-                 120, "world 2")
+    # After the first commit: the first save of a generation starts DCP's writer process
+    # (seconds of imports on a loaded machine, during which the next save waits), which would
+    # stall training whether or not the daemon is there.
+    job = _until(lambda: (j := cluster.job(job_id)).world_size == 2 and
+                 j.last_checkpoint_step >= 5 and j, 120, "world 2 and a first commit")
     gen = job.generation
     loss_log = ledger.with_suffix(".loss")
     before = len(loss_log.read_text().splitlines())
