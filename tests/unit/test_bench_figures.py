@@ -160,5 +160,7 @@ def test_cpu_meter_reads_this_process_and_counts_a_busy_window() -> None:
         pass
     out = window.stop()
     assert out["me_cpu_s"] >= 0.15
-    assert 0 < out["me_share"] <= 1.0 + 1e-6
+    # /proc counts CPU in clock ticks (10 ms) and the window's wall time is read apart from
+    # them, so a window that was all CPU can read a tick or so above 1.
+    assert 0 < out["me_share"] <= 1.1
     assert cpu_seconds(2**22 + 12345) is None  # no such pid
