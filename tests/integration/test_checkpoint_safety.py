@@ -199,3 +199,16 @@ def test_a_planted_tensor_item_is_refused_and_a_damaged_one_is_unreadable():
     with pytest.raises(pickle.UnpicklingError) as err:
         load_tensor(bytearray(len(saved.getvalue())))
     assert not is_refusal(err.value)
+
+
+def test_a_start_from_scratch_still_restores_a_commit_the_daemon_never_heard_of(tmp_path):
+    # Generation 1 commits step 5, but its report dies with it: the daemon starts generation 2
+    # "from scratch" (restore step -1). Storage decides: generation 2 restores step 5, rather
+    # than training again from step 0 beside a commit a later generation would come back to.
+    old = _checkpointer(tmp_path / "ck", generation=1)
+    assert old.save(5, _state(5), cursor=50, blocking=True)
+    new = _checkpointer(tmp_path / "ck", generation=2)
+    m = new.choose(-1)
+    assert m is not None and (m.step, m.generation) == (5, 1)
+    # On an empty location -1 is a start from scratch.
+    assert _checkpointer(tmp_path / "empty", generation=2).choose(-1) is None

@@ -103,13 +103,12 @@ class Commits:
         """The checkpoint to restore: the newest valid at or after `step` (an error if there is
         none and `step` itself is unusable), or with no step the newest valid."""
         if step is not None:
-            if step < 0:
-                return None
-            # The daemon names the newest commit it heard of. A newer one may exist: its report
-            # died with its node, or the generation being replaced committed (and pruned) after
-            # the daemon chose. Storage decides what is committed, so the newest valid commit at
-            # or after the requested step is restored; an older one or none would silently
-            # repeat or lose work, so a requested step that is unusable stays an error.
+            # The daemon names the newest commit it heard of (-1: none). A newer one may exist:
+            # its report died with its node, or the generation being replaced committed (and
+            # pruned) after the daemon chose. Storage decides what is committed, so the newest
+            # valid commit at or after the requested step is restored, even when the daemon
+            # asked for a start from scratch; an older one or none would silently repeat or
+            # lose work, so a requested step that is unusable stays an error.
             for newer in reversed(self.committed()):
                 if newer.step <= step:
                     break
@@ -120,6 +119,8 @@ class Commits:
                     continue
                 log.warning("restoring the committed step %d, newer than the requested %d", newer.step, step)
                 return newer
+            if step < 0:
+                return None  # nothing committed: a start from scratch
             same = [m for m in self.committed() if m.step == step]
             if not same:
                 for path, listed_step, _gen in list_manifests(self.fs, self.loc):
