@@ -103,7 +103,7 @@ def test_a_budget_below_the_jobs_cost_stops_it_in_time_with_a_final_checkpoint(t
             margin = rate_per_s * TEARDOWN_S
             # It stopped where one more tick and the teardown would pass the budget (a late
             # tick on a loaded machine may add one), not earlier.
-            assert job.cost_usd <= budget - margin + one_tick, (job.cost_usd, budget, one_tick)
+            assert job.cost_usd <= budget - margin + 2 * one_tick, (job.cost_usd, budget, one_tick)
             assert job.cost_usd > budget - margin - 2 * one_tick
             assert "budget" in job.message and f"teardown ({TEARDOWN_S:g} s)" in job.message
 
@@ -128,11 +128,12 @@ def test_a_budget_below_the_jobs_cost_stops_it_in_time_with_a_final_checkpoint(t
             assert ended.rate_usd_per_hour == 0
             # The wind-down was paid for: the spend at the stop plus the teardown measured.
             assert ended.spent_usd > job.cost_usd
+            # (within the fleet's listing interval and an accounting tick or two, loaded)
             assert ended.spent_usd == pytest.approx(job.cost_usd + rate_per_s * teardowns[0],
-                                                    abs=2 * one_tick)
+                                                    abs=rate_per_s * 3.0)
             # The margin held: the last machine was gone before the budget ran out.
             assert teardowns[0] < TEARDOWN_S, teardowns
-            assert ended.spent_usd <= budget + one_tick, (ended.spent_usd, budget)
+            assert ended.spent_usd <= budget + 2 * one_tick, (ended.spent_usd, budget)
 
             rows = _cli_cost(daemon.address, job_id)
             assert rows["spent"] == money(ended.spent_usd) and rows["rate"] == "$0.0000/h"
