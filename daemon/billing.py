@@ -41,7 +41,7 @@ from spotwise.daemon.prices import (
     Quote,
     combined_source,
 )
-from spotwise.daemon.state import JobRecord, State
+from spotwise.daemon.state import JobRecord, NodeRecord, State
 from spotwise.daemon.store import NodeRow
 from spotwise.proto.v1 import jobs_pb2
 
@@ -90,10 +90,11 @@ class Billing:
 
     # ---- which job a machine is charged to (daemon.charging) -------------------------------
 
-    def charges(self) -> dict[str, dict[str, Quote]]:
-        """Every job with machines charged to it: {job id: {node id or handle: its quote}}.
-        A machine registered twice is charged once, as its newest registration."""
-        out: dict[str, dict[str, Quote]] = {}
+    def _charged(self) -> dict[str, dict[str, NodeRecord | ProviderNode]]:
+        """Every job with machines charged to it: {job id: {node id or handle: the node, or
+        the provider's machine not registered yet}}. A machine registered twice is charged
+        once, as its newest registration."""
+        out: dict[str, dict[str, NodeRecord | ProviderNode]] = {}
         charged: set[str] = set()
         jobs = self.state.jobs
         for node in sorted(self.state.nodes.values(),
@@ -104,23 +105,31 @@ class Billing:
             job_id = charged_to(node, self.view, jobs)
             if job_id:
                 charged.add(handle)
-                out.setdefault(job_id, {})[node.row.id] = self.quote(node.row)
+                out.setdefault(job_id, {})[node.row.id] = node
         for machine in unregistered(self.view, self.state.nodes.values()):
             if machine.job_id in jobs:
-                out.setdefault(machine.job_id, {})[machine.handle] = self.machine_quote(machine)
+                out.setdefault(machine.job_id, {})[machine.handle] = machine
         return out
+
+    def _quotes(self, machines: dict[str, NodeRecord | ProviderNode]) -> dict[str, Quote]:
+        return {key: self.machine_quote(m) if isinstance(m, ProviderNode) else self.quote(m.row)
+                for key, m in machines.items()}
+
+    def charges(self) -> dict[str, dict[str, Quote]]:
+        """Every job with machines charged to it: {job id: {node id or handle: its quote}}."""
+        return {job_id: self._quotes(machines) for job_id, machines in self._charged().items()}
 
     def provider_seen(self, machines: Collection[ProviderNode], now: float) -> None:
         """The provider lists these live machines now. Jobs whose charged machines changed
         (one booted, one is gone) are charged up to now at what they had, then at what they
         have: a machine no longer listed is charged no further."""
-        before = self.charges()
+        before = self._charged()  # only which machines: quoted for the jobs that changed
         self.view.seen(machines)
-        after = self.charges()
+        after = self._charged()
         for job_id in before.keys() | after.keys():
             job = self.state.jobs.get(job_id)
             if job is not None and before.get(job_id, {}).keys() != after.get(job_id, {}).keys():
-                self.bill(job, now, quotes=after.get(job_id, {}))
+                self.bill(job, now, quotes=self._quotes(after.get(job_id, {})))
                 self.outbox.stage(job.row)
 
     def bill(self, job: JobRecord, now: float, *, quotes: dict[str, Quote] | None = None
@@ -128,7 +137,7 @@ class Billing:
         """Charge the job's machines up to now, and bill `quotes` (default: the machines
         charged to it now) from now on."""
         if quotes is None:
-            quotes = self.charges().get(job.row.id, {})
+            quotes = self._quotes(self._charged().get(job.row.id, {}))
         if quotes:
             job.price_source = combined_source({q.source for q in quotes.values()})
         prices: dict[str, NodePrice] = {n: q.price for n, q in quotes.items()}
