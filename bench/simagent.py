@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import random
 import ssl
 import time
@@ -89,9 +90,20 @@ class AgentStats:
     """Progress reports answered."""
     reports_refused: int = 0
     """Progress reports answered accepted=False (stale generation)."""
+    connect_ms: array = field(default_factory=lambda: array("d"))
+    """Beat-channel connections opened (TCP and TLS handshake), in milliseconds."""
+    first_beat_ms: array = field(default_factory=lambda: array("d"))
+    """From a Register answer to the first beat sent after it, in milliseconds: the daemon's
+    lease runs from its Register, so past the lease this alone declares the node lost."""
 
     def take_latencies(self) -> array:
         taken, self.latencies_ms = self.latencies_ms, array("d")
+        return taken
+
+    def take_connects(self) -> tuple[array, array]:
+        """(connect_ms, first_beat_ms) since the last take."""
+        taken = self.connect_ms, self.first_beat_ms
+        self.connect_ms, self.first_beat_ms = array("d"), array("d")
         return taken
 
     def counters(self) -> dict[str, object]:
@@ -135,6 +147,8 @@ class SimAgent:
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._must_register = False
         self.beat_port = 0
+        self._registered_at: float | None = None
+        """When the last Register was answered, until the first beat after it is sent."""
 
     # ---- connection ---------------------------------------------------------------------
 
@@ -145,13 +159,14 @@ class SimAgent:
         the daemon a few connections instead of one per node."""
         s = self.settings
         options = [("grpc.use_local_subchannel_pool", 1), ("spotwise.bench.agent", self.index)]
+        # The token goes as call metadata on both: the same header on the wire as
+        # access_token_call_credentials, whose plugin runs a Python thread per call (the
+        # generator's CPU, on the cores it shares with the daemon).
+        self._metadata = (("authorization", f"Bearer {s.agent_token}"),)
         if s.ca_pem is not None:
-            creds = grpc.composite_channel_credentials(
-                grpc.ssl_channel_credentials(root_certificates=s.ca_pem),
-                grpc.access_token_call_credentials(s.agent_token))
+            creds = grpc.ssl_channel_credentials(root_certificates=s.ca_pem)
             self._channel = aio.secure_channel(s.address, creds, options=options)
         else:
-            self._metadata = (("authorization", f"Bearer {s.agent_token}"),)
             self._channel = aio.insecure_channel(s.address, options=options)
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
 
@@ -194,6 +209,7 @@ class SimAgent:
         else:
             self.stats.registered += 1
         self._must_register = False
+        self._registered_at = time.monotonic()
 
     def beat(self, *, first: bool) -> agent_pb2.HeartbeatRequest:
         """The next HeartbeatRequest: credentials on the first of a stream (every unary one)."""
@@ -226,6 +242,12 @@ class SimAgent:
         if old is None or (old.job_id, old.generation) != (a.job_id, a.generation):
             self.adopted.append((a.job_id, a.generation, time.time()))
         self.assignment = a
+
+    def _note_sent(self) -> None:
+        self.last_beat_wall = time.time()
+        if self._registered_at is not None:
+            self.stats.first_beat_ms.append((time.monotonic() - self._registered_at) * 1000)
+            self._registered_at = None
 
     def silence(self) -> float:
         """Stop sending from now on (the connection stays open); the wall time of the last
@@ -278,7 +300,7 @@ class SimAgent:
             if self.silent or stop.is_set():
                 continue
             sent = time.monotonic()
-            self.last_beat_wall = time.time()
+            self._note_sent()
             try:
                 self.stats.sent += 1
                 resp = await self._stub.Heartbeat(self.beat(first=True),
@@ -311,7 +333,7 @@ class SimAgent:
                 if self.silent or stop.is_set():
                     continue
                 sent.append(time.monotonic())
-                self.last_beat_wall = time.time()
+                self._note_sent()
                 await asyncio.wait_for(call.write(self.beat(first=first)),
                                        self.settings.rpc_timeout_s)
                 self.stats.sent += 1
@@ -327,11 +349,12 @@ class SimAgent:
         connection of its own; answers name the beat they answer, which times them."""
         s = self.settings
         host = s.address.rpartition(":")[0].strip("[]")
-        context = (ssl.create_default_context(cadata=s.ca_pem.decode())
-                   if s.ca_pem is not None else None)
+        context = _client_context(s.ca_pem) if s.ca_pem is not None else None
+        connecting = time.monotonic()
         reader, writer = await asyncio.wait_for(asyncio.open_connection(
             host, self.beat_port, ssl=context, server_hostname=host if context else None),
             s.rpc_timeout_s)
+        self.stats.connect_ms.append((time.monotonic() - connecting) * 1000)
         writer.write(frame(HELLO, s.agent_token.encode()))
         sent: dict[int, float] = {}
 
@@ -362,7 +385,7 @@ class SimAgent:
                 seq += 1
                 sent[seq] = time.monotonic()
                 sent.pop(seq - 16, None)  # beats without news go unanswered
-                self.last_beat_wall = time.time()
+                self._note_sent()
                 req = self.beat(first=seq == 1)
                 req.seq = seq
                 writer.write(frame(BEAT, req.SerializeToString()))
@@ -402,6 +425,14 @@ class SimAgent:
             return
         self.stats.reports += 1
         self.stats.reports_refused += 0 if resp.accepted else 1
+
+
+@functools.lru_cache(maxsize=4)
+def _client_context(ca_pem: bytes) -> ssl.SSLContext:
+    """One TLS client context per generator process (each real agent makes its own once, on
+    its own machine; making one per connection here would bill the generator's CPU to the
+    run, on the cores it shares with the daemon)."""
+    return ssl.create_default_context(cadata=ca_pem.decode())
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -162,12 +162,6 @@ def report_verdict(node_id: str, kind: str, job_id: str, generation: int, facts:
     return Verdict(route=Route.ASSIGNED)
 
 
-def own_ranks(node_id: str, members: tuple[str, ...] | list[str], nproc: int) -> range:
-    """The global ranks a member runs."""
-    start = list(members).index(node_id) * nproc
-    return range(start, start + nproc)
-
-
 def _under(path: str, root: str) -> bool:
     root = root.rstrip("/")
     return path == root or path.startswith(root + "/") and "/../" not in path + "/"

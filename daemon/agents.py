@@ -100,7 +100,7 @@ class AgentProtocol:
         decision = admission.plan_register(
             known=rec is not None, state=rec.state if rec is not None else None,
             assigned_job=rec.row.job_id if rec is not None else "",
-            is_member=job is not None and node_id in job.members,
+            is_member=job is not None and job.node_rank(node_id) is not None,
             running_job=req.current_job_id, running_generation=req.current_generation)
         secret = ""
         if decision.action is RegisterAction.NEW:
@@ -124,6 +124,7 @@ class AgentProtocol:
                 self.outbox.reassign(job_id=job.row.id)  # its address may have changed
         rec.reported_job_id = req.current_job_id
         rec.reported_generation = req.current_generation
+        rec.beaten = False  # READY once a beat shows its heartbeat path works
         self.state.changed(rec)
         self.outbox.stage(rec.row)
         self.outbox.reassign(node_id=node_id)
@@ -144,21 +145,33 @@ class AgentProtocol:
         in the fleet's size (the answer was built when the membership changed)."""
         if rec is None or rec.state is NodeState.LOST:
             return _REREGISTER
-        rec.last_seen = now
+        self.state.heard_from(rec, now)
         running = False
         for p in req.processes:
             if p.running:
                 running = True
                 break
+        changed = not rec.beaten or running != rec.reported_running
         if (rec.reported_job_id, rec.reported_generation) != (req.job_id, req.generation):
             rec.reported_job_id, rec.reported_generation = req.job_id, req.generation
+            changed = True
             if rec.row.job_id:
                 self.wake()  # a RESCALING job may now run everywhere
-        rec.reported_running = running
-        self.state.changed(rec)
+        if changed:  # a beat with nothing new rebuilds no view
+            if not rec.beaten:
+                rec.beaten = True
+                if rec.state is NodeState.JOINING:
+                    # It joins the batch now that it can be used (join batching counts from
+                    # here, not from a Register whose first beat was slow to connect).
+                    rec.row.joined_at = now
+                    self.outbox.stage(rec.row)
+                self.wake()  # it may be made READY
+            rec.reported_running = running
+            self.state.changed(rec)
         job = self.state.jobs.get(rec.row.job_id) if rec.row.job_id else None
         if (job is not None and req.job_id == job.row.id
-                and req.generation == job.row.generation and rec.row.id in job.members):
+                and req.generation == job.row.generation
+                and job.node_rank(rec.row.id) is not None):
             exited = [(p.rank, p.exit_code) for p in req.processes if not p.running]
             if exited:
                 self.record_exits(job, rec.row.id, exited, now)
@@ -168,7 +181,8 @@ class AgentProtocol:
                      now: float) -> None:
         """Note exits of the node's own ranks of the current generation; a new failure is an
         event and wakes the loop."""
-        ranks = admission.own_ranks(node_id, job.members, job.spec.nproc_per_node)
+        rank, nproc = job.node_rank(node_id), job.spec.nproc_per_node
+        ranks = range(rank * nproc, (rank + 1) * nproc) if rank is not None else range(0)
         new = [(r, c) for r, c in exited if r in ranks and r not in job.exit_codes]
         if not new:
             return
@@ -253,7 +267,7 @@ class AgentProtocol:
             log.info("instance=%s: interruption notice %s for no known node", instance_id, action)
             return False
         job = self.state.jobs.get(rec.row.job_id) if rec.row.job_id else None
-        if job is not None and (rec.row.id not in job.members or job.state.terminal):
+        if job is not None and (job.node_rank(rec.row.id) is None or job.state.terminal):
             job = None
         self.notice(rec, job, agent_pb2.InterruptionNotice(action=action, deadline=deadline), now)
         return True

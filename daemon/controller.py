@@ -9,8 +9,9 @@ The rules, in the order `plan` applies them:
 1. A node not heard from for `lease_s` is LOST; a member of a generation with a failed rank
    that has not been heard from since the failure, after `failure_lease_s` (both extended by
    the daemon's own lag, `ClusterState.lag_s`).
-2. Joins are batched: JOINING nodes become READY together once no node has joined for
-   `settle_s` (or the oldest has waited `settle_max_s`).
+   A node that holds no job and has not beaten since it registered has `first_beat_s`.
+2. Joins are batched: JOINING nodes that have beaten become READY together once no node has
+   joined for `settle_s` (or the oldest has waited `settle_max_s`).
 3. For each live job, oldest first:
    - every rank of the current generation exited 0 -> SUCCEEDED;
    - a member was lost -> generation g+1 at once with the survivors (plus free nodes up to
@@ -31,7 +32,7 @@ The rules, in the order `plan` applies them:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from spotwise.daemon.model import (
@@ -61,6 +62,17 @@ __all__ = [
 
 # ---- the plan -------------------------------------------------------------------------------
 
+LISTED = 8
+"""Names a reason lists before it counts the rest: a reason travels in every member's
+assignment, so naming all 4,000 nodes of a generation would cost O(N^2) to send."""
+
+
+def _listed(names: Sequence[str]) -> str:
+    if len(names) <= LISTED:
+        return ", ".join(names)
+    return f"{', '.join(names[:LISTED])} and {len(names) - LISTED} more"
+
+
 
 def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[Decision]:
     """The decisions for this moment. Pure: same inputs, same decisions."""
@@ -76,17 +88,21 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
     }
     # Only the lost are sorted (for a stable order): a tick costs O(nodes), not O(n log n).
     expired = []
+    last_seen = state.last_seen
     for node in nodes.values():
         if node.state is NodeState.LOST:
             continue
-        silent = now - node.last_seen
+        silent = now - last_seen(node)
         if silent > policy.lease_s + state.lag_s or node.id in failed_at:
             expired.append(node)
     for node in sorted(expired, key=lambda n: n.id):
-        silent = now - node.last_seen
+        seen = last_seen(node)
+        silent = now - seen
         since_failure = failed_at.get(node.id)
-        if since_failure is not None and node.last_seen <= since_failure:
+        if since_failure is not None and seen <= since_failure:
             lease, what = min(policy.failure_lease_s, policy.lease_s), "failure lease"
+        elif not node.beaten and not node.job_id:
+            lease, what = max(policy.first_beat_s, policy.lease_s), "first-beat allowance"
         else:
             lease, what = policy.lease_s, "lease"
         if silent > lease + state.lag_s:
@@ -100,7 +116,7 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
             nodes[node.id] = _with(node, state=NodeState.LOST)
 
     # 2. Join batching.
-    joining = [n for n in nodes.values() if n.state is NodeState.JOINING]
+    joining = [n for n in nodes.values() if n.state is NodeState.JOINING and n.beaten]
     if joining:
         newest = max(n.joined_at for n in joining)
         oldest = min(n.joined_at for n in joining)
@@ -109,7 +125,7 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
             decisions.append(
                 NodesReady(
                     node_ids=ids,
-                    reason=f"join batch closed after {now - oldest:.1f}s: {', '.join(ids)}",
+                    reason=f"join batch closed after {now - oldest:.1f}s: {_listed(ids)}",
                 )
             )
             for node_id in ids:
@@ -124,7 +140,7 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
     for job in state.jobs:
         if job.state.terminal:
             continue
-        decision = _plan_job(now, job, nodes, free, policy)
+        decision = _plan_job(now, job, nodes, free, policy, last_seen)
         if decision is None:
             continue
         decisions.append(decision)
@@ -159,6 +175,7 @@ def _plan_job(
     nodes: Mapping[str, NodeView],
     free: list[NodeView],
     policy: Policy,
+    last_seen: Callable[[NodeView], float],
 ) -> Decision | None:
     fitting = [n for n in free if n.slots == 0 or n.slots >= job.nproc_per_node]
     # Nodes a provider launched for this job first, then the longest waiting.
@@ -169,7 +186,7 @@ def _plan_job(
             return None
         members = tuple(n.id for n in fitting[: job.max_nodes])
         return _start(job, members, JobState.RUNNING, count_failure=False,
-                      reason=f"start on {len(members)} node(s): {', '.join(members)}")
+                      reason=f"start on {len(members)} node(s): {_listed(members)}")
 
     # RUNNING or RESCALING from here on.
     if job.members and len(job.exit_codes) >= job.world_size:
@@ -182,16 +199,16 @@ def _plan_job(
     gone = [m for m in job.members if not _is_member(nodes.get(m), job.id)]
     if gone:
         survivors = [m for m in job.members if m not in gone]
-        why = f"lost {', '.join(gone)}"
+        why = f"lost {_listed(gone)}"
         return _reshape(job, survivors, fitting, why, count_failure=False)
 
     if job.failed_at is not None:
-        silent = [m for m in job.members if nodes[m].last_seen <= job.failed_at]
+        silent = [m for m in job.members if last_seen(nodes[m]) <= job.failed_at]
         if silent:
             return None  # a member may be dead: its lease decides (rule 1)
         failures = job.failures + 1
         bad = sorted((r, c) for r, c in job.exit_codes.items() if c != 0)
-        detail = ", ".join(f"rank {r} exited {c}" for r, c in bad)
+        detail = _listed([f"rank {r} exited {c}" for r, c in bad])
         if failures > job.max_failures:
             return SetJobState(
                 job_id=job.id, state=JobState.FAILED, release=True,
@@ -208,7 +225,7 @@ def _plan_job(
     leaving = [m for m in job.members if _drain_done(now, job, nodes[m], policy)]
     if leaving:
         survivors = [m for m in job.members if m not in leaving]
-        return _reshape(job, survivors, fitting, f"drained {', '.join(leaving)}",
+        return _reshape(job, survivors, fitting, f"drained {_listed(leaving)}",
                         count_failure=False)
     draining = any(nodes[m].state is NodeState.DRAINING for m in job.members)
 
@@ -227,7 +244,7 @@ def _plan_job(
         extra = fitting[: job.grow_to - len(job.members)]
         members = (*job.members, *(n.id for n in extra))
         grow = f"grow from {len(job.members)} to {len(members)} node(s)"
-        joined = f"joined {', '.join(n.id for n in extra)}"
+        joined = f"joined {_listed([n.id for n in extra])}"
         timeout = policy.grow_checkpoint_timeout_s
         asked = job.checkpoint_requested_at
         if timeout <= 0:
@@ -266,7 +283,7 @@ def _reshape(
             "waiting for capacity",
         )
     added = members[len(survivors):]
-    more = f", adding {', '.join(added)}" if added else ""
+    more = f", adding {_listed(added)}" if added else ""
     return _start(job, members, JobState.RESCALING, count_failure=count_failure,
                   reason=f"{why}{more}: {len(members)} node(s)")
 

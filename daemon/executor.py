@@ -100,7 +100,7 @@ class Executor:
         self.outbox.reassign(node_id=d.node_id)
         log.warning("node=%s job=%s: LOST: %s", d.node_id, rec.row.job_id or "-", d.reason)
         job = self.state.jobs.get(rec.row.job_id)
-        if job is not None and d.node_id in job.members:
+        if job is not None and job.node_rank(d.node_id) is not None:
             self.event(job, now, "node", d.reason)
             if self.metrics is not None:
                 self.metrics.inc_preemptions(job.row.id)

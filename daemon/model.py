@@ -145,6 +145,10 @@ class NodeView:
     """Unix seconds the instance goes away (None or 0: unknown)."""
     launched_for: str = ""
     """The job a provider launched it for, preferred when assigning."""
+    beaten: bool = True
+    """The agent has beaten since it last registered: its heartbeat path works. A node that has
+    not is not made READY, and, holding no job, has `Policy.first_beat_s` rather than the lease
+    (its first beat waits for a connection to a daemon that may be busy registering others)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +159,14 @@ class ClusterState:
     lag_s: float = 0.0
     """How late the daemon's event loop runs (seconds): beats it has not read yet may be that
     old, so leases are extended by it rather than a busy daemon declaring live nodes lost."""
+    heard: Mapping[str, float] = field(default_factory=dict)
+    """Node id -> when it last beat, where newer than its view's `last_seen`: a beat renews a
+    lease here without rebuilding the node's view."""
+
+    def last_seen(self, node: NodeView) -> float:
+        """When the daemon last heard from `node`."""
+        heard = self.heard.get(node.id)
+        return node.last_seen if heard is None or heard < node.last_seen else heard
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +175,9 @@ class Policy:
 
     lease_s: float = 2.0
     """A node silent this long is LOST."""
+    first_beat_s: float = 10.0
+    """A registered node that holds no job and has not beaten since it registered is LOST after
+    this long (it is not READY before its first beat, so nothing waits for it)."""
     failure_lease_s: float = 1.25
     """A member silent this long since its generation reported a failed rank is LOST."""
     settle_s: float = 1.0

@@ -10,9 +10,8 @@
 
 The server carries JobService, AgentService, standard health checking (spotwise.v1.JobService,
 spotwise.v1.AgentService and "" report SERVING while the daemon runs, NOT_SERVING while it
-stops) and server reflection. The control loop runs the controller every `tick_s`; agents'
-reports that need an answer at once (a failed rank, a commit, a notice) run it immediately.
-With a provider, the fleet loop launches and terminates nodes; with `notice_queue_url`, the
+stops) and server reflection. The control loop plans every `tick_s`, and at once when a handler
+wakes it (a failed rank, a commit, a notice). With a provider, the fleet loop launches and terminates nodes; with `notice_queue_url`, the
 notice loop drains nodes on the interruption notices it reads from SQS; with API pricing
 ([daemon.pricing]), the pricing loop refreshes node prices off the event loop. Security (tokens,
 TLS, the loopback rule) and the Prometheus exporter come from the config.
@@ -323,8 +322,9 @@ class Daemon:
             self._tasks.append(asyncio.create_task(refresh_loop(
                 self.coordinator.pricer, self._stop,
                 timeout_s=config.pricing.timeout_s * 10), name="pricing-loop"))
-        log.info("daemon serving on %s (state %s, provider %s)", self.address, config.db_path,
-                 self.provider.name if self.provider else "none")
+        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+        log.info("daemon serving on %s (state %s, provider %s, %s loop)", self.address,
+                 config.db_path, self.provider.name if self.provider else "none", loop)
 
     def _notice_loop(self) -> NoticeLoop:
         from spotwise.cloud.sqs_events import SqsEventsConfig, SqsNoticeReader

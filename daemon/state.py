@@ -79,6 +79,17 @@ class JobRecord:
     """The job's message says it cannot commit (cleared by the next commit)."""
     ended_at: float | None = None
     """When it reached a final state in this daemon's life (its teardown is timed from it)."""
+    _rank_of: dict[str, int] = field(default_factory=dict, repr=False)
+    _ranked: list[str] | None = field(default=None, repr=False)
+    """The `members` list `_rank_of` indexes (members is replaced, never changed in place)."""
+
+    def node_rank(self, node_id: str) -> int | None:
+        """The node's rank among the current generation's members (None: no member); O(1),
+        as a beat of each of 4,000 members asks."""
+        if self._ranked is not self.members:
+            self._rank_of = {n: i for i, n in enumerate(self.members)}
+            self._ranked = self.members
+        return self._rank_of.get(node_id)
 
     @property
     def state(self) -> JobState:
@@ -117,6 +128,8 @@ class NodeRecord:
     reported_running: bool = False
     """The agent's last heartbeat listed a running training process."""
     launched_for: str = ""
+    beaten: bool = True
+    """It has beaten since it last registered (NodeView.beaten)."""
     last_job: str = ""
     """The job it last served: a provider's machine is charged to it until it is gone."""
     _view: NodeView | None = None
@@ -141,6 +154,7 @@ class NodeRecord:
                 drain_since=self.row.drain_since,
                 drain_deadline=self.row.drain_deadline,
                 launched_for=self.launched_for,
+                beaten=self.beaten,
             )
         return self._view
 
@@ -165,6 +179,8 @@ class State:
         self.nodes: dict[str, NodeRecord] = {}
         self._node_views: dict[str, NodeView] = {}
         self._stale: set[str] = set()
+        self.heard: dict[str, float] = {}
+        """Node id -> its last beat (ClusterState.heard): a beat renews the lease here."""
         self.by_instance: dict[str, str] = {}
         """Cloud instance id -> node id (the newest registration), for queue-borne notices."""
 
@@ -195,6 +211,7 @@ class State:
         self.nodes = {row.id: NodeRecord(row=row, last_seen=seen) for row in self.store.nodes()}
         self._node_views = {}
         self._stale = set(self.nodes)
+        self.heard = {}
         self.by_instance = {}
         for rec in sorted(self.nodes.values(), key=lambda r: r.row.registered_at):
             if rec.row.instance_id:
@@ -219,8 +236,14 @@ class State:
         if rec.row.instance_id:
             self.by_instance[rec.row.instance_id] = rec.row.id
 
+    def heard_from(self, rec: NodeRecord, now: float) -> None:
+        """A beat of the node: its lease is renewed, its view stays as it is."""
+        rec.last_seen = now
+        self.heard[rec.row.id] = now
+
     def snapshot(self, lag_s: float = 0.0) -> ClusterState:
-        """The controller's view of every live job (oldest first) and every node."""
+        """The controller's view of every live job (oldest first) and every node (their
+        beats since in `heard`, which the snapshot shares rather than copies)."""
         for node_id in self._stale:
             rec = self.nodes.get(node_id)
             if rec is None:
@@ -230,7 +253,8 @@ class State:
         self._stale.clear()
         jobs = sorted((rec.view() for rec in self.jobs.values() if not rec.state.terminal),
                       key=lambda j: (j.created_at, j.id))
-        return ClusterState(jobs=tuple(jobs), nodes=self._node_views, lag_s=lag_s)
+        return ClusterState(jobs=tuple(jobs), nodes=self._node_views, lag_s=lag_s,
+                            heard=self.heard)
 
     def member_views(self, job: JobRecord) -> dict[str, NodeView]:
         """The views of the job's members (what checkpoint_now reads)."""

@@ -41,8 +41,11 @@ def spec(**kw: object) -> JobSpec:
 
 
 def register(coord: Coordinator, address: str, **kw: object) -> agent_pb2.RegisterResponse:
-    return coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1,
+    resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1,
                                                     instance_type="g4dn.xlarge", **kw))
+    # As an agent does: its first beat right after Register (a node is READY once it beats).
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id, node_secret=resp.node_secret))
+    return resp
 
 
 def beat(coord: Coordinator, node: agent_pb2.RegisterResponse, job_id: str, generation: int,

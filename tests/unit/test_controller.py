@@ -348,3 +348,42 @@ def test_a_busy_daemon_extends_leases_by_its_own_lag() -> None:
     assert not [d for d in plan(T, late, POLICY) if isinstance(d, NodeLost)]
     later = ClusterState(jobs=(), nodes={"n1": node("n1", seen=T - 3.5)}, lag_s=1.0)
     assert [type(d) for d in plan(T, later, POLICY)] == [NodeLost]
+
+
+def test_a_node_that_has_not_beaten_yet_is_not_ready_and_has_the_first_beat_allowance() -> None:
+    # Registered 5 s ago, no beat since (its beat connection waits on a busy daemon).
+    fresh = node("a", NodeState.JOINING, joined=T - 5.0, seen=T - 5.0, beaten=False)
+    decisions = plan(T, cluster([job()], [fresh]), POLICY)
+    assert decisions == []  # neither LOST (2 s lease) nor READY, so no job is started on it
+    # Past first_beat_s it is LOST, and the reason says which allowance ran out.
+    lost = only(plan(T + POLICY.first_beat_s, cluster([], [fresh]), POLICY), NodeLost)
+    assert lost.node_id == "a" and "first-beat allowance" in lost.reason
+    # Once it beats it joins the next batch like any other.
+    ready = only(plan(T, cluster([], [replace(fresh, beaten=True, last_seen=T)]), POLICY),
+                 NodesReady)
+    assert ready.node_ids == ("a",)
+
+
+def test_a_member_that_has_not_beaten_since_registering_again_keeps_the_plain_lease() -> None:
+    # A member re-registered (the daemon restarted): its job waits on it, so no allowance.
+    member = node("m", NodeState.ASSIGNED, job="j1", gen=1, seen=T - 2.5, beaten=False)
+    lost = only(plan(T, cluster([running(("m",))], [member]), POLICY), NodeLost)
+    assert lost.node_id == "m" and "lease 2s" in lost.reason
+
+
+def test_beats_in_heard_renew_leases_without_a_new_view() -> None:
+    stale = node("n1", seen=T - 5.0)  # its view was built 5 s ago
+    assert [type(d) for d in plan(T, cluster([], [stale]), POLICY)] == [NodeLost]
+    heard = ClusterState(jobs=(), nodes={"n1": stale}, heard={"n1": T - 0.5})
+    assert plan(T, heard, POLICY) == []
+    # An older entry never hides a newer view.
+    older = ClusterState(jobs=(), nodes={"n1": node("n1", seen=T - 0.5)}, heard={"n1": T - 9})
+    assert plan(T, older, POLICY) == []
+
+
+def test_a_reason_names_a_few_nodes_and_counts_the_rest() -> None:
+    # A reason travels in every member's assignment: naming 4,000 nodes would be O(N^2).
+    nodes = [node(f"n{i:04d}", joined=float(i)) for i in range(100)]
+    start = only(plan(T, cluster([job(max_nodes=100)], nodes), POLICY), StartGeneration)
+    assert len(start.members) == 100
+    assert start.reason.endswith("n0000, n0001, n0002, n0003, n0004, n0005, n0006, n0007 and 92 more")

@@ -41,6 +41,8 @@ def spec(**kw: object) -> JobSpec:
 def join(coord: Coordinator, address: str) -> str:
     resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1))
     SECRETS[resp.node_id] = resp.node_secret
+    # As an agent does: its first beat right after Register (a node is READY once it beats).
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id, node_secret=resp.node_secret))
     return resp.node_id
 
 
@@ -160,10 +162,11 @@ def test_a_decision_is_served_to_nodes_only_once_it_is_committed(
     a = coord.agents.register(agent_pb2.RegisterRequest(address="10.0.0.1", store_port=7000,
                                                         slots=1), clock.now)
     coord.commit()
+    beat = agent_pb2.HeartbeatRequest(node_id=a.node_id, node_secret=a.node_secret)
+    coord.heartbeat(beat)  # its first beat: it may be made READY
     clock.now += 1
     coord.plan_tick()
     assert job.row.generation == 1 and job.members == [a.node_id]  # decided, in memory
-    beat = agent_pb2.HeartbeatRequest(node_id=a.node_id, node_secret=a.node_secret)
     assert not coord.heartbeat(beat).assignment.job_id  # ... but not served: not stored yet
     batch = coord.take()
 
@@ -211,3 +214,19 @@ def test_progress_points_are_thinned_to_a_bound(tmp_path: Path) -> None:
     assert all(not j.HasField("spec") and j.id == job.row.id for j in figures)
     assert figures[-1].step == 100
     assert coord.store.job(job.row.id).step == 100
+
+
+def test_a_beat_with_nothing_new_renews_the_lease_without_rebuilding_the_nodes_view(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    coord = make(tmp_path, clock)
+    n = join(coord, "10.0.0.1")  # registers and beats once
+    coord.tick()
+    view = coord.state.nodes[n].view
+    clock.now += 1.5
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=n, node_secret=SECRETS[n]))
+    assert coord.state.nodes[n].view is view  # the same view ...
+    assert coord.state.snapshot().last_seen(view) == clock.now  # ... and the lease renewed
+    clock.now += 1.5  # 3 s after the view's last_seen, 1.5 s after the beat: not lost
+    coord.tick()
+    assert coord.nodes[n].state is not NodeState.LOST

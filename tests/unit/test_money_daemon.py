@@ -223,6 +223,8 @@ def join(coord: Coordinator, address: str, **kw: object) -> str:
     resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1,
                                                     **fields))
     SECRETS[resp.node_id] = resp.node_secret
+    # As an agent does: its first beat right after Register (a node is READY once it beats).
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id, node_secret=resp.node_secret))
     return resp.node_id
 
 
@@ -341,6 +343,7 @@ def test_growth_the_projection_cannot_carry_is_refused_and_said(tmp_path: Path) 
     # the price falls (the agent re-registers cheaper): growth is allowed again, and happens
     coord.register(agent_pb2.RegisterRequest(node_id=b, node_secret=SECRETS[b], address="10.0.0.2", store_port=7000,
                                              slots=1, price_per_hour=3600.0))
+    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=b, node_secret=SECRETS[b]))
     clock.now += 1
     coord.tick()
     clock.now += 10
@@ -490,12 +493,16 @@ def test_a_node_is_priced_by_its_provider_or_the_book_never_by_its_own_word(tmp_
                         accounting_interval_s=10.0, clock=clock,
                         provider_price=lambda handle: 2.0 if handle == "local-1" else None)
     job = coord.submit(spec(nodes={"min": 2, "max": 2}).to_proto())
-    launched = coord.register(agent_pb2.RegisterRequest(
+    launched_resp = coord.register(agent_pb2.RegisterRequest(
         address="10.0.0.1", store_port=7000, slots=1, provider_node="local-1",
-        instance_type="g4dn.xlarge", price_per_hour=99.0)).node_id
-    stranger = coord.register(agent_pb2.RegisterRequest(
+        instance_type="g4dn.xlarge", price_per_hour=99.0))
+    stranger_resp = coord.register(agent_pb2.RegisterRequest(
         address="10.0.0.2", store_port=7000, slots=1, instance_type="g4dn.xlarge",
-        zone="us-east-1a", price_per_hour=0.01)).node_id  # says it is nearly free
+        zone="us-east-1a", price_per_hour=0.01))  # says it is nearly free
+    for resp in (launched_resp, stranger_resp):
+        coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id,
+                                                   node_secret=resp.node_secret))
+    launched, stranger = launched_resp.node_id, stranger_resp.node_id
     clock.now += 1
     coord.tick()
     assert sorted(job.members) == sorted([launched, stranger])
