@@ -422,6 +422,14 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _event_loop() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     raise_fd_limit(max(cfg.nodes))
@@ -464,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "listen 127.0.0.1:0",
                   "register_concurrency_per_process": REGISTER_CONCURRENCY,
                   "tls": True, "tokens": True, "connections": "one per agent",
+                  # The daemon runs its default event_loop ("auto": uvloop when installed);
+                  # the generators run on uvloop when installed, else asyncio.
+                  "event_loop": _event_loop(),
                   "python": sys.version.split()[0], "cpus": os.cpu_count(),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
