@@ -32,11 +32,11 @@ setup-lab:
 # skip, when root lacks them); as another user they skip with the reason.
 test: setup
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory setup-lab; fi
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The same suite without the slow end-to-end tests.
 test-fast: setup
-	$(PY) -m pytest -q --skip-slow
+	$(PY) -m pytest -q --skip-slow --durations=15
 
 bench: setup
 	$(PY) bench/checkpoint.py

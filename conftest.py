@@ -8,7 +8,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--skip-slow",
         action="store_true",
         default=False,
-        help="skip tests marked slow (the end-to-end ones); CI runs them",
+        help="skip tests marked slow (those over ~5 s, the end-to-end ones among them); CI runs them",
     )
 
 

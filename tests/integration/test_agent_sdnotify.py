@@ -92,6 +92,7 @@ def _job_pid(job_id: str) -> int | None:
     return next(iter(processes_with_env("SPOTWISE_JOB_ID", job_id)), None)
 
 
+@pytest.mark.slow
 def test_ready_watchdog_stopping_and_a_graceful_stop(tmp_path: Path,
                                                      systemd: FakeSystemd) -> None:
     config = DaemonConfig(listen="127.0.0.1:0", state_dir=tmp_path / "daemon")
@@ -138,6 +139,7 @@ def test_ready_watchdog_stopping_and_a_graceful_stop(tmp_path: Path,
                 os.killpg(trainer, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_tls_and_token_file(tmp_path: Path, systemd: FakeSystemd) -> None:
     ca, cert, key = _tls_material(tmp_path)
     agent_token, client_token = mint_token(Role.AGENT, "fleet"), mint_token(Role.CLIENT, "alice")

@@ -50,6 +50,7 @@ def _cli_cost(address: str, job_id: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.slow
 def test_a_budget_below_the_jobs_cost_stops_it_in_time_with_a_final_checkpoint(tmp_path: Path) -> None:
     rate_per_s = SPOT_USD_PER_HOUR / 3600
     # The machine is charged from its launch: its boot (agent start, imports) takes a good

@@ -16,6 +16,7 @@ def saved_at_4(tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [3, 2, 1])
+@pytest.mark.slow
 def test_saved_at_4_restores_bit_exact_at(world, saved_at_4):
     d, env = saved_at_4
     out = d / f"restored{world}.pt"
@@ -24,6 +25,7 @@ def test_saved_at_4_restores_bit_exact_at(world, saved_at_4):
     assert_equal_state(torch.load(d / "full.pt"), torch.load(out))
 
 
+@pytest.mark.slow
 def test_saved_at_1_restores_bit_exact_at_4(tmp_path):
     env = {"SPOTWISE_CHECKPOINT_URI": str(tmp_path / "ckpt")}
     checked(torchrun(TINY, 1, "--steps", "2", "--save-full-end", str(tmp_path / "full.pt"), env=env))

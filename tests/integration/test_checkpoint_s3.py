@@ -49,6 +49,7 @@ def _state(step):
     return {"model": {"w": torch.arange(1000, dtype=torch.float32) * step}, "trainer": {"step": step}}
 
 
+@pytest.mark.slow
 def test_round_trip_through_s3_reshards_bit_exact(s3, tmp_path):
     env = {"SPOTWISE_CHECKPOINT_URI": "s3://ckpt/roundtrip", "SPOTWISE_CHECKPOINT_EVERY": "2"}
     checked(torchrun(TINY, 2, "--steps", "4", "--save-full-end", str(tmp_path / "full.pt"), env=env))
@@ -102,6 +103,7 @@ def test_an_older_generation_cannot_commit_after_a_newer_one_started(s3):
     assert old.choose(None) is None
 
 
+@pytest.mark.slow
 def test_missing_bucket_is_a_clear_error(s3):
     r = torchrun(TINY, 1, "--steps", "1", env={"SPOTWISE_CHECKPOINT_URI": "s3://no-such-bucket/x"})
     assert r.returncode != 0

@@ -441,6 +441,7 @@ global_batch_size: 8
     return spec
 
 
+@pytest.mark.slow
 def test_submit_follow_runs_a_job_to_success_on_a_local_agent(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -522,6 +523,7 @@ def _wait_gone(text: str, *, timeout_s: float) -> list[int]:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_watch_survives_a_daemon_restart(tmp_path: Path, cli_env: dict[str, str]) -> None:
     first = DaemonProcess(tmp_path / "daemon-state", extra_env=cli_env)
     env = dict(cli_env, SPOTWISE_ADDRESS=first.address)
@@ -610,6 +612,7 @@ def _tls_material(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
+@pytest.mark.slow
 def test_tls_and_tokens_from_the_environment(tmp_path: Path, cli_env: dict[str, str]) -> None:
     from spotwise.daemon.auth import mint_token
 

@@ -45,6 +45,7 @@ def _tags(instance: dict) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
 
 
+@pytest.mark.slow
 def test_ec2_daemon_launches_tagged_spot_prices_them_survives_a_restart_and_cancels(
         moto_url: str, tmp_path: Path) -> None:
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_url)
@@ -99,9 +100,13 @@ def test_ec2_daemon_launches_tagged_spot_prices_them_survives_a_restart_and_canc
                              key=lambda h: h["Timestamp"])["SpotPrice"])
         with grpc.insecure_channel(daemon.address) as channel:
             agents = agent_pb2_grpc.AgentServiceStub(channel)
-            node_id = agents.Register(agent_pb2.RegisterRequest(
+            registered = agents.Register(agent_pb2.RegisterRequest(
                 instance_id=inst["InstanceId"], instance_type=itype, zone=zone, lifecycle="spot",
-                address="10.0.0.7", store_port=29500, slots=1), timeout=10).node_id
+                address="10.0.0.7", store_port=29500, slots=1), timeout=10)
+            node_id = registered.node_id
+            # Its first beat: a node is given work once it has beaten.
+            agents.Heartbeat(agent_pb2.HeartbeatRequest(
+                node_id=node_id, node_secret=registered.node_secret), timeout=10)
         _until(lambda: client.get(job_id).state == jobs_pb2.JOB_STATE_RUNNING, 20, "the job to start")
         assert list(client.get(job_id).node_ids) == [node_id]
 

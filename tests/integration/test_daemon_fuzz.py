@@ -565,6 +565,7 @@ def _fleet_ops(base: jobs_pb2.JobSpec, ids: list[str]) -> st.SearchStrategy[tupl
     )
 
 
+@pytest.mark.slow
 def test_a_fuzzed_fleet_never_breaks_the_daemon(fuzzed: Fuzzed) -> None:
     ids = _ids(fuzzed)
     base = _valid_spec(fuzzed.tmp)

@@ -7,6 +7,8 @@ step through the per-step control all-reduce, so they checkpoint together.
 import json
 import signal
 
+import pytest
+
 from spotwise.worker.runtime.events import EventsTail
 from tests.support.launch import TINY, kill_all, spawn_ranks
 from tests.support.wait import until as _wait_for
@@ -27,6 +29,7 @@ def _committed(events):
     return [e["step"] for e in events() if e["event"] == "checkpoint_committed"]
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits_143(tmp_path):
     events = tmp_path / "events.jsonl"
     env = {

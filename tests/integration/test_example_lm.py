@@ -1,6 +1,8 @@
 """The example language model runs as it is under torchrun, and resumes at another world size,
 logging one MLflow run across both generations."""
 
+import pytest
+
 from tests.support.launch import ROOT, checked, torchrun
 
 LM = ROOT / "examples" / "train_lm.py"
@@ -8,6 +10,7 @@ SMALL = ["--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
          "--corpus-bytes", "200000", "--global-batch-size", "8", "--micro-batch-size", "2", "--log-every", "1"]
 
 
+@pytest.mark.slow
 def test_trains_checkpoints_and_resumes_at_another_world_size(tmp_path):
     from mlflow.tracking import MlflowClient
 

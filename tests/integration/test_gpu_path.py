@@ -57,6 +57,7 @@ def test_gpu_script_help_and_bad_sizes() -> None:
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_through_on_cpu_as_a_smoke_check(tmp_path: Path) -> None:
     """Every measuring phase of bench/gpu.py, on CPU at a tiny size, so that a GPU session does
     not spend its minutes on a broken script (the reshard phase is tested below, by parts)."""
@@ -152,6 +153,7 @@ def test_compare_sees_bits_not_values() -> None:
     assert rs.compare(a, {"m": {}, "s": 4}) == ["/m/w: missing", "/s: 3 became 4"]
 
 
+@pytest.mark.slow
 def test_cpu_checkpoint_restores_bit_exactly_on_other_rank_counts(tmp_path: Path) -> None:
     """The reshard check bench/gpu.py runs, on CPU alone: saved at 2 ranks, restored at 3."""
     rs.spawn_ranks(rs.save_rank, world_size=2, args=(str(tmp_path), rs.SMALL, "gloo"), timeout_s=180)

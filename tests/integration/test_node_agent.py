@@ -230,6 +230,7 @@ def test_agent_follows_assignments_and_forwards_events(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_new_generation_is_fenced_before_the_old_one_is_stopped(tmp_path: Path) -> None:
     """The agent writes the new generation's fence marker at once, and since the old
     generation can then commit nothing, it stops it with the short switch grace, not the
@@ -282,6 +283,7 @@ def test_new_generation_is_fenced_before_the_old_one_is_stopped(tmp_path: Path) 
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_two_agents_rendezvous_on_node0_store_across_generations(tmp_path: Path) -> None:
     """Real gloo collectives over two agents, twice on the same store port: the second
     generation must not see the first one's rendezvous keys."""
@@ -322,6 +324,7 @@ def test_two_agents_rendezvous_on_node0_store_across_generations(tmp_path: Path)
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_daemon_outage_keeps_processes_and_reregisters(tmp_path: Path) -> None:
     """The agent as a real subprocess: the daemon goes away longer than the lease, training
     keeps running, and the agent re-registers with its current job and generation."""
@@ -394,6 +397,7 @@ def test_agent_cli_flags_build_the_config(tmp_path: Path) -> None:
                                              0.5, 7.0)
 
 
+@pytest.mark.slow
 def test_restarted_agent_kills_what_its_crashed_life_left_running(tmp_path: Path) -> None:
     """Training processes run in sessions of their own, so an agent that dies (SIGKILL, a
     crash) leaves them running; the agent started again on the node kills them first."""

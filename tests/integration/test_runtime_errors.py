@@ -52,6 +52,7 @@ def test_unreadable_manifest(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
+@pytest.mark.slow
 def test_damaged_shard_of_a_requested_checkpoint(tmp_path, damage):
     env = {"SPOTWISE_CHECKPOINT_URI": str(tmp_path)}
     assert run_tiny(env).returncode == 0  # commits step 2 at the end

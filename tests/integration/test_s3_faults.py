@@ -33,6 +33,7 @@ def _client(url: str, attempts: int = 1, read_timeout: float = 5):
                         aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
 
+@pytest.mark.slow
 def test_forwards_then_fails_at_the_rates_given(proxy: FaultProxy) -> None:
     s3 = _client(proxy.url)
     s3.create_bucket(Bucket="bkt")

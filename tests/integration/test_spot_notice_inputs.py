@@ -72,6 +72,7 @@ def agent_and_imds(tmp_path: Path) -> Iterator[tuple[DaemonThread, FakeImds, sub
             stop_process_group(agent)
 
 
+@pytest.mark.slow
 def test_agent_ignores_malformed_notices_and_reports_a_repeated_one_once(
         agent_and_imds: tuple[DaemonThread, FakeImds, subprocess.Popen]) -> None:
     d, imds, agent = agent_and_imds
