@@ -108,6 +108,8 @@ class ScaleConfig:
     """Longest wait for a rescale to reach every agent before the N is given up."""
     out: Path
     """Where the JSON goes."""
+    keep: bool = False
+    """Keep each N's directory (daemon log, database) after a run that succeeded."""
 
 
 class PhaseFailed(RuntimeError):
@@ -386,6 +388,8 @@ def parse_args(argv: list[str] | None) -> ScaleConfig:
                    help="rank-0 progress reports every this many seconds (0: none)")
     p.add_argument("--settle-timeout-s", type=float, default=120.0,
                    help="longest wait for a rescale to reach every agent")
+    p.add_argument("--keep", action="store_true",
+                   help="keep each N's directory (the daemon's log, its database) after a run")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default bench/results/scale.json, scale-quick.json)")
     a = p.parse_args(argv)
@@ -402,7 +406,7 @@ def parse_args(argv: list[str] | None) -> ScaleConfig:
     return ScaleConfig(nodes=nodes, processes=a.processes, phase_s=phase_s, unary=a.unary, stream=a.stream,
                        quick=a.quick, heartbeat_interval_s=defaults.heartbeat_interval_s,
                        lease_s=defaults.lease_s, progress_interval_s=a.progress_interval_s,
-                       settle_timeout_s=a.settle_timeout_s, out=out)
+                       settle_timeout_s=a.settle_timeout_s, out=out, keep=a.keep)
 
 
 def raise_fd_limit(nodes: int) -> None:
@@ -450,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
         if run.get("error"):
             print(f"N={n}: {run['error']} (daemon log kept in {work})", flush=True)
+        elif cfg.keep:
+            print(f"N={n}: the daemon's log and database kept in {work}", flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
         print(table([run]), flush=True)
