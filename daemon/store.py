@@ -11,12 +11,13 @@ known node gets a fresh lease and re-registers.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -264,13 +265,24 @@ TABLE_KEYS: dict[type, tuple[str, tuple[str, ...]]] = {
 """Each upserted row type's table and primary key."""
 
 
+_ROW_COLUMNS: dict[type, list[str]] = {cls: _columns(cls) for cls in TABLE_KEYS}
+
+
 def row_values(row: JobRow | NodeRow | GenerationRow) -> tuple[str, tuple[str, ...], dict[str, Any]]:
-    """A row's table, key and column values, copied now (the caller may change the row next)."""
+    """A row's table, key and column values, copied now (the caller may change the row next):
+    shallow, as every column is a str, number or bytes (a generation's members encoded here)."""
     table, key = TABLE_KEYS[type(row)]
-    data = asdict(row)
+    data = {c: getattr(row, c) for c in _ROW_COLUMNS[type(row)]}
     if table == "generations":
         data["members"] = json.dumps(data["members"])
     return table, key, data
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_sql(table: str, key: tuple[str, ...], cols: tuple[str, ...]) -> str:
+    return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+            + ", ".join(f"{c}=excluded.{c}" for c in cols if c not in key))
 
 
 @dataclass
@@ -295,14 +307,12 @@ class Store:
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; every write opens its own below.
-        self._conn = sqlite3.connect(
-            str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
+        self._conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                     check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
+            self._conn.execute(f"PRAGMA {pragma}")
         self.migrate()
 
     # ---- plumbing --------------------------------------------------------------------
@@ -368,18 +378,11 @@ class Store:
     # ---- writes (each one transaction unless given a connection inside one) ------------
 
     @staticmethod
-    def _upsert(conn: sqlite3.Connection, table: str, key: tuple[str, ...],
-                data: dict[str, Any]) -> None:
-        cols = list(data)
-        updates = ", ".join(f"{c}=excluded.{c}" for c in cols if c not in key)
-        conn.execute(
-            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
-            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}",
-            [data[c] for c in cols],
-        )
+    def _upsert(conn: sqlite3.Connection, table: str, key: tuple[str, ...], data: dict) -> None:
+        conn.execute(_upsert_sql(table, key, tuple(data)), list(data.values()))
 
-    def put(self, row: JobRow | NodeRow | GenerationRow,
-            conn: sqlite3.Connection | None = None) -> None:
+    def put(self, row: JobRow | NodeRow | GenerationRow, conn: sqlite3.Connection | None = None
+            ) -> None:
         """Insert or replace a job, node or generation row."""
         values = row_values(row)
         self._write(lambda c: self._upsert(c, *values), conn)
@@ -492,7 +495,5 @@ class Store:
         return [EventRow(**{c: r[c] for c in _columns(EventRow)}) for r in rows]
 
     def checkpoints(self, job_id: str) -> list[CheckpointRow]:
-        rows = self._select(
-            "SELECT * FROM checkpoints WHERE job_id = ? ORDER BY id", (job_id,)
-        )
+        rows = self._select("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY id", (job_id,))
         return [CheckpointRow(**{c: r[c] for c in _columns(CheckpointRow)}) for r in rows]
