@@ -30,6 +30,8 @@ from typing import Any
 from grpc import aio
 from simagent import MAX_BACKOFF_S, AgentSettings, AgentStats, SimAgent
 
+from spotwise.common import eventloop
+
 REGISTER_CONCURRENCY = 64
 """Register calls in flight per generator process (a fleet coming up is not all at once)."""
 REGISTER_ATTEMPTS = 5
@@ -188,12 +190,7 @@ def generator_main(conn: multiprocessing.connection.Connection, settings: AgentS
         await _serve(conn, _Generator(settings, first, count))
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches the group; the harness cleans up
-        try:  # uvloop where installed: less of the generator's CPU per simulated agent
-            import uvloop
-        except ImportError:
-            asyncio.run(main())
-        else:
-            uvloop.run(main())
+        eventloop.run(main())  # uvloop where installed: less generator CPU per simulated agent
 
 
 # ---- the harness's handle ----------------------------------------------------------------

@@ -64,6 +64,7 @@ from loadgen import REGISTER_CONCURRENCY, Batch, GeneratorError, LoadGenerator  
 from simagent import AgentSettings  # noqa: E402
 
 from spotwise.client import Client, SpotwiseError, state_name  # noqa: E402
+from spotwise.common import eventloop  # noqa: E402
 
 T = TypeVar("T")
 
@@ -426,14 +427,6 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _event_loop() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     raise_fd_limit(max(cfg.nodes))
@@ -480,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                   "tls": True, "tokens": True, "connections": "one per agent",
                   # The daemon runs its default event_loop ("auto": uvloop when installed);
                   # the generators run on uvloop when installed, else asyncio.
-                  "event_loop": _event_loop(),
+                  "event_loop": eventloop.name(),
                   "python": sys.version.split()[0], "cpus": os.cpu_count(),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }

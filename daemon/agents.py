@@ -151,22 +151,22 @@ class AgentProtocol:
             if p.running:
                 running = True
                 break
-        changed = not rec.beaten or running != rec.reported_running
+        rec.reported_running = running  # not in the node's view
+        changed = False  # a beat with nothing new rebuilds no view
         if (rec.reported_job_id, rec.reported_generation) != (req.job_id, req.generation):
             rec.reported_job_id, rec.reported_generation = req.job_id, req.generation
             changed = True
             if rec.row.job_id:
                 self.wake()  # a RESCALING job may now run everywhere
-        if changed:  # a beat with nothing new rebuilds no view
-            if not rec.beaten:
-                rec.beaten = True
-                if rec.state is NodeState.JOINING:
-                    # It joins the batch now that it can be used (join batching counts from
-                    # here, not from a Register whose first beat was slow to connect).
-                    rec.row.joined_at = now
-                    self.outbox.stage(rec.row)
-                self.wake()  # it may be made READY
-            rec.reported_running = running
+        if not rec.beaten:
+            rec.beaten = changed = True
+            if rec.state is NodeState.JOINING:
+                # It joins the batch now that it can be used (join batching counts from here,
+                # not from a Register whose first beat was slow to connect).
+                rec.row.joined_at = now
+                self.outbox.stage(rec.row)
+            self.wake()  # it may be made READY
+        if changed:
             self.state.changed(rec)
         job = self.state.jobs.get(rec.row.job_id) if rec.row.job_id else None
         if (job is not None and req.job_id == job.row.id

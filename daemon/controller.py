@@ -73,7 +73,6 @@ def _listed(names: Sequence[str]) -> str:
     return f"{', '.join(names[:LISTED])} and {len(names) - LISTED} more"
 
 
-
 def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[Decision]:
     """The decisions for this moment. Pure: same inputs, same decisions."""
     policy = policy or Policy()

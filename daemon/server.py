@@ -11,10 +11,10 @@
 The server carries JobService, AgentService, standard health checking (spotwise.v1.JobService,
 spotwise.v1.AgentService and "" report SERVING while the daemon runs, NOT_SERVING while it
 stops) and server reflection. The control loop plans every `tick_s`, and at once when a handler
-wakes it (a failed rank, a commit, a notice). With a provider, the fleet loop launches and terminates nodes; with `notice_queue_url`, the
-notice loop drains nodes on the interruption notices it reads from SQS; with API pricing
-([daemon.pricing]), the pricing loop refreshes node prices off the event loop. Security (tokens,
-TLS, the loopback rule) and the Prometheus exporter come from the config.
+wakes it (a failed rank, a commit, a notice). With a provider, the fleet loop launches and
+terminates nodes; with `notice_queue_url`, the notice loop drains nodes on the interruption
+notices it reads from SQS; with API pricing ([daemon.pricing]), the pricing loop refreshes
+prices off the event loop. Security (tokens, TLS, loopback) and the exporter: from the config.
 """
 
 from __future__ import annotations

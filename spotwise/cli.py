@@ -12,7 +12,6 @@ commands and `--help` work without them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import inspect
 import logging
 import os
@@ -352,26 +351,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     try:
         result = server.serve(config)
         if inspect.iscoroutine(result):
-            result = _run_loop(result, config.event_loop)
+            from spotwise.common import eventloop
+
+            try:
+                result = eventloop.run(result, config.event_loop)
+            except eventloop.LoopUnavailable as exc:
+                raise _Fail(f"daemon: {exc}") from None
     except RuntimeError as exc:
         # Daemon.start raises RuntimeError for an address it cannot bind.
         raise _Fail(f"daemon: {exc}") from None
     return result if isinstance(result, int) else EXIT_OK
-
-
-def _run_loop(coro: Any, event_loop: str) -> Any:
-    """Run the daemon's coroutine on the event loop the config names (DaemonConfig.event_loop)."""
-    if event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if event_loop == "uvloop":
-                coro.close()
-                raise _Fail('daemon: event_loop = "uvloop" but uvloop is not installed '
-                            '(pip install uvloop, or event_loop = "asyncio")') from None
-        else:
-            return uvloop.run(coro)
-    return asyncio.run(coro)
 
 
 def _run_delegate(args: argparse.Namespace) -> int:
