@@ -14,6 +14,7 @@ from spotwise.daemon.model import JobState, Policy
 from spotwise.daemon.store import Store
 from spotwise.proto.v1 import agent_pb2
 from spotwise.spec import JobSpec
+from tests.support import agents
 
 USD_PER_S = 1.0
 """Every machine costs $1 per second ($3600/h): spends read as seconds."""
@@ -41,11 +42,7 @@ def spec(**kw: object) -> JobSpec:
 
 
 def register(coord: Coordinator, address: str, **kw: object) -> agent_pb2.RegisterResponse:
-    resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1,
-                                                    instance_type="g4dn.xlarge", **kw))
-    # As an agent does: its first beat right after Register (a node is READY once it beats).
-    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id, node_secret=resp.node_secret))
-    return resp
+    return agents.join(coord, address=address, instance_type="g4dn.xlarge", **kw)
 
 
 def beat(coord: Coordinator, node: agent_pb2.RegisterResponse, job_id: str, generation: int,

@@ -12,6 +12,7 @@ from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.store import Store
 from spotwise.proto.v1 import agent_pb2, jobs_pb2
 from spotwise.spec import JobSpec
+from tests.support import agents
 
 SECRETS: dict[str, str] = {}
 """Node id -> the credential its Register issued."""
@@ -39,10 +40,8 @@ def spec(**kw: object) -> JobSpec:
 
 
 def join(coord: Coordinator, address: str) -> str:
-    resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1))
+    resp = agents.join(coord, address=address)
     SECRETS[resp.node_id] = resp.node_secret
-    # As an agent does: its first beat right after Register (a node is READY once it beats).
-    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id, node_secret=resp.node_secret))
     return resp.node_id
 
 

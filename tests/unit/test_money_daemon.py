@@ -31,6 +31,7 @@ from spotwise.daemon.prices import OVERRIDE_SOURCE, NodePricer, describe_source,
 from spotwise.daemon.store import Store
 from spotwise.proto.v1 import agent_pb2, jobs_pb2
 from spotwise.spec import JobSpec, SpecError, validate_spec_proto
+from tests.support import agents
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pricing"
 OFFLINE = load_offline_table()
@@ -220,11 +221,8 @@ def join(coord: Coordinator, address: str, **kw: object) -> str:
     fields: dict[str, object] = {"instance_type": "g4dn.xlarge", "zone": "us-east-1a",
                                  "lifecycle": "spot"}
     fields.update(kw)
-    resp = coord.register(agent_pb2.RegisterRequest(address=address, store_port=7000, slots=1,
-                                                    **fields))
+    resp = agents.join(coord, address=address, **fields)
     SECRETS[resp.node_id] = resp.node_secret
-    # As an agent does: its first beat right after Register (a node is READY once it beats).
-    coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id, node_secret=resp.node_secret))
     return resp.node_id
 
 
@@ -493,16 +491,10 @@ def test_a_node_is_priced_by_its_provider_or_the_book_never_by_its_own_word(tmp_
                         accounting_interval_s=10.0, clock=clock,
                         provider_price=lambda handle: 2.0 if handle == "local-1" else None)
     job = coord.submit(spec(nodes={"min": 2, "max": 2}).to_proto())
-    launched_resp = coord.register(agent_pb2.RegisterRequest(
-        address="10.0.0.1", store_port=7000, slots=1, provider_node="local-1",
-        instance_type="g4dn.xlarge", price_per_hour=99.0))
-    stranger_resp = coord.register(agent_pb2.RegisterRequest(
-        address="10.0.0.2", store_port=7000, slots=1, instance_type="g4dn.xlarge",
-        zone="us-east-1a", price_per_hour=0.01))  # says it is nearly free
-    for resp in (launched_resp, stranger_resp):
-        coord.heartbeat(agent_pb2.HeartbeatRequest(node_id=resp.node_id,
-                                                   node_secret=resp.node_secret))
-    launched, stranger = launched_resp.node_id, stranger_resp.node_id
+    launched = agents.join(coord, address="10.0.0.1", provider_node="local-1",
+                           instance_type="g4dn.xlarge", price_per_hour=99.0).node_id
+    stranger = agents.join(coord, address="10.0.0.2", instance_type="g4dn.xlarge",
+                           zone="us-east-1a", price_per_hour=0.01).node_id  # says it is nearly free
     clock.now += 1
     coord.tick()
     assert sorted(job.members) == sorted([launched, stranger])
