@@ -112,8 +112,11 @@ class Billing:
         return out
 
     def _quotes(self, machines: dict[str, NodeRecord | ProviderNode]) -> dict[str, Quote]:
-        return {key: self.machine_quote(m) if isinstance(m, ProviderNode) else self.quote(m.row)
-                for key, m in machines.items()}
+        # Machines alike are priced alike: a generation of 4,000 nodes of one type is quoted
+        # once, not 4,000 times.
+        memo: dict[tuple[str, str, str, float, str], Quote] = {}
+        return {key: self.machine_quote(m) if isinstance(m, ProviderNode)
+                else self.quote(m.row, memo) for key, m in machines.items()}
 
     def charges(self) -> dict[str, dict[str, Quote]]:
         """Every job with machines charged to it: {job id: {node id or handle: its quote}}."""
@@ -194,15 +197,23 @@ class Billing:
                                  lifecycle=machine.lifecycle, override_usd_per_hour=override,
                                  override_source=PROVIDER_SOURCE)
 
-    def quote(self, row: NodeRow) -> Quote:
+    def quote(self, row: NodeRow,
+              memo: dict[tuple[str, str, str, float, str], Quote] | None = None) -> Quote:
         """The node's price: its agent's (stored only when agent prices are trusted), else its
-        provider's, else the price book's."""
+        provider's, else the price book's. `memo`: quotes already made at this instant, by
+        what decides them."""
         override, source = row.price_per_hour, OVERRIDE_SOURCE
         if not override and self.provider_price is not None and row.provider_node:
             override, source = self.provider_price(row.provider_node) or 0.0, PROVIDER_SOURCE
-        return self.pricer.quote(instance_type=row.instance_type, zone=row.zone,
-                                 lifecycle=row.lifecycle, override_usd_per_hour=override,
-                                 override_source=source)
+        key = (row.instance_type, row.zone, row.lifecycle, override, source)
+        if memo is not None and key in memo:
+            return memo[key]
+        quote = self.pricer.quote(instance_type=row.instance_type, zone=row.zone,
+                                  lifecycle=row.lifecycle, override_usd_per_hour=override,
+                                  override_source=source)
+        if memo is not None:
+            memo[key] = quote
+        return quote
 
     def budget_job(self, job: JobRecord) -> BudgetJob:
         """What the budget policy knows of a job: its remaining samples come from the spec's

@@ -85,14 +85,19 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
     failed_at = {
         m: j.failed_at for j in state.jobs if j.failed_at is not None for m in j.members
     }
-    # Only the lost are sorted (for a stable order): a tick costs O(nodes), not O(n log n).
+    # Only the lost are sorted (for a stable order). A node whose last beat is within the lease
+    # cannot have expired: the suspects are found in one pass over the beats (a tick runs ten
+    # times a second over thousands of nodes), and only they are looked at.
     expired = []
     last_seen = state.last_seen
-    for node in nodes.values():
-        if node.state is NodeState.LOST:
+    limit = policy.lease_s + state.lag_s
+    suspects = {node_id for node_id, seen in state.heard.items() if now - seen > limit}
+    suspects.update(nodes.keys() - state.heard.keys(), failed_at)
+    for node_id in suspects:
+        node = nodes.get(node_id)
+        if node is None or node.state is NodeState.LOST:
             continue
-        silent = now - last_seen(node)
-        if silent > policy.lease_s + state.lag_s or node.id in failed_at:
+        if now - last_seen(node) > limit or node_id in failed_at:
             expired.append(node)
     for node in sorted(expired, key=lambda n: n.id):
         seen = last_seen(node)
@@ -114,8 +119,15 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
             )
             nodes[node.id] = _with(node, state=NodeState.LOST)
 
-    # 2. Join batching.
-    joining = [n for n in nodes.values() if n.state is NodeState.JOINING and n.beaten]
+    # 2. Join batching (the same pass finds the free nodes, for rule 3).
+    joining: list[NodeView] = []
+    free: list[NodeView] = []
+    for n in nodes.values():
+        if n.state is NodeState.READY:
+            if not n.job_id:
+                free.append(n)
+        elif n.state is NodeState.JOINING and n.beaten:
+            joining.append(n)
     if joining:
         newest = max(n.joined_at for n in joining)
         oldest = min(n.joined_at for n in joining)
@@ -128,12 +140,10 @@ def plan(now: float, state: ClusterState, policy: Policy | None = None) -> list[
                 )
             )
             for node_id in ids:
-                nodes[node_id] = _with(nodes[node_id], state=NodeState.READY)
-
-    free = sorted(
-        (n for n in nodes.values() if n.state is NodeState.READY and not n.job_id),
-        key=lambda n: (n.joined_at, n.id),
-    )
+                nodes[node_id] = ready = _with(nodes[node_id], state=NodeState.READY)
+                if not ready.job_id:
+                    free.append(ready)
+    free.sort(key=lambda n: (n.joined_at, n.id))
 
     # 3. Jobs, oldest first.
     for job in state.jobs:
@@ -195,9 +205,18 @@ def _plan_job(
                 reason=f"all {job.world_size} processes of generation {job.generation} exited 0",
             )
 
-    gone = [m for m in job.members if not _is_member(nodes.get(m), job.id)]
+    # One pass over the members: those no longer in it, and those draining.
+    gone: list[str] = []
+    draining_members: list[str] = []
+    for m in job.members:
+        node = nodes.get(m)
+        if node is None or node.job_id != job.id:
+            gone.append(m)
+        elif node.state is not NodeState.ASSIGNED:
+            (draining_members if node.state is NodeState.DRAINING else gone).append(m)
     if gone:
-        survivors = [m for m in job.members if m not in gone]
+        lost = set(gone)
+        survivors = [m for m in job.members if m not in lost]
         why = f"lost {_listed(gone)}"
         return _reshape(job, survivors, fitting, why, count_failure=False)
 
@@ -221,12 +240,13 @@ def _plan_job(
             count_failure=True,
         )
 
-    leaving = [m for m in job.members if _drain_done(now, job, nodes[m], policy)]
+    leaving = [m for m in draining_members if _drain_done(now, job, nodes[m], policy)]
     if leaving:
-        survivors = [m for m in job.members if m not in leaving]
+        left = set(leaving)
+        survivors = [m for m in job.members if m not in left]
         return _reshape(job, survivors, fitting, f"drained {_listed(leaving)}",
                         count_failure=False)
-    draining = any(nodes[m].state is NodeState.DRAINING for m in job.members)
+    draining = bool(draining_members)
 
     if job.state is JobState.RESCALING:
         if all(
@@ -303,14 +323,6 @@ def _start(
         state=state,
         count_failure=count_failure,
         reason=f"generation {generation} (world size {world}, from {where}): {reason}",
-    )
-
-
-def _is_member(node: NodeView | None, job_id: str) -> bool:
-    return (
-        node is not None
-        and node.job_id == job_id
-        and node.state in (NodeState.ASSIGNED, NodeState.DRAINING)
     )
 
 

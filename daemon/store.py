@@ -2,8 +2,9 @@
 
 WAL mode with synchronous=FULL, so a committed transaction survives a power cut and readers never
 see a torn write. Every write runs in one explicit transaction (BEGIN IMMEDIATE ... COMMIT) that
-rolls back on any error. The schema is a numbered list of migrations; the database records the
-highest applied in `PRAGMA user_version`, and opening a database applies the rest in order.
+rolls back on any error. The schema is a numbered list of migrations (daemon.schema); the
+database records the highest applied in `PRAGMA user_version`, and opening a database applies
+the rest in order.
 
 Soft state (heartbeat times, what an agent last reported) is not stored: after a restart every
 known node gets a fresh lease and re-registers.
@@ -12,6 +13,7 @@ known node gets a fresh lease and re-registers.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import sqlite3
 import threading
@@ -21,129 +23,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from spotwise.daemon.schema import MIGRATIONS, Migration
+
 BUSY_TIMEOUT_S = 5.0
 """Longest wait for SQLite's write lock before a call fails (sqlite3.OperationalError)."""
 
 
 class StoreError(RuntimeError):
     """The database cannot be used (newer schema than this code, or a failed migration)."""
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    """Applied in increasing order; never renumber or edit a released one, add a new one."""
-    description: str
-    statements: tuple[str, ...]
-
-
-MIGRATIONS: list[Migration] = [
-    Migration(
-        1,
-        "initial schema: jobs, nodes, generations, events, checkpoints",
-        (
-            """CREATE TABLE jobs (
-                id TEXT PRIMARY KEY,
-                spec BLOB NOT NULL,
-                name TEXT NOT NULL DEFAULT '',
-                state TEXT NOT NULL,
-                generation INTEGER NOT NULL DEFAULT 0,
-                world_size INTEGER NOT NULL DEFAULT 0,
-                step INTEGER NOT NULL DEFAULT 0,
-                last_checkpoint_step INTEGER NOT NULL DEFAULT -1,
-                last_checkpoint_path TEXT NOT NULL DEFAULT '',
-                last_checkpoint_at REAL NOT NULL DEFAULT 0,
-                samples_per_second REAL NOT NULL DEFAULT 0,
-                loss REAL NOT NULL DEFAULT 0,
-                cost_usd REAL NOT NULL DEFAULT 0,
-                message TEXT NOT NULL DEFAULT '',
-                created_at REAL NOT NULL,
-                updated_at REAL NOT NULL,
-                lost_steps INTEGER NOT NULL DEFAULT 0,
-                failures INTEGER NOT NULL DEFAULT 0
-            )""",
-            """CREATE TABLE nodes (
-                id TEXT PRIMARY KEY,
-                instance_id TEXT NOT NULL DEFAULT '',
-                instance_type TEXT NOT NULL DEFAULT '',
-                zone TEXT NOT NULL DEFAULT '',
-                lifecycle TEXT NOT NULL DEFAULT 'spot',
-                gpus INTEGER NOT NULL DEFAULT 0,
-                slots INTEGER NOT NULL DEFAULT 0,
-                address TEXT NOT NULL DEFAULT '',
-                store_port INTEGER NOT NULL DEFAULT 0,
-                price_per_hour REAL NOT NULL DEFAULT 0,
-                log_dir TEXT NOT NULL DEFAULT '',
-                provider_node TEXT NOT NULL DEFAULT '',
-                state TEXT NOT NULL,
-                job_id TEXT NOT NULL DEFAULT '',
-                node_rank INTEGER NOT NULL DEFAULT 0,
-                joined_at REAL NOT NULL,
-                drain_since REAL,
-                drain_deadline REAL,
-                registered_at REAL NOT NULL
-            )""",
-            """CREATE TABLE generations (
-                job_id TEXT NOT NULL REFERENCES jobs(id),
-                generation INTEGER NOT NULL,
-                started_at REAL NOT NULL,
-                members TEXT NOT NULL,
-                nproc_per_node INTEGER NOT NULL,
-                world_size INTEGER NOT NULL,
-                restore_step INTEGER NOT NULL,
-                reason TEXT NOT NULL,
-                ended_at REAL,
-                PRIMARY KEY (job_id, generation)
-            )""",
-            """CREATE TABLE events (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                job_id TEXT NOT NULL,
-                time REAL NOT NULL,
-                kind TEXT NOT NULL,
-                generation INTEGER NOT NULL,
-                message TEXT NOT NULL,
-                job BLOB
-            )""",
-            """CREATE TABLE checkpoints (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                job_id TEXT NOT NULL REFERENCES jobs(id),
-                generation INTEGER NOT NULL,
-                step INTEGER NOT NULL,
-                path TEXT NOT NULL,
-                bytes INTEGER NOT NULL,
-                cursor INTEGER NOT NULL,
-                committed_at REAL NOT NULL
-            )""",
-        ),
-    ),
-    Migration(
-        2,
-        "indexes for WatchJob replay and checkpoint lookups",
-        (
-            "CREATE INDEX events_by_job ON events (job_id, id)",
-            "CREATE INDEX checkpoints_by_job ON checkpoints (job_id, step)",
-        ),
-    ),
-    Migration(
-        3,
-        "money survives a restart: when the spend was last charged, and its on-demand equivalent",
-        (
-            "ALTER TABLE jobs ADD COLUMN cost_at REAL NOT NULL DEFAULT 0",
-            "ALTER TABLE jobs ADD COLUMN on_demand_usd REAL NOT NULL DEFAULT 0",
-        ),
-    ),
-    Migration(
-        4,
-        "node credentials, job owners, checkpoint health, and an index to thin progress events",
-        (
-            "ALTER TABLE nodes ADD COLUMN secret_hash TEXT NOT NULL DEFAULT ''",
-            "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
-            "ALTER TABLE jobs ADD COLUMN checkpoint_failures INTEGER NOT NULL DEFAULT 0",
-            "ALTER TABLE jobs ADD COLUMN last_checkpoint_error TEXT NOT NULL DEFAULT ''",
-            "CREATE INDEX events_by_job_kind ON events (job_id, kind, id)",
-        ),
-    ),
-]
 
 
 @dataclass(kw_only=True)
@@ -276,6 +163,11 @@ def row_values(row: JobRow | NodeRow | GenerationRow) -> tuple[str, tuple[str, .
     if table == "generations":
         data["members"] = json.dumps(data["members"])
     return table, key, data
+
+
+def _shape(row: tuple[str, tuple[str, ...], dict[str, Any]]) -> tuple[str, tuple[str, ...],
+                                                                     tuple[str, ...]]:
+    return row[0], row[1], tuple(row[2])
 
 
 @functools.lru_cache(maxsize=64)
@@ -424,8 +316,9 @@ class Store:
     def write_batch(self, batch: StoredBatch) -> None:
         """Write one tick's changes in one transaction (all or nothing); sets each event's id."""
         with self.transaction() as conn:
-            for table, key, data in batch.rows:
-                self._upsert(conn, table, key, data)
+            # A run of rows of one table is one statement (a generation of 4,000 nodes).
+            for (table, key, cols), run in itertools.groupby(batch.rows, key=_shape):
+                conn.executemany(_upsert_sql(table, key, cols), [list(r[2].values()) for r in run])
             for row in batch.checkpoints:
                 self.add_checkpoint(row, conn)
             for row in batch.events:

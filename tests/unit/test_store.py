@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from spotwise.daemon.schema import MIGRATIONS, Migration
 from spotwise.daemon.store import (
-    MIGRATIONS,
     CheckpointRow,
     EventRow,
     GenerationRow,
     JobRow,
-    Migration,
     NodeRow,
     Store,
     StoreError,
