@@ -24,6 +24,9 @@ from spotwise.worker.runtime.ledger import verify_ledger
 pytestmark = pytest.mark.slow
 
 DATASET, BATCH = 100, 24
+OUTAGE_S = 5.0
+"""How long each network fault lasts: past the 2 s lease with room for the daemon's lag, so the
+host is lost, and short enough that the lab stays within its test budget."""
 
 
 def _spec(ledger: Path) -> dict:
@@ -106,19 +109,19 @@ def test_tiny_job_trains_across_hosts_through_every_fault(fleet: LabFleet, tmp_p
     step = steps_on(step + 3)
     step = running_on_three(step + 3)
     # Cut off from everything.
-    outage("link down", w1.link_down, w1.link_up, 8.0)
+    outage("link down", w1.link_down, w1.link_up, OUTAGE_S)
     # Cut off from the head only: its peers still reach it.
-    outage("cut from head", lambda: w2.cut_from(fleet.head), w2.heal, 8.0)
+    outage("cut from head", lambda: w2.cut_from(fleet.head), w2.heal, OUTAGE_S)
     # Two workers cut off from each other.
     outage("workers cut", lambda: (w1.cut_from(w3), w3.cut_from(w1)),
-           lambda: (w1.heal(), w3.heal()), 8.0)
+           lambda: (w1.heal(), w3.heal()), OUTAGE_S)
     # A slow link to S3 from one host, across a few checkpoints.
     outage("slow S3 link", lambda: w1.limit_bandwidth(fleet.head, fleet.s3_port, "2mbit"),
-           w1.heal, 8.0)
+           w1.heal, OUTAGE_S)
     # S3 throttling and timeouts at a rate.
     outage("S3 503/timeouts",
            lambda: set_rates(fleet.s3_url, error_rate=0.2, timeout_rate=0.05, timeout_s=2.0),
-           lambda: set_rates(fleet.s3_url, error_rate=0.0, timeout_rate=0.0), 8.0)
+           lambda: set_rates(fleet.s3_url, error_rate=0.0, timeout_rate=0.0), OUTAGE_S)
     # kill -9 of an agent (its node is lost), then a new agent on the host.
     faults.append("kill agent")
     fleet.kill_agent(w3)
