@@ -11,7 +11,8 @@ and cancels its own jobs, an admin token all. `env` values are redacted in every
 Bounds: at most `max_watchers_per_principal` WatchJob streams per principal, at most
 `max_calls` Submit and Cancel calls waiting for their write at once (the other unary calls
 answer from memory without waiting), one Heartbeats stream per node (a new one replaces the
-old), and each live event is serialized once for all its watchers.
+old), each live event is serialized once for all its watchers, and a ListJobs page stays
+under `MAX_PAGE_BYTES`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+MAX_PAGE_BYTES = 1 << 20
+"""A ListJobs page holds fewer jobs when they would take more than this (always at least one).
+A client takes at most 4 MiB in one message by default, and a job's spec may be 64 KiB: one
+principal's 65 largest jobs would otherwise break the listing of everyone who sees them."""
 
 
 def _principal() -> auth.Principal | None:
@@ -157,13 +162,19 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                        if visible(j, who) and (not wanted or j.state in wanted)
                        and (after is None or (j.row.created_at, j.row.id) > after)),
                       key=lambda j: (j.row.created_at, j.row.id))
-        page = jobs[:size]
+        page: list[jobs_pb2.Job] = []
+        used = 0
+        for j in jobs[:size]:
+            proto = self._c.job_proto(j)
+            used += proto.ByteSize()
+            if page and used > MAX_PAGE_BYTES:
+                break
+            page.append(proto)
         token = ""
-        if len(jobs) > size:
-            last = page[-1].row
+        if len(jobs) > len(page):
+            last = jobs[len(page) - 1].row
             token = base64.urlsafe_b64encode(f"{last.created_at!r} {last.id}".encode()).decode()
-        return jobs_pb2.ListJobsResponse(jobs=[self._c.job_proto(j) for j in page],
-                                         next_page_token=token)
+        return jobs_pb2.ListJobsResponse(jobs=page, next_page_token=token)
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.Job:

@@ -173,3 +173,17 @@ def test_the_client_lists_every_page(fleet: Fleet, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(client_module, "LIST_PAGE_SIZE", 2)
     with client_module.Client(fleet.daemon.address, token=fleet.tokens["alice"]) as client:
         assert [j.id for j in client.list()] == ids  # three pages, only alice's
+
+
+def test_a_page_of_the_largest_jobs_stays_within_what_a_client_takes(fleet: Fleet) -> None:
+    """One principal's largest specs (60 KB of entrypoint each, which no redaction shrinks)
+    must not break the listing of whoever sees them: pages are bounded in bytes as well."""
+    import spotwise.client as client_module
+
+    ids = [fleet.submit("alice", entrypoint=["python", "t.py", "y" * 60_000]) for _ in range(70)]
+    with client_module.Client(fleet.daemon.address, token=fleet.tokens["ops"]) as client:
+        assert [j.id for j in client.list()] == ids  # 4.2 MB in all: more than one message
+    first = fleet.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_size=1000),
+                                metadata=fleet.meta("alice"), timeout=RPC_TIMEOUT_S)
+    assert first.next_page_token and 1 <= len(first.jobs) < len(ids)
+    assert first.ByteSize() <= servicers.MAX_PAGE_BYTES + 1024
