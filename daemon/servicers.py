@@ -180,14 +180,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                         context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
         job = await self._job(request.job_id, context)
         who = _principal()
+        await self._enter(context)  # before the cancel: a refused call changes nothing
         try:
-            self._c.cancel(job.row.id, by=who.name if who else "")
-        except UnknownJob:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(request.job_id)}")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        await self._enter(context)
-        try:
+            try:
+                self._c.cancel(job.row.id, by=who.name if who else "")
+            except UnknownJob:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(request.job_id)}")
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             await self._committed()
         finally:
             self._calls -= 1
