@@ -5,6 +5,7 @@ daemon with a tokens file; each attack asserts it fails and that nothing changed
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +76,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             f.channel.close()
 
 
-def test_a_client_sees_watches_and_cancels_only_its_own_jobs(fleet: Fleet) -> None:
+def test_a_client_sees_watches_and_cancels_only_its_own_jobs(
+        fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="spotwise.daemon.coordinator")
     job_id = fleet.submit("alice", env={"WANDB_API_KEY": "s3cr3t"})
     for method, request in (("GetJob", jobs_pb2.GetJobRequest(job_id=job_id)),
                             ("WatchJob", jobs_pb2.WatchJobRequest(job_id=job_id, replay=True)),
@@ -98,6 +101,9 @@ def test_a_client_sees_watches_and_cancels_only_its_own_jobs(fleet: Fleet) -> No
     # An admin may cancel anyone's job, and the cancel names who did it.
     assert fleet.code("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "ops") \
         is grpc.StatusCode.OK
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job={job_id}: ")]
+    assert f"job={job_id}: submitted by alice (unnamed)" in said
+    assert [m for m in said if "cancelled by" in m] == [f"job={job_id}: cancelled by ops"]
 
 
 def test_lists_page_and_specs_and_watchers_are_bounded(fleet: Fleet) -> None:
