@@ -83,6 +83,12 @@ class _Connection(asyncio.Protocol):
             self._deadline.cancel()
         if self.node_id and self.server.connections.get(self.node_id) is self:
             del self.server.connections[self.node_id]
+        if self.node_id:
+            self.server.coordinator.agents.unbind(self.node_id, self)
+
+    def retire(self) -> None:
+        """A newer connection of this node (on this channel or a gRPC stream) replaced it."""
+        self._refuse("a newer heartbeat connection of this node replaced this one")
 
     def _refuse(self, reason: str) -> None:
         log.info("beat channel: refused %s%s: %s", self.peer,
@@ -133,10 +139,8 @@ class _Connection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        old = self.server.connections.get(req.node_id)
-        if old is not None and old is not self:
-            old._refuse("a newer beat connection of this node replaced this one")
         self.node_id = req.node_id
+        coordinator.agents.bind(req.node_id, self)  # retires its older connection, if any
         self.server.connections[req.node_id] = self
         self._answer(req)
 

@@ -4,6 +4,7 @@ uses it, and falls back to the gRPC stream when it cannot reach it."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import ssl
 import time
@@ -287,3 +288,51 @@ def test_a_new_assignment_is_pushed_without_waiting_for_a_beat(daemon: DaemonThr
         assert pushed.assignment.job_id == job_id and pushed.assignment.generation == 1
     finally:
         raw.close()
+
+
+def test_a_node_has_one_heartbeat_connection_on_either_transport(daemon: DaemonThread) -> None:
+    """A node's newer connection replaces its older one, whichever transport each is on: a
+    second beat connection refuses the first at once; a gRPC Heartbeats stream retires the
+    beat connection (refused at its next beat), and a beat connection retires the stream
+    (ABORTED at its next read)."""
+    node = register(daemon)
+    hello = agent_pb2.HeartbeatRequest(node_id=node.node_id, node_secret=node.node_secret)
+    first, second = RawBeats(node.beat_port), RawBeats(node.beat_port)
+    with grpc.insecure_channel(daemon.address) as ch:
+        stream = ch.stream_stream("/spotwise.v1.AgentService/Heartbeats",
+                                  request_serializer=agent_pb2.HeartbeatRequest.SerializeToString,
+                                  response_deserializer=agent_pb2.HeartbeatResponse.FromString)
+        try:
+            for raw in (first, second):
+                raw.send(frame(HELLO, b""))
+                raw.beat(node, 1)
+            kind, _ = first.read() or (0, b"")
+            assert kind == ANSWER
+            kind, reason = first.read() or (0, b"")
+            assert kind == REFUSED and b"replaced" in reason
+            assert (second.read() or (0, b""))[0] == ANSWER
+            # A gRPC stream now: the beat connection is refused at its next beat.
+            out: queue.Queue[agent_pb2.HeartbeatRequest | None] = queue.Queue()
+            call = stream(iter(out.get, None), timeout=30)
+            out.put(hello)
+            assert not next(call).reregister
+            second.beat(node, beats.ACK_EVERY)
+            kind, reason = second.read() or (0, b"")
+            assert kind == REFUSED and b"replaced" in reason
+            # And a beat connection again: the stream is aborted at its next read.
+            third = RawBeats(node.beat_port)
+            try:
+                third.send(frame(HELLO, b""))
+                third.beat(node, 1)
+                assert (third.read() or (0, b""))[0] == ANSWER
+                out.put(agent_pb2.HeartbeatRequest())
+                with pytest.raises(grpc.RpcError) as info:
+                    next(call)
+                assert info.value.code() is grpc.StatusCode.ABORTED
+                assert daemon.call(lambda: list(daemon.daemon.beats.connections)) == [node.node_id]
+            finally:
+                third.close()
+            out.put(None)
+        finally:
+            for raw in (first, second):
+                raw.close()
