@@ -45,6 +45,13 @@ def test_tokens_without_tls_beyond_loopback_is_refused(tmp_path):
         DaemonThread(_config(tmp_path, tokens_file=str(tokens))).start()
 
 
+def test_the_beat_channel_beyond_loopback_gets_the_same_rule(tmp_path):
+    """gRPC on loopback does not let the beat channel listen beyond it in plaintext."""
+    config = DaemonConfig(listen="127.0.0.1:0", beat_listen="0.0.0.0:0", state_dir=tmp_path / "state")
+    with pytest.raises(RuntimeError, match="beat channel: refusing to listen on 0.0.0.0:0 without TLS and tokens"):
+        DaemonThread(config).start()
+
+
 def test_the_opt_out_starts_and_says_so_loudly(tmp_path, tls_files, caplog):
     caplog.set_level(logging.INFO, logger="spotwise")
     with DaemonThread(_config(tmp_path, allow_insecure=True, **tls_files)):
