@@ -287,6 +287,9 @@ class Daemon:
             self._server = None
             self.store.close()
             self.store = None
+            if self.metrics_exporter is not None:
+                self.metrics_exporter.close()
+                self.metrics_exporter = None
             raise
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

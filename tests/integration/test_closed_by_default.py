@@ -46,10 +46,15 @@ def test_tokens_without_tls_beyond_loopback_is_refused(tmp_path):
 
 
 def test_the_beat_channel_beyond_loopback_gets_the_same_rule(tmp_path):
-    """gRPC on loopback does not let the beat channel listen beyond it in plaintext."""
-    config = DaemonConfig(listen="127.0.0.1:0", beat_listen="0.0.0.0:0", state_dir=tmp_path / "state")
+    """gRPC on loopback does not let the beat channel listen beyond it in plaintext; the
+    refused start leaves nothing open (the gRPC port, the metrics port, the database)."""
+    config = DaemonConfig(listen="127.0.0.1:0", beat_listen="0.0.0.0:0", metrics_listen="127.0.0.1:0",
+                          state_dir=tmp_path / "state")
+    daemon = DaemonThread(config)
     with pytest.raises(RuntimeError, match="beat channel: refusing to listen on 0.0.0.0:0 without TLS and tokens"):
-        DaemonThread(config).start()
+        daemon.start()
+    d = daemon.daemon
+    assert (d._server, d.metrics_exporter, d.store) == (None, None, None)
 
 
 def test_the_opt_out_starts_and_says_so_loudly(tmp_path, tls_files, caplog):
