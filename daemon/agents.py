@@ -18,7 +18,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from spotwise.common.uri import job_uri
 from spotwise.daemon import admission
@@ -41,6 +41,14 @@ class NodeCredentialError(PermissionError):
     """A call named a node id without that node's credential."""
 
 
+class HeartbeatConnection(Protocol):
+    """A node's open heartbeat connection, on either transport."""
+
+    def retire(self) -> None:
+        """A newer connection of the same node replaced this one: stop serving it (now, or
+        at its next beat)."""
+
+
 _REREGISTER = agent_pb2.HeartbeatResponse(reregister=True)
 
 
@@ -61,6 +69,9 @@ class AgentProtocol:
         self.agent_prices = agent_prices
         self.metrics = metrics
         self.wake = wake
+        self.beating: dict[str, HeartbeatConnection] = {}
+        """Node id -> its one heartbeat connection (a gRPC Heartbeats stream or a beat-channel
+        connection): a newer one, on either transport, replaces it (`bind`)."""
 
     # ---- identity -------------------------------------------------------------------------
 
@@ -70,6 +81,19 @@ class AgentProtocol:
         if rec is None or not admission.check_credential(rec.row.secret_hash, secret):
             raise NodeCredentialError(f"node {node_id[:64]!r}: unknown node or wrong credential")
         return rec
+
+    def bind(self, node_id: str, connection: HeartbeatConnection) -> None:
+        """Make `connection` the node's one heartbeat connection (the caller authenticated
+        it), and retire the one it replaces: a node holds one, whichever transport."""
+        old = self.beating.get(node_id)
+        self.beating[node_id] = connection
+        if old is not None and old is not connection:
+            old.retire()
+
+    def unbind(self, node_id: str, connection: HeartbeatConnection) -> None:
+        """`connection` closed: forget it, unless a newer one replaced it already."""
+        if self.beating.get(node_id) is connection:
+            del self.beating[node_id]
 
     # ---- Register -------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ by N bytes, the first of which is the frame's kind:
 
 The same TLS and token rules as the gRPC port hold (spotwise.daemon.auth.check_listen); a
 connection that says nothing for HELLO_TIMEOUT_S, sends a malformed frame, or speaks for another
-node is closed, and nothing it sent changes the state.
+node is closed, and nothing it sent changes the state; at most REFUSAL_LOG_LINES refusals a
+minute are logged.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from spotwise.common.beatwire import (
     frame,
 )
 from spotwise.daemon.agents import NodeCredentialError
+from spotwise.daemon.log_budget import LogBudget
 from spotwise.proto.v1 import agent_pb2
 
 if TYPE_CHECKING:
@@ -57,6 +59,9 @@ HELLO_TIMEOUT_S = 10.0
 """A connection must have said HELLO and its first BEAT within this time."""
 HEARTBEATS_METHOD = "/spotwise.v1.AgentService/Heartbeats"
 """The gRPC method whose access rule the channel follows (the agent role may beat)."""
+REFUSAL_LOG_LINES = 20
+"""Refused connections logged per minute; the rest are counted in one line (see LogBudget):
+anyone who reaches the port may open connections as fast as the network allows."""
 
 
 class _Connection(asyncio.Protocol):
@@ -83,10 +88,16 @@ class _Connection(asyncio.Protocol):
             self._deadline.cancel()
         if self.node_id and self.server.connections.get(self.node_id) is self:
             del self.server.connections[self.node_id]
+        if self.node_id:
+            self.server.coordinator.agents.unbind(self.node_id, self)
+
+    def retire(self) -> None:
+        """A newer connection of this node (on this channel or a gRPC stream) replaced it."""
+        self._refuse("a newer heartbeat connection of this node replaced this one")
 
     def _refuse(self, reason: str) -> None:
-        log.info("beat channel: refused %s%s: %s", self.peer,
-                 f" (node {self.node_id})" if self.node_id else "", reason)
+        self.server.refusals.log(logging.INFO, "beat channel: refused %s%s: %s", self.peer,
+                                 f" (node {self.node_id})" if self.node_id else "", reason)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame(REFUSED, reason.encode()[:1000]))
             self.transport.close()
@@ -133,10 +144,8 @@ class _Connection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        old = self.server.connections.get(req.node_id)
-        if old is not None and old is not self:
-            old._refuse("a newer beat connection of this node replaced this one")
         self.node_id = req.node_id
+        coordinator.agents.bind(req.node_id, self)  # retires its older connection, if any
         self.server.connections[req.node_id] = self
         self._answer(req)
 
@@ -184,6 +193,7 @@ class BeatServer:
         self.tokens = tokens
         self.clock = clock
         self.connections: dict[str, _Connection] = {}
+        self.refusals = LogBudget(log, what="refused beat connections", lines=REFUSAL_LOG_LINES)
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 

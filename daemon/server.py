@@ -224,9 +224,7 @@ class Daemon:
         try:
             self.store = Store(config.db_path)
         except (OSError, sqlite3.Error, StoreError) as exc:
-            if self.metrics_exporter is not None:
-                self.metrics_exporter.close()
-                self.metrics_exporter = None
+            self._close_opened()
             raise RuntimeError(f"cannot open the state database {config.db_path}: {exc}") from exc
         self.coordinator = Coordinator(
             self.store,
@@ -270,11 +268,7 @@ class Daemon:
         except RuntimeError:
             port = 0
         if not port:
-            self.store.close()
-            self.store = None
-            if self.metrics_exporter is not None:
-                self.metrics_exporter.close()
-                self.metrics_exporter = None
+            self._close_opened()
             raise RuntimeError(f"cannot listen on {config.listen}")
         self.port = port
         await server.start()
@@ -285,8 +279,7 @@ class Daemon:
         except RuntimeError:
             await server.stop(0)
             self._server = None
-            self.store.close()
-            self.store = None
+            self._close_opened()
             raise
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -369,6 +362,10 @@ class Daemon:
                 log.exception("the last changes could not be stored at shutdown")
         if self.provider is not None:
             self.provider.close()
+        self._close_opened()
+
+    def _close_opened(self) -> None:
+        """Close the metrics exporter and the store, if open (a stop, or a refused start)."""
         if self.metrics_exporter is not None:
             self.metrics_exporter.close()
             self.metrics_exporter = None

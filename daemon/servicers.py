@@ -10,8 +10,9 @@ Tenancy: a job belongs to the principal whose token submitted it; a client token
 and cancels its own jobs, an admin token all. `env` values are redacted in every answer.
 Bounds: at most `max_watchers_per_principal` WatchJob streams per principal, at most
 `max_calls` Submit and Cancel calls waiting for their write at once (the other unary calls
-answer from memory without waiting), one Heartbeats stream per node (a new one replaces the
-old), and each live event is serialized once for all its watchers.
+answer from memory without waiting), one heartbeat connection per node on either transport
+(a new one replaces the old), each live event is serialized once for all its watchers, and a ListJobs page stays
+under `MAX_PAGE_BYTES`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+MAX_PAGE_BYTES = 1 << 20
+"""A ListJobs page holds fewer jobs when they would take more than this (always at least one).
+A client takes at most 4 MiB in one message by default, and a job's spec may be 64 KiB: one
+principal's 65 largest jobs would otherwise break the listing of everyone who sees them."""
 
 
 def _principal() -> auth.Principal | None:
@@ -157,26 +162,32 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                        if visible(j, who) and (not wanted or j.state in wanted)
                        and (after is None or (j.row.created_at, j.row.id) > after)),
                       key=lambda j: (j.row.created_at, j.row.id))
-        page = jobs[:size]
+        page: list[jobs_pb2.Job] = []
+        used = 0
+        for j in jobs[:size]:
+            proto = self._c.job_proto(j)
+            used += proto.ByteSize()
+            if page and used > MAX_PAGE_BYTES:
+                break
+            page.append(proto)
         token = ""
-        if len(jobs) > size:
-            last = page[-1].row
+        if len(jobs) > len(page):
+            last = jobs[len(page) - 1].row
             token = base64.urlsafe_b64encode(f"{last.created_at!r} {last.id}".encode()).decode()
-        return jobs_pb2.ListJobsResponse(jobs=[self._c.job_proto(j) for j in page],
-                                         next_page_token=token)
+        return jobs_pb2.ListJobsResponse(jobs=page, next_page_token=token)
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest,
                         context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
         job = await self._job(request.job_id, context)
         who = _principal()
+        await self._enter(context)  # before the cancel: a refused call changes nothing
         try:
-            self._c.cancel(job.row.id, by=who.name if who else "")
-        except UnknownJob:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(request.job_id)}")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        await self._enter(context)
-        try:
+            try:
+                self._c.cancel(job.row.id, by=who.name if who else "")
+            except UnknownJob:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {echo(request.job_id)}")
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             await self._committed()
         finally:
             self._calls -= 1
@@ -231,14 +242,20 @@ def add_job_service(servicer: JobServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service, handlers)
 
 
+class _Stream:
+    """A Heartbeats stream in `AgentProtocol.beating`. Retired, it is aborted at its next read
+    (which finds another connection in its place)."""
+
+    def retire(self) -> None:
+        pass
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """What node agents call."""
 
     def __init__(self, coordinator: Coordinator, loop: ControlLoop | None = None) -> None:
         self._c = coordinator
         self._loop = loop
-        self._streams: dict[str, object] = {}
-        """Node id -> the token of its current Heartbeats stream (a newer one replaces it)."""
 
     async def Register(self, request: agent_pb2.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> agent_pb2.RegisterResponse:
@@ -271,7 +288,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         # context.read/write rather than an async generator over the iterator: two layers of
         # generators less per beat, which is most of what a beat costs the daemon.
         agents, metrics, clock, nodes = self._c.agents, self._c.metrics, self._c.clock, self._c.nodes
-        streams, token = self._streams, object()
+        # One heartbeat connection per node, on either transport (`AgentProtocol.bind`).
+        streams, token = agents.beating, _Stream()
         perf_counter, eof = time.perf_counter, grpc.aio.EOF
         first = await context.read()
         if first is eof:
@@ -284,7 +302,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             agents.authenticate(node_id, first.node_secret)
         except NodeCredentialError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        streams[node_id] = token
+        agents.bind(node_id, token)
         req = first
         try:
             while True:
@@ -297,14 +315,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     return
                 if streams.get(node_id) is not token:
                     await context.abort(grpc.StatusCode.ABORTED,
-                                        f"a newer heartbeat stream of node {node_id} replaced "
-                                        "this one")
+                                        f"a newer heartbeat connection of node {node_id} "
+                                        "replaced this one")
                 if req.node_id and req.node_id != node_id:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         "a heartbeat stream speaks for one node")
         finally:
-            if streams.get(node_id) is token:
-                del streams[node_id]
+            agents.unbind(node_id, token)
 
     async def ReportEvent(self, request: agent_pb2.ReportEventRequest,
                           context: grpc.aio.ServicerContext) -> agent_pb2.ReportEventResponse:

@@ -167,10 +167,15 @@ def test_an_agent_token_cannot_act_as_another_node(daemon: DaemonThread) -> None
                                                  generation=1)
             exit_.process_exited.rank, exit_.process_exited.exit_code = 5, 1
             assert not agents.ReportEvent(exit_, timeout=RPC_TIMEOUT_S).accepted
+            # Nor on its heartbeat (which carries its processes' exits).
+            stream.beat(agent_pb2.HeartbeatRequest(
+                job_id=job_id, generation=1,
+                processes=[agent_pb2.ProcessStatus(rank=5, running=False, exit_code=1)]))
             after = daemon.call(lambda: (
                 daemon.daemon.coordinator.nodes[victim.node_id].row.address,
                 daemon.daemon.coordinator.jobs[job_id].row.last_checkpoint_step))
             assert after == before == ("10.0.0.1", -1)
+            assert daemon.call(lambda: dict(daemon.daemon.coordinator.jobs[job_id].exit_codes)) == {}
             job = jobs_pb2_grpc.JobServiceStub(ch).GetJob(jobs_pb2.GetJobRequest(job_id=job_id),
                                                           timeout=RPC_TIMEOUT_S)
             assert job.generation == 1 and job.state != jobs_pb2.JOB_STATE_FAILED

@@ -4,6 +4,8 @@ uses it, and falls back to the gRPC stream when it cannot reach it."""
 
 from __future__ import annotations
 
+import logging
+import queue
 import socket
 import ssl
 import time
@@ -52,6 +54,7 @@ class RawBeats:
         sock = socket.create_connection(("127.0.0.1", port), timeout=RPC_TIMEOUT_S)
         self.sock = tls.wrap_socket(sock, server_hostname="127.0.0.1") if tls else sock
         self.frames = FrameReader()
+        self.pending: list[tuple[int, bytes]] = []
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -63,16 +66,15 @@ class RawBeats:
 
     def read(self) -> tuple[int, bytes] | None:
         """The next frame; None when the daemon closed the connection."""
-        while True:
+        while not self.pending:
             try:
                 data = self.sock.recv(65536)
             except ConnectionResetError:
                 return None
             if not data:
                 return None
-            got = self.frames.feed(data)
-            if got:
-                return got[0]
+            self.pending.extend(self.frames.feed(data))
+        return self.pending.pop(0)
 
     def close(self) -> None:
         self.sock.close()
@@ -106,7 +108,8 @@ def test_a_node_beats_on_the_channel_and_gets_its_assignment(daemon: DaemonThrea
             time.sleep(0.05)
         got = [a for a in answers if a.assignment.job_id]
         assert got and got[0].assignment.job_id == job_id and got[0].assignment.generation == 1
-        assert got[0].seq >= 1  # it says which beat it answers
+        # An answer says which beat it answers (an assignment pushed between beats says 0).
+        assert answers[0].seq == 1
         assert daemon.call(lambda: list(daemon.daemon.beats.connections)) == [node.node_id]
     finally:
         raw.close()
@@ -287,3 +290,65 @@ def test_a_new_assignment_is_pushed_without_waiting_for_a_beat(daemon: DaemonThr
         assert pushed.assignment.job_id == job_id and pushed.assignment.generation == 1
     finally:
         raw.close()
+
+
+def test_a_node_has_one_heartbeat_connection_on_either_transport(daemon: DaemonThread) -> None:
+    """A node's newer connection replaces its older one, whichever transport each is on: a
+    second beat connection refuses the first at once; a gRPC Heartbeats stream retires the
+    beat connection (refused at its next beat), and a beat connection retires the stream
+    (ABORTED at its next read)."""
+    node = register(daemon)
+    hello = agent_pb2.HeartbeatRequest(node_id=node.node_id, node_secret=node.node_secret)
+    first, second = RawBeats(node.beat_port), RawBeats(node.beat_port)
+    with grpc.insecure_channel(daemon.address) as ch:
+        stream = ch.stream_stream("/spotwise.v1.AgentService/Heartbeats",
+                                  request_serializer=agent_pb2.HeartbeatRequest.SerializeToString,
+                                  response_deserializer=agent_pb2.HeartbeatResponse.FromString)
+        try:
+            for raw in (first, second):  # one after the other: the second replaces the first
+                raw.send(frame(HELLO, b""))
+                raw.beat(node, 1)
+                assert (raw.read() or (0, b""))[0] == ANSWER
+            kind, reason = first.read() or (0, b"")
+            assert kind == REFUSED and b"replaced" in reason
+            # A gRPC stream now: the beat connection is refused at its next beat.
+            out: queue.Queue[agent_pb2.HeartbeatRequest | None] = queue.Queue()
+            call = stream(iter(out.get, None), timeout=30)
+            out.put(hello)
+            assert not next(call).reregister
+            second.beat(node, beats.ACK_EVERY)
+            kind, reason = second.read() or (0, b"")
+            assert kind == REFUSED and b"replaced" in reason
+            # And a beat connection again: the stream is aborted at its next read.
+            third = RawBeats(node.beat_port)
+            try:
+                third.send(frame(HELLO, b""))
+                third.beat(node, 1)
+                assert (third.read() or (0, b""))[0] == ANSWER
+                out.put(agent_pb2.HeartbeatRequest())
+                with pytest.raises(grpc.RpcError) as info:
+                    next(call)
+                assert info.value.code() is grpc.StatusCode.ABORTED
+                assert daemon.call(lambda: list(daemon.daemon.beats.connections)) == [node.node_id]
+            finally:
+                third.close()
+            out.put(None)
+        finally:
+            for raw in (first, second):
+                raw.close()
+
+
+def test_a_flood_of_refused_connections_logs_a_bounded_number_of_lines(
+        daemon: DaemonThread, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="spotwise.daemon.beats")
+    node = register(daemon)
+    for _ in range(60):
+        raw = RawBeats(node.beat_port)
+        try:
+            raw.beat(node, 1)  # before HELLO: refused
+            assert (raw.read() or (0, b""))[0] == REFUSED
+        finally:
+            raw.close()
+    refused = [r for r in caplog.records if r.getMessage().startswith("beat channel: refused")]
+    assert len(refused) == beats.REFUSAL_LOG_LINES
+    assert daemon.call(lambda: daemon.daemon.beats.refusals.suppressed) == 60 - len(refused)

@@ -12,11 +12,12 @@ from grpc import aio
 
 from spotwise.client import Client, ClientConfigError
 from spotwise.common.credentials import CredentialsError, channel_security, is_local_address
-from spotwise.config import DaemonConfig
+from spotwise.config import AgentConfig, DaemonConfig
 from spotwise.daemon.auth import Role, TokenAuthInterceptor, TokenStore, mint_token
 from spotwise.daemon.log_budget import LogBudget
 from spotwise.daemon.server import DaemonThread
 from spotwise.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from spotwise.worker.agent.node import Agent
 from tests.integration.test_auth_grpc import make_ca, make_leaf
 
 
@@ -42,6 +43,18 @@ def test_tokens_without_tls_beyond_loopback_is_refused(tmp_path):
     tokens.write_text(mint_token(Role.CLIENT, "alice").line + "\n")
     with pytest.raises(RuntimeError, match="without TLS: .* Configure a TLS certificate and key"):
         DaemonThread(_config(tmp_path, tokens_file=str(tokens))).start()
+
+
+def test_the_beat_channel_beyond_loopback_gets_the_same_rule(tmp_path):
+    """gRPC on loopback does not let the beat channel listen beyond it in plaintext; the
+    refused start leaves nothing open (the gRPC port, the metrics port, the database)."""
+    config = DaemonConfig(listen="127.0.0.1:0", beat_listen="0.0.0.0:0", metrics_listen="127.0.0.1:0",
+                          state_dir=tmp_path / "state")
+    daemon = DaemonThread(config)
+    with pytest.raises(RuntimeError, match="beat channel: refusing to listen on 0.0.0.0:0 without TLS and tokens"):
+        daemon.start()
+    d = daemon.daemon
+    assert (d._server, d.metrics_exporter, d.store) == (None, None, None)
 
 
 def test_the_opt_out_starts_and_says_so_loudly(tmp_path, tls_files, caplog):
@@ -72,13 +85,22 @@ def test_with_a_ca_the_token_goes_over_tls(tmp_path):
     assert security.tls and security.metadata == (("authorization", "Bearer swt_secret"),)
 
 
-def test_the_agents_settings_get_the_same_rule():
-    # How the agent builds its channel (see the report: worker/agent.py wires exactly this).
-    with pytest.raises(CredentialsError, match="set tls_ca_file to use TLS"):
-        channel_security("10.0.3.4:7450", token="swt_agent", names=("tls_ca_file", "tls_cert_file", "tls_key_file"))
+def test_the_agent_refuses_to_send_its_token_in_plaintext_beyond_loopback(tmp_path, monkeypatch):
+    """The real agent, with its token from its token file or its environment: refused before
+    it dials anything, naming its own setting; on loopback the same agent is built."""
+    token_file = tmp_path / "agent.token"
+    token_file.write_text("swt_agent\n")
+    for env, kw in (({}, {"token_file": str(token_file)}), ({"SPOTWISE_AGENT_TOKEN": "swt_agent"}, {})):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        config = AgentConfig.load(daemon="10.0.3.4:7450", state_dir=tmp_path / "state",
+                                  log_dir=tmp_path / "logs", **kw)
+        with pytest.raises(CredentialsError, match="plaintext to 10.0.3.4:7450: set tls_ca_file to use TLS"):
+            Agent(config)
+        Agent(config.model_copy(update={"daemon": "127.0.0.1:7450"}))
     with pytest.raises(CredentialsError, match="needs both tls_cert_file and tls_key_file"):
-        channel_security("127.0.0.1:1", token=None, cert_file="c.pem",
-                         names=("tls_ca_file", "tls_cert_file", "tls_key_file"))
+        Agent(AgentConfig.load(daemon="127.0.0.1:1", state_dir=tmp_path / "state",
+                               log_dir=tmp_path / "logs", tls_cert_file="c.pem"))
 
 
 def test_log_budget_lets_a_few_through_then_summarises(caplog):

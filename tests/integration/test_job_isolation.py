@@ -236,3 +236,66 @@ def test_credentials_are_never_written_through_a_planted_link(tmp_path):
     with pytest.raises(OSError):
         write_credentials(tmp_path / "gen" / "aws", creds)
     assert list(state.iterdir()) == [] and state.stat().st_mode & 0o777 == 0o750
+
+
+FIREWALL = Path(__file__).resolve().parents[2] / "deploy/terraform/modules/spotwise/templates/job-firewall.sh"
+
+# Run in a network namespace of its own, after job-firewall.sh: listen where the metadata
+# service and the container credentials endpoint live (and on an ordinary address, a peer's),
+# then connect to each as the job user and as root.
+REACH = (
+    "import json, socket, subprocess, sys\n"
+    "python, uid, gid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+    "hosts = {'imds': '169.254.169.254', 'ecs': '169.254.170.2', 'peer': '10.200.0.1'}\n"
+    "if len(sys.argv) > 4: hosts['imds6'] = 'fd00:ec2::254'\n"
+    "listening = []\n"
+    "for host in hosts.values():\n"
+    "    s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)\n"
+    "    s.bind((host, 80)); s.listen(8); listening.append(s)\n"
+    "probe = ('import socket, sys\\n'\n"
+    "         'try:\\n'\n"
+    "         '    socket.create_connection((sys.argv[1], 80), timeout=5).close(); print(\"reached\")\\n'\n"
+    "         'except OSError as e:\\n'\n"
+    "         '    print(type(e).__name__)\\n')\n"
+    "def reach(host, **user):\n"
+    "    return subprocess.run([python, '-c', probe, host], capture_output=True, text=True,\n"
+    "                          timeout=30, **user).stdout.strip()\n"
+    "job = {'user': uid, 'group': gid, 'extra_groups': []}\n"
+    "out = {f'job {k}': reach(h, **job) for k, h in hosts.items()}\n"
+    "out.update({f'root {k}': reach(h) for k, h in hosts.items()})\n"
+    "print('REACH ' + json.dumps(out))\n"
+)
+
+
+def test_the_job_user_cannot_reach_the_metadata_service(throwaway_user):
+    """deploy's job-firewall.sh, run as the agent unit runs it (twice: it is idempotent), in a
+    network namespace of its own: the job user's connections to the instance metadata service
+    (IPv4 and IPv6) and the container credentials endpoint are rejected; its peers and root
+    still reach everything."""
+    from spotwise.cloud.netlab import missing_tools
+
+    missing = missing_tools() + [t for t in ("unshare",) if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"running as root but {', '.join(missing)} missing: run `make setup-lab`")
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else shutil.which("python3")
+    user = resolve_run_as(throwaway_user)
+    ipv6 = os.path.exists("/proc/net/if_inet6")
+    setup = ["ip link set lo up"] + [f"ip addr add {a}/32 dev lo" for a in ("169.254.169.254", "169.254.170.2", "10.200.0.1")]
+    if ipv6:
+        setup.append("ip -6 addr add fd00:ec2::254/128 dev lo nodad")
+    script = " && ".join([
+        "set -e", *setup, f"bash {FIREWALL} {user.name} >/dev/null", f"bash {FIREWALL} {user.name}",
+        "echo RULES; iptables -S OUTPUT; ip6tables -S OUTPUT 2>/dev/null || true",
+        f"{sys.executable} -c \"$REACH\" {python} {user.uid} {user.gid} {'v6' if ipv6 else ''}",
+    ])
+    res = subprocess.run(["unshare", "--net", "--", "bash", "-c", script], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "REACH": REACH})
+    assert res.returncode == 0, res.stderr
+    assert f"{user.name} cannot reach the instance metadata service" in res.stdout
+    rules = [line for line in res.stdout.splitlines() if "--uid-owner" in line]
+    wanted = {"169.254.169.254/32", "169.254.170.2/32"} | ({"fd00:ec2::254/128"} if ipv6 else set())
+    assert sorted(r.split(" -d ")[1].split()[0] for r in rules) == sorted(wanted)  # once each
+    reach = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("REACH "))[6:])
+    refused = {k for k, v in reach.items() if v != "reached"}
+    assert refused == {f"job {k}" for k in ("imds", "ecs", *(["imds6"] if ipv6 else []))}, reach
+    assert {reach[k] for k in refused} == {"ConnectionRefusedError"}

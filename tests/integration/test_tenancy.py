@@ -4,17 +4,23 @@ daemon with a tokens file; each attack asserts it fails and that nothing changed
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc import aio
 
 from spotwise.config import DaemonConfig
 from spotwise.daemon import servicers
 from spotwise.daemon.auth import Role, mint_token
+from spotwise.daemon.controller import Policy
+from spotwise.daemon.coordinator import Coordinator
 from spotwise.daemon.server import DaemonThread
+from spotwise.daemon.store import Store
 from spotwise.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import JobSpec
 from tests.support.wait import until
@@ -70,7 +76,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             f.channel.close()
 
 
-def test_a_client_sees_watches_and_cancels_only_its_own_jobs(fleet: Fleet) -> None:
+def test_a_client_sees_watches_and_cancels_only_its_own_jobs(
+        fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="spotwise.daemon.coordinator")
     job_id = fleet.submit("alice", env={"WANDB_API_KEY": "s3cr3t"})
     for method, request in (("GetJob", jobs_pb2.GetJobRequest(job_id=job_id)),
                             ("WatchJob", jobs_pb2.WatchJobRequest(job_id=job_id, replay=True)),
@@ -93,6 +101,9 @@ def test_a_client_sees_watches_and_cancels_only_its_own_jobs(fleet: Fleet) -> No
     # An admin may cancel anyone's job, and the cancel names who did it.
     assert fleet.code("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "ops") \
         is grpc.StatusCode.OK
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job={job_id}: ")]
+    assert f"job={job_id}: submitted by alice (unnamed)" in said
+    assert [m for m in said if "cancelled by" in m] == [f"job={job_id}: cancelled by ops"]
 
 
 def test_lists_page_and_specs_and_watchers_are_bounded(fleet: Fleet) -> None:
@@ -173,3 +184,53 @@ def test_the_client_lists_every_page(fleet: Fleet, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(client_module, "LIST_PAGE_SIZE", 2)
     with client_module.Client(fleet.daemon.address, token=fleet.tokens["alice"]) as client:
         assert [j.id for j in client.list()] == ids  # three pages, only alice's
+
+
+def test_a_page_of_the_largest_jobs_stays_within_what_a_client_takes(fleet: Fleet) -> None:
+    """One principal's largest specs (60 KB of entrypoint each, which no redaction shrinks)
+    must not break the listing of whoever sees them: pages are bounded in bytes as well."""
+    import spotwise.client as client_module
+
+    ids = [fleet.submit("alice", entrypoint=["python", "t.py", "y" * 60_000]) for _ in range(70)]
+    with client_module.Client(fleet.daemon.address, token=fleet.tokens["ops"]) as client:
+        assert [j.id for j in client.list()] == ids  # 4.2 MB in all: more than one message
+    first = fleet.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_size=1000),
+                                metadata=fleet.meta("alice"), timeout=RPC_TIMEOUT_S)
+    assert first.next_page_token and 1 <= len(first.jobs) < len(ids)
+    assert first.ByteSize() <= servicers.MAX_PAGE_BYTES + 1024
+
+
+def test_a_call_refused_for_the_cap_on_calls_changes_nothing(tmp_path: Path) -> None:
+    """At the cap on concurrent Submit and Cancel calls (here 0) both are refused with
+    RESOURCE_EXHAUSTED, and the refused cancel has not cancelled the job."""
+    coordinator = Coordinator(Store(tmp_path / "db"), policy=Policy(), heartbeat_interval_s=0.5)
+    spec = JobSpec.model_validate({"entrypoint": ["python", "t.py"], "checkpoint": {"uri": "/c"},
+                                   "global_batch_size": 4}).to_proto()
+    job = coordinator.submit(spec)
+    coordinator.commit()
+
+    async def run() -> list[grpc.StatusCode]:
+        server = aio.server()
+        servicers.add_job_service(servicers.JobServicer(coordinator, max_calls=0), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes = []
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = jobs_pb2_grpc.JobServiceStub(channel)
+                for call in (stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.row.id),
+                                            timeout=RPC_TIMEOUT_S),
+                             stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec),
+                                            timeout=RPC_TIMEOUT_S)):
+                    try:
+                        await call
+                        codes.append(grpc.StatusCode.OK)
+                    except aio.AioRpcError as err:
+                        codes.append(err.code())
+        finally:
+            await server.stop(grace=None)
+        return codes
+
+    assert asyncio.run(run()) == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    assert job.state.value == "PENDING" and list(coordinator.jobs) == [job.row.id]
+    assert [j.state for j in coordinator.store.jobs()] == ["PENDING"]

@@ -185,6 +185,15 @@ def test_agent_training_processes_find_the_spotwise_python() -> None:
     assert env["HOME"].startswith("/var/lib/spotwise")
 
 
+def test_the_example_agent_config_runs_jobs_as_their_own_user() -> None:
+    """The config that goes with the unit isolates jobs by default, where the unit expects."""
+    agent = tomllib.loads((EXAMPLES / "agent.toml").read_text())["agent"]
+    unit = load("spotwise-agent.service")
+    assert agent["run_as"] == "spotwise-job" != one(unit, "Service", "User")
+    assert agent["log_dir"] == "/var/log/" + one(unit, "Service", "LogsDirectory")
+    assert "-/var/lib/spotwise-job" in one(unit, "Service", "ReadWritePaths").split()  # its home
+
+
 def test_agent_stop_timeout_covers_the_grace_period() -> None:
     agent = tomllib.loads((EXAMPLES / "agent.toml").read_text())["agent"]
     grace = agent.get("grace_s", AgentConfig.model_fields["grace_s"].default)
