@@ -97,6 +97,9 @@ class ReportData:
     """Commits and failed saves, in event order."""
     cost: list[tuple[float, float, float]] = field(default_factory=list)
     """(seconds, spent USD, same node-seconds on demand USD), non-decreasing, after every event."""
+    commit_age: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds, seconds since the last commit) from the first commit on: the age panel's
+    sawtooth (a commit adds the age just before it, then the drop to its own age)."""
     budget_usd: float = 0.0
     """The job's budget (0: none)."""
     step: int = 0
@@ -195,6 +198,8 @@ def extract(events: Iterable[Any], *, job: Any = None, budget_usd: float = 0.0) 
                                                    message=event.message))
         if figures is not None:
             data.world.append((t, int(figures.world_size)))
+            _add_commit_age(data.commit_age, t, event.time - figures.last_checkpoint_at
+                            if figures.last_checkpoint_at > 0 else None)
             # Cost never goes down; an event of an older snapshot must not make it dip.
             spent = max(spent, float(figures.cost_usd))
             on_demand = max(on_demand, float(figures.on_demand_usd))
@@ -215,6 +220,21 @@ def extract(events: Iterable[Any], *, job: Any = None, budget_usd: float = 0.0) 
         data.step = max(data.step, int(job.step))
         data.lost_steps = max(data.lost_steps, int(job.lost_steps))
     return data
+
+
+def _add_commit_age(points: list[tuple[float, float]], t: float, age: float | None) -> None:
+    """Append the age of the last commit at `t` (None: no commit yet). Between events the age
+    grows with the clock, so a drop (a commit since the previous point) first gets the age it
+    had reached just before: the line climbs to the commit, then falls."""
+    if age is None:
+        return
+    age = max(0.0, age)
+    if points:
+        t0, age0 = points[-1]
+        reached = age0 + (t - t0)
+        if age < reached - 1e-6:
+            points.append((t, reached))
+    points.append((t, age))
 
 
 def _with_lost(g: GenerationStart, lost: int) -> GenerationStart:
