@@ -75,6 +75,24 @@ class CheckpointMark:
     """The event's message."""
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """How the job ended (its final state event)."""
+
+    time_s: float
+    """Seconds since the job's first event."""
+    state: str
+    """The final state's name ("SUCCEEDED", "BUDGET_EXHAUSTED", ...)."""
+    reason: str
+    """The state event's message."""
+
+    @property
+    def cause(self) -> str:
+        """CAUSE_BUDGET for a job the budget stopped (the budget never starts a generation: it
+        caps growth and ends the job), else the state's name in lower case."""
+        return CAUSE_BUDGET if self.state == "BUDGET_EXHAUSTED" else self.state.lower()
+
+
 @dataclass
 class ReportData:
     """What each panel of the report shows; built by `extract` from the job's events."""
@@ -102,6 +120,8 @@ class ReportData:
     sawtooth (a commit adds the age just before it, then the drop to its own age)."""
     budget_usd: float = 0.0
     """The job's budget (0: none)."""
+    end: JobEnd | None = None
+    """The job's end; None while it runs."""
     step: int = 0
     """The job's step now."""
     lost_steps: int = 0
@@ -182,6 +202,8 @@ def extract(events: Iterable[Any], *, job: Any = None, budget_usd: float = 0.0) 
                 generation=int(event.generation), time_s=t, world_size=world,
                 cause=classify(_reason_of(event.message), noticed), reason=event.message))
             noticed = set()
+        elif kind == "state" and figures is not None and is_terminal(figures.state):
+            data.end = JobEnd(time_s=t, state=state_name(figures.state), reason=event.message)
         elif kind == "progress" and figures is not None:
             data.progress.append((int(figures.step), float(figures.samples_per_second),
                                   float(figures.loss)))

@@ -78,6 +78,14 @@ def _world(ax, data: ReportData) -> None:
                     xytext=(-2, 0), textcoords="offset points",
                     rotation=90, fontsize=8, color=color, ha="right", va="bottom",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+    if data.end is not None:
+        color = CAUSE_COLORS.get(data.end.cause, "black")
+        ax.axvline(data.end.time_s, color=color, linestyle=":", linewidth=1.5)
+        ax.annotate(f"end: {data.end.state}", (data.end.time_s, 0.02),
+                    xycoords=("data", "axes fraction"), xytext=(-2, 0),
+                    textcoords="offset points", rotation=90, fontsize=8, color=color,
+                    ha="right", va="bottom",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     for cause in causes_in(data.generations):
         ax.plot([], [], color=CAUSE_COLORS[cause], linestyle="--", label=cause)
     if data.generations:

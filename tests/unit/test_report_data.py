@@ -118,12 +118,24 @@ def test_extract_builds_every_panel() -> None:
     # start, corrected to 8 in all by its restore).
     assert data.lost_steps_by_generation() == {1: 0, 2: 0, 3: 6, 4: 2}
     assert data.lost_steps == 8
+    assert data.end is not None and (data.end.time_s, data.end.state) == (15.0, "SUCCEEDED")
+
+
+def test_a_job_the_budget_stopped_ends_with_the_budget_as_its_cause() -> None:
+    events = story()[:-1] + [
+        ev(15, "state", "BUDGET_EXHAUSTED: spent $0.4900 + one tick (10 s) at $1.2/h = $0.5033 "
+           "would exceed the budget $0.5000: final checkpoint, then BUDGET_EXHAUSTED",
+           generation=4, world=1, step=30, ckpt=25, lost=8, cost=0.49, on_demand=1.4,
+           state=jobs_pb2.JOB_STATE_BUDGET_EXHAUSTED)]
+    data = extract(events, budget_usd=0.5)
+    assert data.ended and data.end is not None and data.end.cause == CAUSE_BUDGET
+    assert "would exceed the budget" in data.end.reason
 
 
 def test_a_running_job_says_so() -> None:
     events = story()[:9]
     data = extract(events)
-    assert not data.ended and data.state == "RUNNING"
+    assert not data.ended and data.state == "RUNNING" and data.end is None
     assert "still running" in data.title and "2 generation(s)" in data.title
 
 
@@ -164,5 +176,6 @@ def test_the_budget_line_and_every_generation_are_in_view() -> None:
         "g1\nstart", "g2\nnotice", "g3\ncapacity back", "g4\nloss without notice"]
     assert lost_ax.get_ylim()[0] == 0
     labels = [t.get_text() for t in world_ax.texts]
-    assert labels == ["g1: start", "g2: notice", "g3: capacity back", "g4: loss without notice"]
+    assert labels == ["g1: start", "g2: notice", "g3: capacity back", "g4: loss without notice",
+                      "end: SUCCEEDED"]
     assert age_ax.get_title().startswith("Age of the last commit")
