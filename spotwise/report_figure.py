@@ -121,7 +121,7 @@ def _steps(ax, data: ReportData) -> None:
         ax.plot(steps, rate, ".", markersize=3, color="#4c72b0", label="samples/s")
         ax.set_ylabel("samples per second", color="#4c72b0")
         loss_ax = ax.twinx()
-        loss_ax.plot(steps, loss, "-", linewidth=1, color="#c44e52", label="loss")
+        loss_ax.plot(*_runs(steps, loss), "-", linewidth=1, color="#c44e52", label="loss")
         loss_ax.set_ylabel("loss", color="#c44e52")
     committed = [c.step for c in data.checkpoints if c.ok]
     failed = [c.step for c in data.checkpoints if not c.ok]
@@ -180,6 +180,20 @@ def _lost(ax, data: ReportData) -> None:
     ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("steps")
     ax.yaxis.get_major_locator().set_params(integer=True)
+
+
+def _runs(steps, values) -> tuple[list[float], list[float]]:
+    """The points with a break (NaN) wherever the step goes back (a generation replaying from
+    the last commit), so a replay is drawn over the steps it repeats, not as a line back."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, (x, y) in enumerate(zip(steps, values, strict=True)):
+        if i and x < steps[i - 1]:
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
 
 
 def render_html(data: ReportData, png: bytes) -> str:

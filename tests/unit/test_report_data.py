@@ -179,3 +179,11 @@ def test_the_budget_line_and_every_generation_are_in_view() -> None:
     assert labels == ["g1: start", "g2: notice", "g3: capacity back", "g4: loss without notice",
                       "end: SUCCEEDED"]
     assert age_ax.get_title().startswith("Age of the last commit")
+
+
+def test_a_replay_is_drawn_over_the_steps_it_repeats_not_as_a_line_back() -> None:
+    from spotwise.report_figure import _runs
+
+    xs, ys = _runs([5, 10, 15, 12, 20], [3.0, 2.0, 1.5, 1.6, 1.0])
+    assert xs[:3] == [5, 10, 15] and xs[3] != xs[3] and xs[4:] == [12, 20]
+    assert ys[3] != ys[3] and len(ys) == 6
