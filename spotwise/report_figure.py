@@ -197,7 +197,8 @@ def _runs(steps, values) -> tuple[list[float], list[float]]:
 
 
 def render_html(data: ReportData, png: bytes) -> str:
-    """A self-contained page: the title, the figure (embedded PNG) and the generations."""
+    """A self-contained page: the title, the figure (embedded PNG), the generations and how
+    the job ended."""
     rows = "\n".join(
         f"<tr><td>{g.generation}</td><td>{g.time_s:.1f}</td><td>{g.world_size}</td>"
         f"<td>{html.escape(g.cause)}</td><td>{g.lost_steps}</td>"
@@ -206,6 +207,8 @@ def render_html(data: ReportData, png: bytes) -> str:
     )
     title = html.escape(data.title)
     image = base64.b64encode(png).decode("ascii")
+    end = (f"<p>Ended {html.escape(data.end.state)} at {data.end.time_s:.1f} s: "
+           f"{html.escape(data.end.reason)}</p>" if data.end is not None else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:1em}} td,th{{padding:2px 8px;text-align:left}}
@@ -216,5 +219,5 @@ img{{max-width:100%}}</style></head>
 <table><tr><th>generation</th><th>start (s)</th><th>world size</th><th>cause</th>
 <th>lost steps</th><th>reason</th></tr>
 {rows}
-</table></body></html>
+</table>{end}</body></html>
 """

@@ -163,6 +163,7 @@ def test_render_writes_png_and_html_with_the_same_image() -> None:
     page = render_html(data, png)
     assert base64.b64encode(png).decode() in page
     assert page.count("<tr><td>") == 4 and "loss without notice" in page
+    assert "<p>Ended SUCCEEDED at 15.0 s: SUCCEEDED: all 1 processes" in page
 
 
 def test_the_budget_line_and_every_generation_are_in_view() -> None:
