@@ -52,6 +52,8 @@ class Observed:
     """The workload's MLflow tracking store."""
     loss_log: Path
     """Rank 0's "step loss generation" lines, every generation's."""
+    mlflow_running: tuple[str, int, list[int]]
+    """The run while generation 3 trained: its status, committed step and logged loss steps."""
     scrapes: dict[str, str] = field(default_factory=dict)
     """{"daemon" or an agent's handle: the text of one /metrics scrape after the rescale}."""
 
@@ -88,6 +90,17 @@ def _spec(tmp: Path, mlflow_uri: str) -> Path:
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def _mlflow_now(uri: str) -> tuple[str, int, list[int]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spotwise").experiment_id])
+    # The committed step first: what the history holds is then at least up to it.
+    committed = int(run.data.metrics.get("spotwise/committed_step", 0))
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    return run.info.status, committed, steps
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +147,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         until(lambda: (j := client.get(job_id)).generation >= 3 and j.world_size == 2 and
               state_name(j.state) == "RUNNING", 90, "world 2 again")
         running = write_report(client, job_id, tmp / "running")
+        mlflow_running = _mlflow_now(mlflow_uri)
 
         scrapes = {"daemon": _scrape(_metrics_url(daemon_log, "the daemon"))}
         for node in provider.list_nodes():
@@ -146,7 +160,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         ended = write_report(client, job_id, tmp / "ended")
         yield Observed(job_id=job_id, address=address, running_report=running, final_report=ended,
                        final_job=final, mlflow_uri=mlflow_uri, loss_log=tmp / "loss.txt",
-                       scrapes=scrapes)
+                       mlflow_running=mlflow_running, scrapes=scrapes)
     finally:
         if client is not None:
             client.close()
@@ -256,6 +270,11 @@ def test_one_mlflow_run_through_the_rescale_with_the_agents_figures(observed: Ob
     client = MlflowClient(tracking_uri=observed.mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("spotwise").experiment_id])
     assert run.data.tags["spotwise.job_id"] == observed.job_id and run.info.status == "FINISHED"
+    # While generation 3 trained (after the loss and its replay): the same run, RUNNING, with
+    # the committed steps only, each once, from step 1.
+    status, committed, steps = observed.mlflow_running
+    assert status == "RUNNING" and committed >= 5, observed.mlflow_running
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= committed, steps
     final: dict[int, float] = {}
     ran: dict[int, int] = {}
     for line in observed.loss_log.read_text().splitlines():
