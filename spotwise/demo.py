@@ -49,6 +49,10 @@ EXIT_OK, EXIT_FAILED = 0, 1
 DEFAULT_TRACE = "aws-2023-08-03-us-east-1f-p3.2xlarge-4node-preemption.json"
 """The trace the demo replays by default, in the traces directory next to the repository."""
 DEFAULT_SLICE = (126, 15)
+DEMO_INSTANCE_TYPE = "p3.2xlarge"
+"""The type the demo's local nodes report: the default trace's machines, priced by the offline
+table (spot and on-demand), so the cost panel and `spotwise cost` show a real saving (a "local"
+node has no price, and is charged the unpriced upper bound)."""
 """(start, length) of the default slice: 4,4,3,3,3,3,4,...,4,3,3 of 4 nodes, which scaled to 3
 nodes is a drop to 2, a rise back to 3 and another drop (samples 126-140, 75 trace minutes)."""
 
@@ -291,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
 
     daemon, address = _start_daemon(state_dir, state_dir / "daemon.log", env)
     provider = LocalProvider(log_dir=state_dir / "logs", cluster=f"demo-{os.getpid()}",
-                             grace_s=5.0, env=env)
+                             grace_s=5.0, env=env, instance_type=DEMO_INSTANCE_TYPE)
     request = NodeRequest(job_id="", daemon_address=address, slots=1)
     actions: queue.SimpleQueue = queue.SimpleQueue()
     replayer = TraceReplayer(provider, schedule, request, seed=replay.seed)
@@ -304,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{replay.start + len(schedule.levels) - 1} of {trace.source_nodes} nodes "
                      f"-> {replay.nodes}, {schedule.step_s:.0f}s per 5-min sample: "
                      f"{' '.join(map(str, schedule.levels))}")
+        timeline.add(f"nodes priced as {DEMO_INSTANCE_TYPE} spot (the offline price table)")
         for action in replayer.begin():
             timeline.add(f"replay: {action.reason}")
         replayer.on_action = actions.put  # from here on, _drive reports each action

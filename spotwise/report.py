@@ -75,6 +75,24 @@ class CheckpointMark:
     """The event's message."""
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """How the job ended (its final state event)."""
+
+    time_s: float
+    """Seconds since the job's first event."""
+    state: str
+    """The final state's name ("SUCCEEDED", "BUDGET_EXHAUSTED", ...)."""
+    reason: str
+    """The state event's message."""
+
+    @property
+    def cause(self) -> str:
+        """CAUSE_BUDGET for a job the budget stopped (the budget never starts a generation: it
+        caps growth and ends the job), else the state's name in lower case."""
+        return CAUSE_BUDGET if self.state == "BUDGET_EXHAUSTED" else self.state.lower()
+
+
 @dataclass
 class ReportData:
     """What each panel of the report shows; built by `extract` from the job's events."""
@@ -97,8 +115,13 @@ class ReportData:
     """Commits and failed saves, in event order."""
     cost: list[tuple[float, float, float]] = field(default_factory=list)
     """(seconds, spent USD, same node-seconds on demand USD), non-decreasing, after every event."""
+    commit_age: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds, seconds since the last commit) from the first commit on: the age panel's
+    sawtooth (a commit adds the age just before it, then the drop to its own age)."""
     budget_usd: float = 0.0
     """The job's budget (0: none)."""
+    end: JobEnd | None = None
+    """The job's end; None while it runs."""
     step: int = 0
     """The job's step now."""
     lost_steps: int = 0
@@ -179,6 +202,8 @@ def extract(events: Iterable[Any], *, job: Any = None, budget_usd: float = 0.0) 
                 generation=int(event.generation), time_s=t, world_size=world,
                 cause=classify(_reason_of(event.message), noticed), reason=event.message))
             noticed = set()
+        elif kind == "state" and figures is not None and is_terminal(figures.state):
+            data.end = JobEnd(time_s=t, state=state_name(figures.state), reason=event.message)
         elif kind == "progress" and figures is not None:
             data.progress.append((int(figures.step), float(figures.samples_per_second),
                                   float(figures.loss)))
@@ -195,6 +220,8 @@ def extract(events: Iterable[Any], *, job: Any = None, budget_usd: float = 0.0) 
                                                    message=event.message))
         if figures is not None:
             data.world.append((t, int(figures.world_size)))
+            _add_commit_age(data.commit_age, t, event.time - figures.last_checkpoint_at
+                            if figures.last_checkpoint_at > 0 else None)
             # Cost never goes down; an event of an older snapshot must not make it dip.
             spent = max(spent, float(figures.cost_usd))
             on_demand = max(on_demand, float(figures.on_demand_usd))
@@ -215,6 +242,21 @@ def extract(events: Iterable[Any], *, job: Any = None, budget_usd: float = 0.0) 
         data.step = max(data.step, int(job.step))
         data.lost_steps = max(data.lost_steps, int(job.lost_steps))
     return data
+
+
+def _add_commit_age(points: list[tuple[float, float]], t: float, age: float | None) -> None:
+    """Append the age of the last commit at `t` (None: no commit yet). Between events the age
+    grows with the clock, so a drop (a commit since the previous point) first gets the age it
+    had reached just before: the line climbs to the commit, then falls."""
+    if age is None:
+        return
+    age = max(0.0, age)
+    if points:
+        t0, age0 = points[-1]
+        reached = age0 + (t - t0)
+        if age < reached - 1e-6:
+            points.append((t, reached))
+    points.append((t, age))
 
 
 def _with_lost(g: GenerationStart, lost: int) -> GenerationStart:

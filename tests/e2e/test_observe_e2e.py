@@ -5,7 +5,8 @@ exported) and the tiny workload on the real runtime went through a rescale.
 The story, run once for the module: two nodes train; one is SIGKILLed (a loss without notice:
 generation 2 at world size 1, replaying from the last commit); a node joins (capacity back:
 generation 3 at world size 2); the job succeeds. The report is written once while the job still
-runs and once after it ended; the daemon's and the agents' metrics are scraped over HTTP.
+runs and once after it ended; the daemon's and the agents' metrics are scraped over HTTP; the
+workload logs to a local MLflow store (SQLite), with the job's figures from the real agents.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class Observed:
     running_report: ReportPaths
     final_report: ReportPaths
     final_job: object
+    mlflow_uri: str
+    """The workload's MLflow tracking store."""
+    loss_log: Path
+    """Rank 0's "step loss generation" lines, every generation's."""
+    mlflow_running: tuple[str, int, list[int]]
+    """The run while generation 3 trained: its status, committed step and logged loss steps."""
     scrapes: dict[str, str] = field(default_factory=dict)
     """{"daemon" or an agent's handle: the text of one /metrics scrape after the rescale}."""
 
@@ -65,12 +72,13 @@ def _scrape(url: str) -> str:
         return response.read().decode()
 
 
-def _spec(tmp: Path) -> Path:
+def _spec(tmp: Path, mlflow_uri: str) -> Path:
     spec = {
         "name": "observe",
         "entrypoint": ["python", "tests/workloads/tiny_train.py", "--steps", str(STEPS),
                        "--global-batch-size", "24", "--micro-batch-size", "2",
-                       "--dataset-size", "100", "--step-sleep", "0.15"],
+                       "--dataset-size", "100", "--step-sleep", "0.15",
+                       "--mlflow-uri", mlflow_uri, "--loss-log", str(tmp / "loss.txt")],
         "working_dir": str(REPO),
         "nodes": {"min": 1, "max": 2},
         "nproc_per_node": 1,
@@ -82,6 +90,17 @@ def _spec(tmp: Path) -> Path:
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def _mlflow_now(uri: str) -> tuple[str, int, list[int]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spotwise").experiment_id])
+    # The committed step first: what the history holds is then at least up to it.
+    committed = int(run.data.metrics.get("spotwise/committed_step", 0))
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    return run.info.status, committed, steps
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +122,19 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                              grace_s=5.0, env=env, cwd=str(REPO),
                              price_per_hour=PRICE_PER_HOUR)
     client: Client | None = None
+    mlflow_uri = f"sqlite:///{tmp / 'mlflow.db'}"
     try:
+        # The store's first migration (seconds), here while the daemon starts, not in rank 0.
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=mlflow_uri).search_experiments()
         address = until(lambda: (m := re.search(r"daemon serving on (\S+)",
                                                 daemon_log.read_text())) and m.group(1),
                         60, "the daemon to serve")
         client = Client(address, timeout=10)
         request = NodeRequest(job_id="", daemon_address=address, slots=1)
         provider.launch(request, 2)
-        job_id = client.submit(JobSpec.from_yaml(_spec(tmp)))
+        job_id = client.submit(JobSpec.from_yaml(_spec(tmp, mlflow_uri)))
 
         until(lambda: (j := client.get(job_id)).world_size == 2 and
               j.last_checkpoint_step >= 5 and j.step > j.last_checkpoint_step + 1, 180,
@@ -123,6 +147,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         until(lambda: (j := client.get(job_id)).generation >= 3 and j.world_size == 2 and
               state_name(j.state) == "RUNNING", 90, "world 2 again")
         running = write_report(client, job_id, tmp / "running")
+        mlflow_running = _mlflow_now(mlflow_uri)
 
         scrapes = {"daemon": _scrape(_metrics_url(daemon_log, "the daemon"))}
         for node in provider.list_nodes():
@@ -134,7 +159,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                       "the job to end")
         ended = write_report(client, job_id, tmp / "ended")
         yield Observed(job_id=job_id, address=address, running_report=running, final_report=ended,
-                       final_job=final, scrapes=scrapes)
+                       final_job=final, mlflow_uri=mlflow_uri, loss_log=tmp / "loss.txt",
+                       mlflow_running=mlflow_running, scrapes=scrapes)
     finally:
         if client is not None:
             client.close()
@@ -172,6 +198,10 @@ def test_report_of_a_run_through_a_rescale(observed: Observed) -> None:
     commits = sorted({c.step for c in ended.checkpoints if c.ok})
     assert commits[-1] == STEPS and len([s for s in commits if s % 5 == 0]) >= 3, commits
     assert not [c for c in ended.checkpoints if not c.ok]
+    # Age of the last commit: from the first commit on, never negative, back to ~0 at each
+    # commit (a commit every 5 steps of 0.15 s; the loss and the rescale let it grow more).
+    ages = [a for _, a in ended.commit_age]
+    assert ages and min(ages) >= 0 and sum(1 for a in ages if a < 1.0) >= 3, ages
     # Cost: it grew, with the budget from the spec.
     assert ended.budget_usd == 50.0
     spent = [c for _, c, _ in ended.cost]
@@ -230,3 +260,43 @@ def test_every_dashboard_query_returns_series_after_a_rescale(observed: Observed
     assert max(value("spotwise_agent_generation")) >= 3
     assert value("spotwise_preemptions_total", job=observed.job_id) == [1.0]
     assert value("spotwise_cost_usd_total", job=observed.job_id)[0] > 0
+
+
+def test_one_mlflow_run_through_the_rescale_with_the_agents_figures(observed: Observed) -> None:
+    """The tracker in the real agents' processes: one run, each step once with the value of the
+    committed history (the replayed steps included), the job's figures from the agents' facts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=observed.mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spotwise").experiment_id])
+    assert run.data.tags["spotwise.job_id"] == observed.job_id and run.info.status == "FINISHED"
+    # While generation 3 trained (after the loss and its replay): the same run, RUNNING, with
+    # the committed steps only, each once, from step 1.
+    status, committed, steps = observed.mlflow_running
+    assert status == "RUNNING" and committed >= 5, observed.mlflow_running
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= committed, steps
+    final: dict[int, float] = {}
+    ran: dict[int, int] = {}
+    for line in observed.loss_log.read_text().splitlines():
+        step, loss, _generation = line.split()
+        final[int(step)] = float(loss)
+        ran[int(step)] = ran.get(int(step), 0) + 1
+    assert max(ran.values()) >= 2  # the loss without notice replayed steps
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))  # once each, in order
+    assert [m.value for m in history] == pytest.approx([final[s] for s in range(1, STEPS + 1)],
+                                                       rel=1e-12)
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+    generations = [v for _, v in series("spotwise/generation")]
+    assert generations == sorted(generations) and generations[-1] >= 3
+    assert {1.0, 2.0} <= {v for _, v in series("spotwise/world_size")}
+    # Lost steps and cost came from the agents (the assignments of generations 2 and 3).
+    assert series("spotwise/lost_steps")[-1][1] > 0 and series("spotwise/cost_usd")[-1][1] > 0
+    assert int(run.data.tags["spotwise.lost_steps"]) > 0
+    assert run.data.tags["spotwise.last_event"].startswith("generation: ")
+    for key in ("spotwise/generation", "spotwise/world_size", "spotwise/committed_step"):
+        steps = [s for s, _ in series(key)]
+        assert steps == sorted(steps), key

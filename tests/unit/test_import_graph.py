@@ -12,7 +12,10 @@ PACKAGE_DIRS = {"spotwise.worker.agent": REPO / "worker" / "agent",
                 "spotwise.common": REPO / "spotwise" / "common"}
 FORBIDDEN = {
     "spotwise.worker.agent": ("spotwise.daemon",),
-    "spotwise.worker.runtime": ("spotwise.daemon", "spotwise.worker.agent"),
+    # The runtime never talks to the daemon: no daemon client, no gRPC (what it learns of the
+    # job comes from the agent, through files: events out, job facts in).
+    "spotwise.worker.runtime": ("spotwise.daemon", "spotwise.worker.agent", "spotwise.client",
+                                "grpc"),
     "spotwise.common": ("spotwise.daemon", "spotwise.worker"),
 }
 

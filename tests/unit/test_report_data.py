@@ -18,6 +18,8 @@ from spotwise.report import (
 )
 
 RUNNING, SUCCEEDED = jobs_pb2.JOB_STATE_RUNNING, jobs_pb2.JOB_STATE_SUCCEEDED
+COMMITTED_AT = {10: 3.0, 14: 5.0, 25: 12.0}
+"""When the story's commits landed (seconds), by step: every later event's last_checkpoint_at."""
 
 
 def ev(t: float, kind: str, message: str = "", *, generation: int = 1, world: int = 2,
@@ -28,7 +30,8 @@ def ev(t: float, kind: str, message: str = "", *, generation: int = 1, world: in
         job_id="job-1", time=1000.0 + t, kind=kind, generation=generation, message=message,
         job=jobs_pb2.Job(id="job-1", state=state, generation=generation, world_size=world,
                          step=step, loss=loss, samples_per_second=sps, cost_usd=cost,
-                         on_demand_usd=on_demand, lost_steps=lost, last_checkpoint_step=ckpt))
+                         on_demand_usd=on_demand, lost_steps=lost, last_checkpoint_step=ckpt,
+                         last_checkpoint_at=1000.0 + COMMITTED_AT[ckpt] if ckpt else 0.0))
 
 
 @pytest.mark.parametrize(("reason", "noticed", "cause"), [
@@ -106,16 +109,33 @@ def test_extract_builds_every_panel() -> None:
     assert spent == sorted(spent) and spent[-1] == pytest.approx(0.11)
     assert all(od >= c for _, c, od in data.cost)
     assert data.budget_usd == 0.5
+    # Age of the last commit: none before the first commit, then a sawtooth that climbs with
+    # the clock to each commit (through the failed save at 9 s) and drops to 0 there.
+    assert data.commit_age == [
+        (3, 0), (4, 1), (5, 2), (5, 0), (6, 1), (7, 2), (8, 3), (9, 4), (10, 5), (11, 6),
+        (12, 7), (12, 0), (13, 1), (14, 2), (15, 3)]
     # Lost steps panel: generation 3's restart lost 6, generation 4's 2 (9 counted at its
     # start, corrected to 8 in all by its restore).
     assert data.lost_steps_by_generation() == {1: 0, 2: 0, 3: 6, 4: 2}
     assert data.lost_steps == 8
+    assert data.end is not None and (data.end.time_s, data.end.state) == (15.0, "SUCCEEDED")
+
+
+def test_a_job_the_budget_stopped_ends_with_the_budget_as_its_cause() -> None:
+    events = story()[:-1] + [
+        ev(15, "state", "BUDGET_EXHAUSTED: spent $0.4900 + one tick (10 s) at $1.2/h = $0.5033 "
+           "would exceed the budget $0.5000: final checkpoint, then BUDGET_EXHAUSTED",
+           generation=4, world=1, step=30, ckpt=25, lost=8, cost=0.49, on_demand=1.4,
+           state=jobs_pb2.JOB_STATE_BUDGET_EXHAUSTED)]
+    data = extract(events, budget_usd=0.5)
+    assert data.ended and data.end is not None and data.end.cause == CAUSE_BUDGET
+    assert "would exceed the budget" in data.end.reason
 
 
 def test_a_running_job_says_so() -> None:
     events = story()[:9]
     data = extract(events)
-    assert not data.ended and data.state == "RUNNING"
+    assert not data.ended and data.state == "RUNNING" and data.end is None
     assert "still running" in data.title and "2 generation(s)" in data.title
 
 
@@ -143,3 +163,28 @@ def test_render_writes_png_and_html_with_the_same_image() -> None:
     page = render_html(data, png)
     assert base64.b64encode(png).decode() in page
     assert page.count("<tr><td>") == 4 and "loss without notice" in page
+    assert "<p>Ended SUCCEEDED at 15.0 s: SUCCEEDED: all 1 processes" in page
+
+
+def test_the_budget_line_and_every_generation_are_in_view() -> None:
+    from spotwise.report_figure import figure
+
+    data = extract(story(), budget_usd=0.5)
+    world_ax, age_ax, cost_ax, _steps_ax, lost_ax = figure(data).axes[:5]
+    assert cost_ax.get_ylim()[1] > 0.5  # the budget is above the spend: the axis reaches it
+    assert "budget" in [t.get_text() for t in cost_ax.get_legend().get_texts()]
+    assert [t.get_text() for t in lost_ax.get_xticklabels()] == [
+        "g1\nstart", "g2\nnotice", "g3\ncapacity back", "g4\nloss without notice"]
+    assert lost_ax.get_ylim()[0] == 0
+    labels = [t.get_text() for t in world_ax.texts]
+    assert labels == ["g1: start", "g2: notice", "g3: capacity back", "g4: loss without notice",
+                      "end: SUCCEEDED"]
+    assert age_ax.get_title().startswith("Age of the last commit")
+
+
+def test_a_replay_is_drawn_over_the_steps_it_repeats_not_as_a_line_back() -> None:
+    from spotwise.report_figure import _runs
+
+    xs, ys = _runs([5, 10, 15, 12, 20], [3.0, 2.0, 1.5, 1.6, 1.0])
+    assert xs[:3] == [5, 10, 15] and xs[3] != xs[3] and xs[4:] == [12, 20]
+    assert ys[3] != ys[3] and len(ys) == 6

@@ -13,7 +13,7 @@ from spotwise.worker.runtime.job_facts import (
     append_fact,
     fact_from_assignment,
 )
-from spotwise.worker.runtime.tracking import CommitGate
+from spotwise.worker.runtime.tracking import CommitGate, log_calls
 
 
 def steps(released: list[tuple[int, dict[str, float], float]]) -> list[int]:
@@ -61,6 +61,44 @@ def test_metrics_of_one_step_merge_and_a_late_key_of_the_committed_step_goes_at_
 def test_a_new_generation_never_treats_its_start_step_as_late() -> None:
     gate = CommitGate(logged_through=10)
     assert gate.record(10, {"loss": 1.0}) == []
+
+
+def test_what_a_failed_write_released_goes_with_the_next_commit() -> None:
+    gate = CommitGate()
+    for s in range(1, 5):
+        gate.record(s, {"loss": float(s)})
+    failed = gate.commit(2)
+    gate.requeue(failed)  # the tracking server was down
+    gate.record(5, {"loss": 5.0})
+    released = gate.commit(4)
+    assert steps(released) == [1, 2, 3, 4] and released[0][1] == {"loss": 1.0}
+    assert gate.held == 1
+    gate.requeue([])
+    assert steps(gate.commit(5)) == [5]
+
+
+def test_steps_committed_but_never_logged_are_named_and_given_up() -> None:
+    # The run was logged through step 5; the storage's newest commit is step 10 (its process
+    # died between the commit and its write): 6-10 never run again.
+    gate = CommitGate(logged_through=5)
+    assert gate.skip_to(10) == (6, 10) and gate.logged_through == 10
+    assert gate.record(8, {"loss": 1.0}) == [] and gate.held == 0
+    assert gate.skip_to(10) is None and CommitGate(logged_through=5).skip_to(3) is None
+
+
+def test_log_calls_keep_steps_whole_and_room_for_the_commit_at_the_end() -> None:
+    released = [(s, {"loss": 1.0, "lr": 0.1, "grad": 2.0}, 0.0) for s in range(1, 6)]
+    calls = log_calls(released, reserve=2, limit=7)
+    assert [([p[0] for p in points], done) for points, done in calls] == [
+        ([1, 1, 1, 2, 2, 2], 2), ([3, 3, 3, 4, 4, 4], 4), ([5, 5, 5], 5)]
+    # No room for 4 more after step 5's 3 points in a call of 6: the reserve gets its own.
+    calls = log_calls(released, reserve=4, limit=6)
+    assert [done for _, done in calls] == [2, 4, 5, 5] and calls[-1][0] == []
+    # One step with more metrics than a call takes goes in pieces; nothing is complete before.
+    big = [(1, {f"m{i}": float(i) for i in range(5)}, 0.0)]
+    assert [(len(points), done) for points, done in log_calls(big, limit=2)] == [
+        (2, 0), (2, 0), (1, 1)]
+    assert log_calls([]) == [([], 0)]
 
 
 def test_out_of_order_and_bounds() -> None:

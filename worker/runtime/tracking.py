@@ -31,8 +31,10 @@ a new run, or a clash, at every generation. Here:
     tracker.finish()
 
 Needs the `mlflow` extra (`pip install 'spotwise[mlflow]'`). A tracking server that fails is
-retried a few times with backoff at each commit and then skipped with a warning: training does
-not stop for the tracker. MLflow's own HTTP client bounds each call (MLFLOW_HTTP_REQUEST_TIMEOUT,
+retried a few times with backoff at each commit and then left until the next commit, which sends
+what it could not (training does not stop for the tracker). Steps committed by a process that
+then died before its write reached the server are named in the run's tag
+`spotwise.unlogged_steps`: no generation runs them again. MLflow's own HTTP client bounds each call (MLFLOW_HTTP_REQUEST_TIMEOUT,
 MLFLOW_HTTP_REQUEST_MAX_RETRIES).
 """
 
@@ -57,8 +59,10 @@ COMMITTED_METRIC = "spotwise/committed_step"
 """Logged at every flush: the newest step whose metrics are in the run."""
 FACTS_TAG = "spotwise.facts_through"
 """Unix time of the newest job fact in the run (facts up to it are not logged again)."""
+UNLOGGED_TAG = "spotwise.unlogged_steps"
+"""Committed steps whose metrics never reached the run ("6-10, 31-35"): see CommitGate.skip_to."""
 LOG_ATTEMPTS = 3
-"""Tries of one flush against the tracking server before it is skipped."""
+"""Tries of one flush against the tracking server before it waits for the next commit."""
 BATCH_LIMIT = 1000
 """MLflow's limit on metrics per log_batch call."""
 
@@ -126,6 +130,33 @@ class CommitGate:
                 self._edge_keys |= set(values)
         return released
 
+    def requeue(self, released: list[tuple[int, dict[str, float], float]]) -> None:
+        """Hold again what `commit` released and could not be logged (the tracking server
+        failed): the next commit releases it first, so a failed write leaves no hole."""
+        if not released:
+            return
+        held = OrderedDict((s, (dict(values), at)) for s, values, at in released)
+        for s, (values, at) in self._held.items():
+            if s in held:  # a late key recorded meanwhile
+                held[s][0].update(values)
+            else:
+                held[s] = (values, at)
+        self._held = held
+        while len(self._held) > self.max_steps:
+            self._held.popitem(last=False)
+            self.dropped += 1
+
+    def skip_to(self, step: int) -> tuple[int, int] | None:
+        """A generation starts from the committed `step`. Steps after `logged_through` up to
+        it were committed by a process that stopped before logging them (killed between its
+        commit and its write, or its writes failed): no generation runs them again. Returns
+        (first, last) of those steps, now given up, or None."""
+        if step <= self.logged_through:
+            return None
+        missing = (self.logged_through + 1, step)
+        self.logged_through = step
+        return missing
+
 
 class MLflowTracker:
     """The job's MLflow run, written by rank 0 only (see the module docstring).
@@ -158,13 +189,21 @@ class MLflowTracker:
         self._facts_through = float(run.data.tags.get(FACTS_TAG, 0.0))
         if params and not run.data.params:
             self._client.log_batch(self.run_id, params=_params(params))
+        tags = {"spotwise.generation": str(runtime.generation),
+                "spotwise.world_size": str(runtime.world_size)}
+        missing = self.gate.skip_to(runtime.global_step)
+        if missing is not None:
+            # Said in the run, not only in a log: a person reading the curves sees the hole.
+            log.warning("job %s: steps %d-%d were committed but their metrics never reached "
+                        "MLflow run %s; they are not run again", runtime.run_id, *missing,
+                        self.run_id)
+            before = run.data.tags.get(UNLOGGED_TAG, "")
+            tags[UNLOGGED_TAG] = (f"{before}, " if before else "") + f"{missing[0]}-{missing[1]}"
         # What this generation is, at the step it starts from (never before a logged step,
         # so every series stays in step order).
         at = max(runtime.global_step, self.gate.logged_through)
         self._write([], step=at, extra={"spotwise/generation": runtime.generation,
-                                        "spotwise/world_size": runtime.world_size},
-                    tags={"spotwise.generation": str(runtime.generation),
-                          "spotwise.world_size": str(runtime.world_size)})
+                                        "spotwise/world_size": runtime.world_size}, tags=tags)
         runtime.add_step_listener(self._on_step)
         if runtime.checkpointer is not None:
             runtime.add_commit_listener(self._on_commit)
@@ -208,7 +247,7 @@ class MLflowTracker:
         step = self.runtime.global_step if step is None else step
         late = self.gate.record(step, metrics, at=time.time())
         if late:
-            self._write(late, step=step, extra={}, tags={})
+            self.gate.requeue(self._write(late, step=step, extra={}, tags={})[1])
         if self.runtime.checkpointer is None:
             self._on_commit(step)
 
@@ -230,38 +269,70 @@ class MLflowTracker:
             log.warning("job %s: %d steps' metrics dropped without a commit", self.runtime.run_id,
                         self.gate.dropped)
             self.gate.dropped = 0
-        if self._write(released, step=step, extra=extra, tags=tags) and facts:
+        ok, unsent = self._write(released, step=step, extra=extra, tags=tags)
+        self.gate.requeue(unsent)  # sent with the next commit's
+        if ok and facts:
             self._facts_through = facts[-1].time
 
     def _write(self, released: list[tuple[int, dict[str, float], float]], *, step: int,
-               extra: Mapping[str, float], tags: Mapping[str, str]) -> bool:
+               extra: Mapping[str, float], tags: Mapping[str, str]
+               ) -> tuple[bool, list[tuple[int, dict[str, float], float]]]:
+        """Log `released` (whole steps per call, oldest first), then `extra` and `tags` with
+        the last call, so the committed step and the facts land only after every step before
+        them. Returns (all logged, the steps not logged when the server failed)."""
         from mlflow.entities import Metric, RunTag
 
         now_ms = int(time.time() * 1000)
-        metrics = [Metric(k, v, int(at * 1000), s) for s, values, at in released
-                   for k, v in values.items()]
-        metrics += [Metric(k, float(v), now_ms, step) for k, v in extra.items()]
-        run_tags = [RunTag(k, v) for k, v in tags.items()]
-        chunks = [metrics[i:i + BATCH_LIMIT] for i in range(0, len(metrics), BATCH_LIMIT)] or [[]]
-        for i, chunk in enumerate(chunks):
+        calls = [([Metric(k, v, int(at * 1000), s) for s, k, v, at in points], upto)
+                 for points, upto in log_calls(released, reserve=len(extra) + len(tags))]
+        calls[-1][0].extend(Metric(k, float(v), now_ms, step) for k, v in extra.items())
+        done = 0
+        for i, (batch, upto) in enumerate(calls):
+            run_tags = [RunTag(k, v) for k, v in tags.items()] if i == len(calls) - 1 else []
             for attempt in range(1, LOG_ATTEMPTS + 1):
                 try:
-                    self._client.log_batch(self.run_id, metrics=chunk,
-                                           tags=run_tags if i == 0 else [])
+                    self._client.log_batch(self.run_id, metrics=batch, tags=run_tags)
                     break
                 except Exception as exc:  # noqa: BLE001 - the tracker must not stop training
                     if attempt == LOG_ATTEMPTS:
                         log.warning("job %s: MLflow log of steps up to %d failed %d times, "
-                                    "skipped: %s", self.runtime.run_id, step, attempt, exc)
-                        return False
+                                    "kept for the next commit: %s", self.runtime.run_id, step,
+                                    attempt, exc)
+                        # A step split over calls (over BATCH_LIMIT metrics) goes again whole.
+                        return False, released[done:]
                     time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
-        return True
+            done = upto
+        return True, []
 
     def finish(self) -> None:
         """Mark the run FINISHED: call once the job's last step is committed (after
         Runtime.finish); a generation that is only stopped leaves the run RUNNING."""
         if self.active:
             self._client.set_terminated(self.run_id, "FINISHED")
+
+
+def log_calls(released: list[tuple[int, dict[str, float], float]], *, reserve: int = 0,
+              limit: int = BATCH_LIMIT) -> list[tuple[list[tuple[int, str, float, float]], int]]:
+    """Split released steps' metrics into log_batch calls of at most `limit` entries (whole
+    steps per call, unless one step alone has more), the last with room for `reserve` more
+    (the committed step, facts and tags). Each call: its (step, key, value, at) points and how
+    many entries of `released` are complete once it is logged. At least one call."""
+    calls: list[tuple[list[tuple[int, str, float, float]], int]] = []
+    points: list[tuple[int, str, float, float]] = []
+    for n, (s, values, at) in enumerate(released, start=1):
+        if points and len(points) + len(values) > limit:
+            calls.append((points, n - 1))
+            points = []
+        for k, v in values.items():
+            if len(points) == limit:
+                calls.append((points, n - 1))
+                points = []
+            points.append((s, k, v, at))
+    if points and len(points) + reserve > limit:
+        calls.append((points, len(released)))
+        points = []
+    calls.append((points, len(released)))
+    return calls
 
 
 def _fact_metrics(fact: JobFact) -> dict[str, float]:
