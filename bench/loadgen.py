@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import time
 from array import array
 from collections import Counter
@@ -152,6 +153,18 @@ class _Generator:
         await asyncio.gather(*(a.close() for a in self.agents), return_exceptions=True)
 
 
+def _reply(conn: multiprocessing.connection.Connection, message: tuple[str, Any]) -> None:
+    """Send one reply whole. The event loop's reader made the pipe non-blocking, and a reply
+    larger than the pipe's buffer (4,000 agents' assignments) would fail half-sent with EAGAIN:
+    the write blocks until the harness, which waits for this reply, has read it."""
+    fd = conn.fileno()
+    os.set_blocking(fd, True)
+    try:
+        conn.send(message)
+    finally:
+        os.set_blocking(fd, False)
+
+
 async def _serve(conn: multiprocessing.connection.Connection, gen: _Generator) -> None:
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
@@ -164,7 +177,7 @@ async def _serve(conn: multiprocessing.connection.Connection, gen: _Generator) -
             commands.put_nowait(None)
 
     loop.add_reader(conn.fileno(), readable)
-    conn.send(("ready", None))
+    _reply(conn, ("ready", None))
     while True:
         command = await commands.get()
         if command is None or command[0] == "stop":
@@ -177,9 +190,9 @@ async def _serve(conn: multiprocessing.connection.Connection, gen: _Generator) -
             else:
                 reply = getattr(gen, name)(*args)
         except Exception as exc:  # a bug in a command must reach the harness, not hang it
-            conn.send(("error", f"{name}: {exc!r}"))
+            _reply(conn, ("error", f"{name}: {exc!r}"))
             continue
-        conn.send(("ok", reply))
+        _reply(conn, ("ok", reply))
 
 
 def generator_main(conn: multiprocessing.connection.Connection, settings: AgentSettings,
