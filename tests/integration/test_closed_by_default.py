@@ -19,6 +19,7 @@ from spotwise.daemon.server import DaemonThread
 from spotwise.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from spotwise.worker.agent.node import Agent
 from tests.integration.test_auth_grpc import make_ca, make_leaf
+from tests.support.grpcserve import code_of, job_service
 
 
 def _config(tmp_path: Path, **kw) -> DaemonConfig:
@@ -124,24 +125,13 @@ def test_a_flood_of_bad_tokens_logs_a_bounded_number_of_lines(caplog):
             return jobs_pb2.ListJobsResponse()
 
     async def run() -> list[grpc.StatusCode]:
-        server = aio.server(interceptors=[interceptor])
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(Jobs(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        codes = []
-        try:
-            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = jobs_pb2_grpc.JobServiceStub(channel)
-                for i in range(200):
-                    try:
-                        await stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10,
-                                            metadata=(("authorization", f"Bearer swt_guess{i}"),))
-                        codes.append(grpc.StatusCode.OK)
-                    except grpc.aio.AioRpcError as err:
-                        codes.append(err.code())
-        finally:
-            await server.stop(grace=None)
-        return codes
+        def add(server: aio.Server) -> None:
+            jobs_pb2_grpc.add_JobServiceServicer_to_server(Jobs(), server)
+
+        async with job_service(add, interceptors=[interceptor]) as stub:
+            return [await code_of(stub.ListJobs(
+                jobs_pb2.ListJobsRequest(), timeout=10,
+                metadata=(("authorization", f"Bearer swt_guess{i}"),))) for i in range(200)]
 
     codes = asyncio.run(run())
     assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc import aio
 
 from spotwise.config import DaemonConfig
 from spotwise.daemon import servicers
@@ -23,6 +22,7 @@ from spotwise.daemon.server import DaemonThread
 from spotwise.daemon.store import Store
 from spotwise.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import JobSpec
+from tests.support.grpcserve import code_of, job_service
 from tests.support.wait import until
 
 RPC_TIMEOUT_S = 10.0
@@ -210,26 +210,12 @@ def test_a_call_refused_for_the_cap_on_calls_changes_nothing(tmp_path: Path) -> 
     coordinator.commit()
 
     async def run() -> list[grpc.StatusCode]:
-        server = aio.server()
-        servicers.add_job_service(servicers.JobServicer(coordinator, max_calls=0), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        codes = []
-        try:
-            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = jobs_pb2_grpc.JobServiceStub(channel)
-                for call in (stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.row.id),
-                                            timeout=RPC_TIMEOUT_S),
-                             stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec),
-                                            timeout=RPC_TIMEOUT_S)):
-                    try:
-                        await call
-                        codes.append(grpc.StatusCode.OK)
-                    except aio.AioRpcError as err:
-                        codes.append(err.code())
-        finally:
-            await server.stop(grace=None)
-        return codes
+        servicer = servicers.JobServicer(coordinator, max_calls=0)
+        async with job_service(lambda server: servicers.add_job_service(servicer, server)) as stub:
+            return [await code_of(stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.row.id),
+                                                 timeout=RPC_TIMEOUT_S)),
+                    await code_of(stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec),
+                                                 timeout=RPC_TIMEOUT_S))]
 
     assert asyncio.run(run()) == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
     assert job.state.value == "PENDING" and list(coordinator.jobs) == [job.row.id]
