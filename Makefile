@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 PYTHON  ?= python3
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup setup-lab demo test test-fast bench proto lint clean
+.PHONY: setup setup-lab setup-os demo test test-fast bench proto lint clean
 
 setup: $(STAMP)
 
@@ -28,10 +28,19 @@ setup-lab:
 	@for t in $(LAB_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then apt-get update && apt-get install -y iptables iproute2; fi
 
-# As root (CI) the lab's tools are installed first, so the lab's tests run (they fail, not
-# skip, when root lacks them); as another user they skip with the reason.
+# Prometheus, for the dashboard's end-to-end test (tests/e2e/test_observe_e2e.py: a real one
+# scrapes a real daemon and agents and answers every panel's query). Root only; skipped when
+# it is installed already.
+setup-os:
+	@if [ "$$(id -u)" != 0 ]; then echo "setup-os: needs root"; exit 1; fi
+	@command -v prometheus >/dev/null || { apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
+# As root (CI) the lab's tools and Prometheus are installed first, so the lab's tests and the
+# dashboard's run (they fail, not skip, when root lacks them); as another user they skip with
+# the reason.
 test: setup
-	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory setup-lab; fi
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory setup-lab setup-os; fi
 	$(PY) -m pytest -q --durations=15
 
 # The same suite without the slow end-to-end tests.

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -56,6 +57,9 @@ class Observed:
     """The run while generation 3 trained: its status, committed step and logged loss steps."""
     scrapes: dict[str, str] = field(default_factory=dict)
     """{"daemon" or an agent's handle: the text of one /metrics scrape after the rescale}."""
+    dashboard: dict[str, list] | None = None
+    """{panel title/refId: the series a real Prometheus answered for its query, while the job
+    ran after the rescale}; None where this machine has no Prometheus."""
 
 
 def _metrics_url(log: Path, what: str) -> str:
@@ -70,6 +74,30 @@ def _scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
         return response.read().decode()
+
+
+def _dashboard_in_prometheus(urls: dict[str, str], workdir: Path) -> dict[str, list] | None:
+    """Every dashboard query answered by a real Prometheus scraping the daemon and the agents
+    (the shipped scrape config), once it has scraped each a few times; None without one."""
+    import json
+
+    from tests.support import prometheus
+    from tests.support.promql import GRAFANA_VARIABLES, dashboard_targets
+
+    if not prometheus.available():
+        return None
+    def target(url: str) -> str:
+        return urllib.parse.urlsplit(url).netloc
+
+    agents = [target(u) for name, u in urls.items() if name != "daemon"]
+    with prometheus.scraping(target(urls["daemon"]), agents, workdir) as prom:
+        until(lambda: prom.scraped(len(urls), samples=4), 60, "Prometheus scraping every target")
+        answers = {}
+        for title, ref, expr in dashboard_targets(json.loads(DASHBOARD.read_text())):
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            answers[f"{title}/{ref}"] = prom.query(expr)
+        return answers
 
 
 def _spec(tmp: Path, mlflow_uri: str) -> Path:
@@ -149,10 +177,12 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         running = write_report(client, job_id, tmp / "running")
         mlflow_running = _mlflow_now(mlflow_uri)
 
-        scrapes = {"daemon": _scrape(_metrics_url(daemon_log, "the daemon"))}
+        urls = {"daemon": _metrics_url(daemon_log, "the daemon")}
         for node in provider.list_nodes():
             agent_log = log_dir / "agents" / f"{node.handle}.log"
-            scrapes[node.handle] = _scrape(_metrics_url(agent_log, f"agent {node.handle}"))
+            urls[node.handle] = _metrics_url(agent_log, f"agent {node.handle}")
+        scrapes = {name: _scrape(url) for name, url in urls.items()}
+        answers = _dashboard_in_prometheus(urls, tmp / "prometheus")
 
         final = until(lambda: (j := client.get(job_id)) and
                       state_name(j.state) in ("SUCCEEDED", "FAILED", "CANCELLED") and j, 240,
@@ -160,7 +190,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         ended = write_report(client, job_id, tmp / "ended")
         yield Observed(job_id=job_id, address=address, running_report=running, final_report=ended,
                        final_job=final, mlflow_uri=mlflow_uri, loss_log=tmp / "loss.txt",
-                       mlflow_running=mlflow_running, scrapes=scrapes)
+                       mlflow_running=mlflow_running, scrapes=scrapes, dashboard=answers)
     finally:
         if client is not None:
             client.close()
@@ -238,18 +268,19 @@ def test_report_of_an_unknown_job_is_one_line(observed: Observed, tmp_path: Path
 
 DASHBOARD = REPO / "deploy" / "grafana" / "spotwise-dashboard.json"
 def test_every_dashboard_query_returns_series_after_a_rescale(observed: Observed) -> None:
-    import json
+    """A real Prometheus, with the shipped scrape config, scraped the daemon and both agents
+    while the job ran after its rescale: every panel's query answers at least one series."""
+    from tests.support.promql import samples_of
 
-    from tests.support.promql import dashboard_targets, metric_names, problems, samples_of
-
+    if observed.dashboard is None:
+        if os.geteuid() == 0:
+            pytest.fail("no prometheus binary: `make setup-os` installs it (CI runs as root)")
+        pytest.skip("no prometheus binary; `make setup-os` (as root) installs it")
+    empty = [panel for panel, series in observed.dashboard.items() if not series]
+    assert observed.dashboard and not empty, f"no series for {empty}"
+    jobs = {s["metric"].get("job") for series in observed.dashboard.values() for s in series}
+    assert observed.job_id in jobs, sorted(j for j in jobs if j)  # this run's job, per job
     samples = samples_of(observed.scrapes.values())
-    exported = {s.name for s in samples}
-    failures = []
-    for title, ref, expr in dashboard_targets(json.loads(DASHBOARD.read_text())):
-        assert metric_names(expr) & exported, f"{title}/{ref}: no series of {expr}"
-        if found := problems(expr, samples):
-            failures.append(f"{title}/{ref}: {expr}: {'; '.join(found)}")
-    assert not failures, "\n".join(failures)
     # The values are this run's: the job at world 2 after the rescale, an agent in generation
     # 3 or later, the lost node counted.
     def value(name: str, **labels: str) -> list[float]:
