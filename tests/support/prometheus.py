@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,14 @@ from tests.support.wait import until
 
 BINARY = "prometheus"
 SCRAPE_INTERVAL_S = 1.0
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 def available() -> bool:
@@ -73,6 +82,9 @@ def scraping(daemon: str, agents: Sequence[str], workdir: Path) -> Iterator[Prom
         port = until(lambda: (m := re.search(r'msg="Listening on" address=127\.0\.0\.1:(\d+)',
                                              log.read_text())) and m.group(1),
                      30, "Prometheus to listen")
-        yield Prometheus(f"http://127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{port}"
+        # It listens before its storage is open, and answers 503 until then.
+        until(lambda: _ready(url), 60, "Prometheus to be ready")
+        yield Prometheus(url)
     finally:
         stop_process_group(proc)
