@@ -43,8 +43,11 @@ class Prometheus:
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query's result (the series it returns); raises on a PromQL error."""
         q = urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=10) as response:
-            body = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=10) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as err:  # a bad query: 400 with the reason in the body
+            body = json.loads(err.read() or b"{}")
         if body.get("status") != "success":
             raise AssertionError(f"{expr}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]["result"]
