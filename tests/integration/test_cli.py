@@ -652,10 +652,14 @@ def test_tls_and_tokens_from_the_environment(tmp_path: Path, cli_env: dict[str, 
 
 def test_ctrl_c_stops_following_not_the_job(denv: dict[str, str]) -> None:
     job_id = _submit(denv)
+    # As a terminal starts it: Ctrl-C's signal handled by default. A test run started in the
+    # background of a non-interactive shell (`make test &`) ignores SIGINT, and a child would
+    # inherit that and never see the Ctrl-C.
     watch = subprocess.Popen(
         [sys.executable, "-m", "spotwise.cli", "watch", job_id, "--plain"],
         env=denv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert watch.stdout is not None
