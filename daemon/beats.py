@@ -86,8 +86,6 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        if self.node_id and self.server.connections.get(self.node_id) is self:
-            del self.server.connections[self.node_id]
         if self.node_id:
             self.server.coordinator.agents.unbind(self.node_id, self)
 
@@ -146,7 +144,6 @@ class _Connection(asyncio.Protocol):
             self._deadline = None
         self.node_id = req.node_id
         coordinator.agents.bind(req.node_id, self)  # retires its older connection, if any
-        self.server.connections[req.node_id] = self
         self._answer(req)
 
     def _beat(self, payload: bytes) -> None:
@@ -192,10 +189,16 @@ class BeatServer:
         self.coordinator = coordinator
         self.tokens = tokens
         self.clock = clock
-        self.connections: dict[str, _Connection] = {}
         self.refusals = LogBudget(log, what="refused beat connections", lines=REFUSAL_LOG_LINES)
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
+
+    @property
+    def connections(self) -> dict[str, _Connection]:
+        """Node id -> its connection on this channel: the nodes of the agent protocol's one
+        heartbeat connection per node (`AgentProtocol.beating`) that beat here."""
+        return {node_id: conn for node_id, conn in self.coordinator.agents.beating.items()
+                if isinstance(conn, _Connection)}
 
     def check_token(self, payload: bytes) -> str:
         """Why a HELLO's token may not beat ("": it may)."""
@@ -214,10 +217,10 @@ class BeatServer:
         """Send the new assignments of these nodes now, to those on the channel (seq 0: no
         beat asked), rather than at their next beat: a generation starts half a heartbeat
         interval sooner."""
-        answer = self.coordinator.assignments.answer
+        answer, beating = self.coordinator.assignments.answer, self.coordinator.agents.beating
         for node_id in node_ids:
-            conn = self.connections.get(node_id)
-            if conn is not None:
+            conn = beating.get(node_id)
+            if isinstance(conn, _Connection):
                 conn._send(answer(node_id, -1))
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:

@@ -11,8 +11,8 @@ and cancels its own jobs, an admin token all. `env` values are redacted in every
 Bounds: at most `max_watchers_per_principal` WatchJob streams per principal, at most
 `max_calls` Submit and Cancel calls waiting for their write at once (the other unary calls
 answer from memory without waiting), one heartbeat connection per node on either transport
-(a new one replaces the old), each live event is serialized once for all its watchers, and a ListJobs page stays
-under `MAX_PAGE_BYTES`.
+(a new one replaces the old), each live event is serialized once for all its watchers, and a
+ListJobs page stays under `MAX_PAGE_BYTES`.
 """
 
 from __future__ import annotations

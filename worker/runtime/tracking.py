@@ -34,8 +34,8 @@ Needs the `mlflow` extra (`pip install 'spotwise[mlflow]'`). A tracking server t
 retried a few times with backoff at each commit and then left until the next commit, which sends
 what it could not (training does not stop for the tracker). Steps committed by a process that
 then died before its write reached the server are named in the run's tag
-`spotwise.unlogged_steps`: no generation runs them again. MLflow's own HTTP client bounds each call (MLFLOW_HTTP_REQUEST_TIMEOUT,
-MLFLOW_HTTP_REQUEST_MAX_RETRIES).
+`spotwise.unlogged_steps`: no generation runs them again. MLflow's own HTTP client bounds each
+call (MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES).
 """
 
 from __future__ import annotations
