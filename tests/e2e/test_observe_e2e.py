@@ -82,7 +82,7 @@ def _dashboard_in_prometheus(urls: dict[str, str], workdir: Path) -> dict[str, l
     import json
 
     from tests.support import prometheus
-    from tests.support.promql import GRAFANA_VARIABLES, dashboard_targets
+    from tests.support.promql import dashboard_targets, substitute
 
     if not prometheus.available():
         return None
@@ -94,9 +94,7 @@ def _dashboard_in_prometheus(urls: dict[str, str], workdir: Path) -> dict[str, l
         until(lambda: prom.scraped(len(urls), samples=4), 60, "Prometheus scraping every target")
         answers = {}
         for title, ref, expr in dashboard_targets(json.loads(DASHBOARD.read_text())):
-            for variable, value in GRAFANA_VARIABLES.items():
-                expr = expr.replace(variable, value)
-            answers[f"{title}/{ref}"] = prom.query(expr)
+            answers[f"{title}/{ref}"] = prom.query(substitute(expr))
         return answers
 
 

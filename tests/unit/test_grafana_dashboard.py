@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from spotwise.daemon.metrics import Metrics
 from spotwise.worker.agent.metrics import AgentMetrics
-from tests.support.promql import dashboard_targets, metric_names, problems, samples_of
+from tests.support.promql import dashboard_targets, metric_names
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "spotwise-dashboard.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
@@ -64,15 +64,3 @@ def test_every_query_reads_metrics_that_exist() -> None:
         names = metric_names(expr)
         assert names, (title, ref, expr)
         assert names <= known, (title, ref, sorted(names - known))
-
-
-def test_the_checker_finds_a_missing_series_and_a_bad_grouping() -> None:
-    text = ('# TYPE spotwise_job_world_size gauge\nspotwise_job_world_size{job="a"} 2\n'
-            '# TYPE spotwise_cost_usd_total counter\nspotwise_cost_usd_total{job="a"} 1\n')
-    samples = samples_of([text])
-    assert problems('spotwise_job_world_size{job=~"$job"}', samples) == []
-    assert problems('sum by (job) (rate(spotwise_cost_usd_total[$__rate_interval]))', samples) == []
-    assert problems('spotwise_job_world_size{job="b"}', samples)
-    assert problems("sum by (state) (spotwise_job_world_size)", samples)
-    assert problems("rate(spotwise_job_world_size[5m])", samples)
-    assert problems("spotwise_job_generation", samples)
