@@ -56,8 +56,11 @@ def test_a_budget_below_the_jobs_cost_stops_it_in_time_with_a_final_checkpoint(t
     # The machine is charged from its launch: its boot (agent start, imports) takes a good
     # part of the budget on a loaded machine.
     budget = round(rate_per_s * (TEARDOWN_S + 30.0), 8)  # about 40 seconds of one node
+    # The lease is long: no node is meant to be lost here, and on a loaded CI machine (the
+    # whole suite on 2 cores) a 5 s lease once expired before the final checkpoint was reported;
+    # the lost node's checkpoint report was then fenced, as it must be.
     config = DaemonConfig(listen="127.0.0.1:0", agent_prices=True, state_dir=tmp_path / "state", heartbeat_interval_s=0.2,
-                          lease_s=5.0, settle_s=0.2, accounting_interval_s=TICK_S,
+                          lease_s=20.0, settle_s=0.2, accounting_interval_s=TICK_S,
                           fleet_interval_s=0.5, restart_grace_s=5.0,
                           budget_teardown_s=TEARDOWN_S)
     assert config.pricing_offline
