@@ -261,6 +261,8 @@ class AgentProtocol:
                     "node=%s job=%s generation=%d: refused %s: %s", node_id,
                     req.job_id or "-", req.generation, kind, verdict.reason)
             return agent_pb2.ReportEventResponse(accepted=False, reason=verdict.reason)
+        if job is not None and kind != "interruption_notice" and req.generation == job.row.generation:
+            job.starting = False  # its processes ran far enough to speak: maybe to step
         if verdict.route is Route.COMMIT:
             assert job is not None
             self._checkpoint(job, req, now)

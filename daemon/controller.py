@@ -269,6 +269,12 @@ def _plan_job(
         if timeout <= 0:
             return _start(job, members, JobState.RESCALING, count_failure=False,
                           reason=f"{grow}: {joined}")
+        if job.starting and asked is None:
+            # Its processes are still starting (nothing restored, no step): a checkpoint would
+            # wait for them to start, restore and step once, only to restart them.
+            return _start(job, members, JobState.RESCALING, count_failure=False,
+                          reason=f"{grow} at once, generation {job.generation} had not started "
+                          f"training: {joined}")
         # A rescale restarts from the last commit: checkpoint first so that growing loses
         # (almost) nothing, but do not wait forever for a program that never commits.
         if asked is None:

@@ -112,7 +112,7 @@ class Executor:
             f"{old_state} -> {d.state}"
         )
         self._end_generation(job, now)
-        job.step_before, job.restored_seen = job.row.step, False
+        job.step_before, job.restored_seen, job.starting = job.row.step, False, True
         job.lost_this_generation = max(0, job.row.step - max(d.restore_step, 0))
         job.row.lost_steps += job.lost_this_generation
         job.row.step = max(d.restore_step, 0)

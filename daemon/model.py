@@ -111,6 +111,9 @@ class JobView:
     """When the controller asked the members to checkpoint before growing (None: not asked)."""
     budget_max_nodes: int | None = None
     """Most nodes the budget lets the job grow to (None: no cap); it never shrinks a job."""
+    starting: bool = False
+    """The current generation's processes have not reported anything yet (no restore, no
+    step): restarting it loses nothing."""
 
     @property
     def world_size(self) -> int:

@@ -50,6 +50,10 @@ class JobRecord:
     when it starts, from where it really restored once it says (its Restored report)."""
     restored_seen: bool = False
     """Whether the current generation's processes said where they restored."""
+    starting: bool = False
+    """The current generation was started in this daemon's life and none of its processes has
+    said anything yet (restored, progress, a commit): it has taken no step. False after a
+    restart, when the daemon cannot know."""
     generation_reason: str = ""
     # Soft state of the current generation, rebuilt from heartbeats after a restart.
     exit_codes: dict[int, int] = field(default_factory=dict)
@@ -116,6 +120,7 @@ class JobRecord:
             failed_at=self.failed_at,
             checkpoint_requested_at=self.checkpoint_requested_at,
             budget_max_nodes=self.budget_cap,
+            starting=self.starting,
         )
 
 

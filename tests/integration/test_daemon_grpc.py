@@ -337,6 +337,8 @@ def test_a_heartbeat_of_an_old_generation_gets_the_current_assignment(channel: g
     a.start()
     try:
         wait_for("generation 1", lambda: a.assignment.generation == 1)
+        # Generation 1 trains (a generation still starting would grow at once).
+        assert a.report(progress=agent_pb2.Progress(step=3, loss=1.0)).accepted
         b = Agent(channel, "10.0.0.2", 5002)
         b.register()
         b.start()

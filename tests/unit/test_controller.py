@@ -313,6 +313,19 @@ def test_growth_goes_ahead_without_a_checkpoint_after_the_timeout_or_at_once_if_
     assert only(plan(T, cluster([j], nodes), eager), StartGeneration).members == ("a", "x", "y")
 
 
+def test_a_generation_still_starting_grows_at_once_without_a_checkpoint() -> None:
+    # Its processes have said nothing yet (no restore, no step): nothing to lose, and a
+    # checkpoint would only wait for them to start and step once before restarting them.
+    j, nodes = _growable(starting=True)
+    start = only(plan(T, cluster([j], nodes), POLICY), StartGeneration)
+    assert start.members == ("a", "x", "y") and start.restore_step == 7
+    assert "at once, generation 2 had not started training" in start.reason
+    # Once it has spoken, growth asks for a checkpoint first; a request made stays in force.
+    assert only(plan(T, cluster([replace(j, starting=False)], nodes), POLICY), RequestCheckpoint).on
+    asked = replace(j, checkpoint_requested_at=T)
+    assert not plan(T, cluster([asked], nodes), POLICY)
+
+
 def test_a_checkpoint_request_is_withdrawn_when_the_free_nodes_are_gone() -> None:
     j, nodes = _growable(checkpoint_requested_at=T)
     gone = [nodes[0]]
