@@ -16,6 +16,10 @@ lab's tools (`make setup-lab`). A failing seed reproduces:
 
     python bench/chaos.py --seed 7            # 60 faults, several minutes
     python bench/chaos.py --seed 7 --faults 9 --steps 150
+    python bench/chaos.py --seed 11 --faults 9 --steps 100 --workers 3 --gap-s 1 3  # make test's
+
+Each fault is held 2-6 s and followed by a quiet gap of 2-6 s (`--gap-s`); the JSON records the
+gap range and the whole schedule.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from spotwise.client import state_name  # noqa: E402
-from spotwise.cloud.chaos import apply, check, faults_json, schedule  # noqa: E402
+from spotwise.cloud.chaos import GAP_S, apply, check, faults_json, schedule  # noqa: E402
 from spotwise.cloud.labfleet import BUCKET, LabFleet  # noqa: E402
 from spotwise.cloud.netlab import Lab  # noqa: E402
 
@@ -74,10 +78,12 @@ def uninterrupted(steps: int, seed: int, work: Path) -> tuple[float | None, floa
     return _final_loss(loss, steps), time.monotonic() - t0
 
 
-def run(*, seed: int, faults: int, steps: int, workers: int, work: Path) -> dict:
+def run(*, seed: int, faults: int, steps: int, workers: int, work: Path,
+        gap_s: tuple[float, float] = GAP_S) -> dict:
     ref_loss, ref_wall = uninterrupted(steps, seed, work)
+    print(f"the uninterrupted run took {ref_wall:.1f}s", flush=True)
     names = [f"w{i + 1}" for i in range(workers)]
-    plan = schedule(seed, faults, names)
+    plan = schedule(seed, faults, names, gap_s=gap_s)
     ledger, loss_log = work / "chaos.ledger", work / "chaos.loss"
     with Lab(["head", *names]) as lab:
         fleet = LabFleet(lab, workdir=work / "fleet", seed=seed).start()
@@ -89,16 +95,21 @@ def run(*, seed: int, faults: int, steps: int, workers: int, work: Path) -> dict
             "global_batch_size": BATCH, "total_steps": steps, "max_failures": 10 * faults,
         })
         fleet.wait_job(job_id, lambda j: j.step >= 3, 300, "the first steps")
+        print(f"{time.monotonic() - t0:6.1f}s the job steps", flush=True)
         applied: list[str] = []
         for i, fault in enumerate(plan):
-            print(f"fault {i + 1}/{len(plan)}: {fault.kind} on {fault.host} for {fault.hold_s}s",
-                  flush=True)
+            print(f"{time.monotonic() - t0:6.1f}s fault {i + 1}/{len(plan)}: {fault.kind} on "
+                  f"{fault.host} for {fault.hold_s}s", flush=True)
             apply(fleet, fault)
             applied.append(fault.kind)
             time.sleep(fault.gap_s)
+        during = fleet.wait_job(job_id, lambda _j: True, 30, "the job after the schedule")
+        print(f"{time.monotonic() - t0:6.1f}s the schedule is over: {state_name(during.state)} "
+              f"at step {during.step}", flush=True)
         job = fleet.wait_job(job_id, lambda j: state_name(j.state) in (
             "SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_EXHAUSTED"), 1800, "the end of the job")
         wall = time.monotonic() - t0
+        print(f"{wall:6.1f}s the job is {state_name(job.state)} at step {job.step}", flush=True)
         # The agents stop a finished job's processes; give them their grace to do it.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(fleet.rank_pids(h) for h in fleet.workers):
@@ -110,6 +121,9 @@ def run(*, seed: int, faults: int, steps: int, workers: int, work: Path) -> dict
         "seed": seed,
         "faults_applied": len(applied),
         "faults_by_kind": dict(Counter(applied)),
+        "gap_s": list(gap_s),
+        "step_after_faults": during.step,
+        "state_after_faults": state_name(during.state),
         "schedule": faults_json(plan),
         **result,
         "wall_s": round(wall, 1),
@@ -125,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", type=int, default=60)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--workers", type=int, default=4, help="worker hosts (the job uses 2 to all)")
+    p.add_argument("--gap-s", type=float, nargs=2, default=GAP_S, metavar=("MIN", "MAX"),
+                   help="quiet time after each fault, drawn from [MIN, MAX] seconds")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "chaos.json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="spotwise-chaos-") as tmp:
         report = run(seed=args.seed, faults=args.faults, steps=args.steps,
-                     workers=args.workers, work=Path(tmp))
+                     workers=args.workers, work=Path(tmp), gap_s=tuple(args.gap_s))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     for key in ("seed", "faults_applied", "faults_by_kind", "violations", "wall_over_uninterrupted"):

@@ -45,8 +45,14 @@ class Fault:
     """Quiet time after it is undone, before the next fault."""
 
 
-def schedule(seed: int, count: int, workers: list[str]) -> list[Fault]:
-    """`count` faults (>= len(KINDS)) over `workers` (>= 2 host names), seeded."""
+GAP_S = (2.0, 6.0)
+"""Quiet time after each fault, drawn uniformly from this range (seconds)."""
+
+
+def schedule(seed: int, count: int, workers: list[str], *,
+             gap_s: tuple[float, float] = GAP_S) -> list[Fault]:
+    """`count` faults (>= len(KINDS)) over `workers` (>= 2 host names), seeded; each hold
+    2-6 s, each gap drawn from `gap_s`."""
     if count < len(KINDS):
         raise ValueError(f"a schedule needs at least {len(KINDS)} faults (one of each kind)")
     if len(workers) < 2:
@@ -63,7 +69,7 @@ def schedule(seed: int, count: int, workers: list[str]) -> list[Fault]:
     for kind in kinds[:count]:
         a, b = rng.sample(workers, 2)
         out.append(Fault(kind=kind, host=f"{a}+{b}" if kind == "cut_workers" else a,
-                         hold_s=round(rng.uniform(2.0, 6.0), 2), gap_s=round(rng.uniform(2.0, 6.0), 2)))
+                         hold_s=round(rng.uniform(2.0, 6.0), 2), gap_s=round(rng.uniform(*gap_s), 2)))
     return out
 
 
