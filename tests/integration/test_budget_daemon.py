@@ -115,11 +115,18 @@ def test_a_budget_below_the_jobs_cost_stops_it_in_time_with_a_final_checkpoint(t
             final = _until(lambda: (j := client.get(job_id)).last_checkpoint_step > 0 and j, 40,
                            "the final checkpoint")
             assert list((tmp_path / "ckpt" / job_id).iterdir())
-            events = daemon.call(lambda: [(e.kind, e.message)
-                                          for e in daemon.daemon.store.events(job_id)])
-            kinds = [k if k != "state" else m.split(":")[0] for k, m in events]
-            assert "checkpoint" not in kinds[:kinds.index("BUDGET_EXHAUSTED")]  # every_steps is huge
-            assert "checkpoint" in kinds[kinds.index("BUDGET_EXHAUSTED"):]  # the final one
+
+            def kinds() -> list[str]:
+                events = daemon.call(lambda: [(e.kind, e.message)
+                                              for e in daemon.daemon.store.events(job_id)])
+                return [k if k != "state" else m.split(":")[0] for k, m in events]
+
+            # The stored history shows it after the stop (events reach SQLite in batches, a
+            # moment after the job's state in memory).
+            stored = _until(lambda: (k := kinds()) and "BUDGET_EXHAUSTED" in k
+                            and "checkpoint" in k[k.index("BUDGET_EXHAUSTED"):] and k, 10,
+                            "the final checkpoint's event")
+            assert "checkpoint" not in stored[:stored.index("BUDGET_EXHAUSTED")]  # every_steps is huge
             assert state_name(final.state) == "BUDGET_EXHAUSTED"
 
             # The node was kept for that checkpoint, then the fleet terminates it; it is
