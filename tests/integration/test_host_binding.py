@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -85,20 +86,22 @@ def test_store_listens_on_its_address_only_and_rebinds() -> None:
         store_server("203.0.113.77", 0, timeout=timedelta(seconds=5))
 
 
-# A runtime-like process: says "ready" once its handler is installed (after --delay seconds),
-# then records each SIGUSR1. A torchrun-like one never says ready and dies of SIGUSR1.
+# A runtime-like process: says "ready" once its handlers are installed (after --delay seconds),
+# then records each SIGUSR1 (a request) and SIGUSR2 (its end). A torchrun-like one never says
+# ready and dies of either.
 _READY = textwrap.dedent("""
     import json, os, signal, sys, time
     time.sleep(float(sys.argv[1]) * int(os.environ["RANK"]))
     got = []
-    signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+    signal.signal(signal.SIGUSR1, lambda *_: got.append("usr1"))
+    signal.signal(signal.SIGUSR2, lambda *_: got.append("usr2"))
     with open(os.environ["SPOTWISE_EVENTS_FILE"], "a") as f:
         f.write(json.dumps({"event": "ready"}) + "\\n")
     while True:
         time.sleep(0.02)
         if got:
             with open(sys.argv[2] + os.environ["RANK"], "a") as f:
-                f.write("usr1\\n")
+                f.write("".join(g + "\\n" for g in got))
             got.clear()
 """)
 
@@ -114,7 +117,10 @@ def test_checkpoint_request_reaches_only_ready_processes(tmp_path: Path) -> None
     script = tmp_path / "ready.py"
     script.write_text(_READY)
     got = str(tmp_path / "usr1.")
-    lines = lambda r: len(Path(got + str(r)).read_text().splitlines()) if Path(got + str(r)).exists() else 0  # noqa: E731
+    def lines(r: int, kind: str = "usr1") -> int:
+        path = Path(got + str(r))
+        return path.read_text().splitlines().count(kind) if path.exists() else 0
+
     # Rank r says ready after 4*r seconds: rank 0 at once, rank 1 well after.
     sup = Supervisor(_spec(["python", str(script), "4", got]), log_dir=tmp_path / "logs",
                      base_env=dict(os.environ))
@@ -127,7 +133,9 @@ def test_checkpoint_request_reaches_only_ready_processes(tmp_path: Path) -> None
         assert sup.request_checkpoint() == 0  # idempotent while the request lasts
         # Rank 1 gets the same request the moment its ready event is read.
         until(lambda: (_read_events(sup), lines(1) == 1)[1], 30, "rank 1's SIGUSR1 on ready")
+        # The request ends with no rescale: SIGUSR2 to each process it reached (their hold ends).
         sup.end_checkpoint_request()
+        until(lambda: lines(0, "usr2") == 1 and lines(1, "usr2") == 1, 10, "the SIGUSR2s")
         assert sup.request_checkpoint() == 2  # a new request reaches both
         until(lambda: lines(0) == 2 and lines(1) == 2, 10, "the second request")
         assert all(p.running for p in sup.processes)
@@ -158,6 +166,9 @@ def test_request_waits_for_ready_and_spares_an_unmodified_script(tmp_path: Path)
         assert slow.processes[0].running
         _read_events(torchrun_like)
         assert torchrun_like.not_ready() == [0]
+        # Nor does the end of the request reach it: it was never asked.
+        torchrun_like.end_checkpoint_request()
+        time.sleep(0.5)
         assert torchrun_like.processes[0].running and torchrun_like.signal(0) == 1
     finally:
         slow.kill()

@@ -13,7 +13,10 @@ A checkpoint request (SIGUSR1) goes only to a process whose runtime has said, wi
 event, that its handler is installed: SIGUSR1's default action kills, so a process that is
 still importing torch, or an unmodified torchrun script that never says it is ready, is never
 sent one. A request made before any process is ready is delivered as each becomes ready, for
-as long as the request lasts (`request_checkpoint` ... `end_checkpoint_request`).
+as long as the request lasts (`request_checkpoint` ... `end_checkpoint_request`). After that
+checkpoint the runtime holds (takes no step: the next generation would replay it) until it is
+stopped for the rescale, or for at most REQUEST_HOLD_S; a request that ends without a rescale
+sends SIGUSR2 to the processes it signalled, and they go on at once.
 
 Stopping follows the runtime contract: SIGTERM to each process (the runtime checkpoints at the
 next step boundary and exits 143), a grace period, then SIGKILL of each whole process group,
@@ -52,6 +55,11 @@ from spotwise.worker.runtime.job_facts import ENV_VAR as JOB_FACTS_ENV
 from spotwise.worker.runtime.job_facts import facts_path
 
 log = logging.getLogger(__name__)
+
+REQUEST_HOLD_S = 30.0
+"""Longest hold after a requested checkpoint (SPOTWISE_REQUEST_HOLD_S of every process): the
+daemon starts the rescale within a second or two of the commit; this bounds the idle time of a
+daemon that never follows up (it died, say)."""
 
 # Interpreter names in an entrypoint that mean "the Python this agent runs on". A spec says
 # ["python", "train.py"]; the agent may have been started from a virtualenv that is not on
@@ -162,6 +170,7 @@ def process_env(spec: LaunchSpec, local_rank: int, *, log_dir: Path,
         "SPOTWISE_CHECKPOINT_KEEP": str(spec.checkpoint_keep),
         "SPOTWISE_GLOBAL_BATCH_SIZE": str(spec.global_batch_size),
         "SPOTWISE_EVENTS_FILE": str(events_path(log_dir, spec, rank)),
+        "SPOTWISE_REQUEST_HOLD_S": str(REQUEST_HOLD_S),
         JOB_FACTS_ENV: str(facts_path(Path(log_dir) / spec.job_id)),
         **(storage_env or {}),
     }
@@ -337,9 +346,17 @@ class Supervisor:
         return sum(self._signal_checkpoint(p) for p in self.processes)
 
     def end_checkpoint_request(self) -> None:
-        """The request is over; the next one signals every ready process again."""
+        """The request is over with no rescale: SIGUSR2 to the processes signalled for it (their
+        hold ends; one is enough, the runtime all-reduces it). The next request signals every
+        ready process again."""
         self.checkpoint_requested = False
+        self.poll()
         for p in self.processes:
+            if p.checkpoint_signalled and p.running:
+                try:
+                    os.kill(p.pid, signal.SIGUSR2)
+                except ProcessLookupError:
+                    pass  # exited between poll and kill
             p.checkpoint_signalled = False
 
     def not_ready(self) -> list[int]:

@@ -21,6 +21,19 @@ def env_int(env: Mapping[str, str], name: str, default: int | None = None) -> in
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"environment variable {name}={raw!r} must be a number >= 0")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Everything a training process needs to know about its place in the job."""
@@ -49,6 +62,10 @@ class RuntimeConfig:
     """How long a collective may block before the process group fails it."""
     progress_interval_s: float = 0.5
     """Minimum time between progress events."""
+    request_hold_s: float = 0.0
+    """After a checkpoint asked for by SIGUSR1 commits, take no step for up to this long, until
+    the rescale's SIGTERM or the request's end (SIGUSR2) (SPOTWISE_REQUEST_HOLD_S, which the
+    agent sets; 0: no hold). See `spotwise.worker.runtime.hold`."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RuntimeConfig:
@@ -74,5 +91,6 @@ class RuntimeConfig:
             restore_step=env_int(env, "SPOTWISE_RESTORE_STEP"),
             events_file=env.get("SPOTWISE_EVENTS_FILE") or None,
             ledger_file=env.get("SPOTWISE_LEDGER") or None,
+            request_hold_s=env_float(env, "SPOTWISE_REQUEST_HOLD_S", 0.0),
         )
         return replace(config, **overrides)

@@ -4,7 +4,8 @@ A script builds a Runtime from the torchrun environment plus spotwise's own sett
 model, restores, and then for every optimizer step reads `micro_batches()` and calls
 `end_step(loss)`. The runtime keeps the global batch fixed across world sizes, checkpoints
 asynchronously every N steps, takes an emergency checkpoint on request (SIGUSR1 or
-`request_checkpoint()`) and on SIGTERM (then exits 143), and reports to its agent.
+`request_checkpoint()`) and on SIGTERM (then exits 143), and reports to its agent. Under an
+agent, a checkpoint it asked for is followed by a hold until the rescale it was for (`hold`).
 
     rt = Runtime.from_env(global_batch_size=48, micro_batch_size=4, seed=0)
     model = rt.shard(model, blocks=model.blocks)
@@ -27,7 +28,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -47,6 +47,7 @@ from spotwise.worker.runtime.checkpoint import (
 )
 from spotwise.worker.runtime.config import RuntimeConfig, env_int
 from spotwise.worker.runtime.events import EventLog
+from spotwise.worker.runtime.hold import Flags, hold
 from spotwise.worker.runtime.ledger import Ledger
 from spotwise.worker.runtime.sampler import GlobalSampler
 from spotwise.worker.runtime.sharding import shard_model
@@ -56,12 +57,6 @@ log = logging.getLogger("spotwise.runtime")
 
 # Exit code of a process stopped on request after its emergency checkpoint (128 + SIGTERM).
 EXIT_STOPPED = 143
-
-
-@dataclass
-class _Flags:
-    checkpoint: bool = False
-    stop: bool = False
 
 
 class Runtime:
@@ -84,7 +79,7 @@ class Runtime:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
-        self._flags = _Flags()
+        self._flags = Flags()
         self._last_progress = (time.monotonic(), 0)
         self._loss_sum = 0.0
         self._loss_n = 0
@@ -185,16 +180,23 @@ class Runtime:
         return int(gen[0])
 
     def _install_signal_handlers(self) -> bool:
-        """SIGUSR1 (checkpoint) and SIGTERM (checkpoint, then exit 143) set flags that the next
-        step boundary acts on. Returns False when they cannot be installed (not the main thread)."""
+        """SIGUSR1 (checkpoint), SIGTERM (checkpoint, then exit 143) and SIGUSR2 (the agent's
+        request is over: see `hold`) set flags that the next step boundary acts on. Returns
+        False when they cannot be installed (not the main thread)."""
 
         def on_signal(signum: int, _frame: Any) -> None:
+            if signum == signal.SIGUSR2:
+                self._flags.resume = True
+                return
             if signum == signal.SIGTERM:
                 self._flags.stop = True
+            else:  # a new request: an earlier one's end no longer counts
+                self._flags.requested, self._flags.resume = True, False
             self._flags.checkpoint = True
 
         try:
             signal.signal(signal.SIGUSR1, on_signal)
+            signal.signal(signal.SIGUSR2, on_signal)
             signal.signal(signal.SIGTERM, on_signal)
         except ValueError:
             log.warning("not in the main thread: SIGTERM/SIGUSR1 checkpoints disabled")
@@ -334,11 +336,13 @@ class Runtime:
         # One small all-reduce per step makes every rank agree on requests that reached only
         # some of them (a signal to one node), so they save at the same step; the loss rides along.
         flags = torch.tensor(
-            [float(self._flags.checkpoint), float(self._flags.stop), float(loss or 0.0)], dtype=torch.float64
+            [float(self._flags.checkpoint), float(self._flags.stop), float(loss or 0.0),
+             float(self._flags.requested)], dtype=torch.float64
         )
         dist.all_reduce(flags)
         want_checkpoint, want_stop = bool(flags[0] > 0), bool(flags[1] > 0)
-        self._flags.checkpoint = False
+        want_hold = bool(flags[3] > 0) and not want_stop and self.config.request_hold_s > 0
+        self._flags.checkpoint = self._flags.requested = False
         if loss is not None:
             self.last_loss = float(flags[2]) / self.world_size
             self._loss_sum += self.last_loss
@@ -346,22 +350,29 @@ class Runtime:
         if self.rank == 0:
             for listener in self._step_listeners:
                 listener(self.step, self.last_loss if loss is not None else float("nan"))
+        committed = False
         if self.checkpointer is not None:
             self.checkpointer.poll()
             every = self.checkpointer.config.every_steps
             if want_checkpoint or want_stop:
-                self._save(blocking=True)
+                committed = self._save(blocking=True)
             elif every and self.step % every == 0:
                 self._save(blocking=False)
-        self._maybe_progress()
+        self._maybe_progress(force=want_hold)
+        if want_hold and hold(self._flags, rank=self.rank, committed=committed,
+                              timeout_s=self.config.request_hold_s):
+            log.info("rank %d: stopped while holding at committed step %d", self.rank, self.step)
+            self._shutdown()
+            sys.exit(EXIT_STOPPED)
         if want_stop:
             log.info("rank %d: stop requested, exiting after step %d", self.rank, self.step)
             self._shutdown()
             sys.exit(EXIT_STOPPED)
 
-    def _save(self, *, blocking: bool) -> None:
+    def _save(self, *, blocking: bool) -> bool:
+        """Save this step; True when a blocking save committed (known on rank 0)."""
         assert self.checkpointer is not None
-        self.checkpointer.save(self.step, self._state(), cursor=self.cursor, blocking=blocking)
+        return self.checkpointer.save(self.step, self._state(), cursor=self.cursor, blocking=blocking)
 
     def _maybe_progress(self, force: bool = False) -> None:
         now = time.monotonic()
