@@ -40,6 +40,10 @@ def on_usr1(*_):
     with open(f"{out}/usr1.{gen}.{rank}", "w") as f:
         f.write(str(usr1))
 signal.signal(signal.SIGUSR1, on_usr1)
+def on_usr2(*_):  # the request's end (the runtime's hold ends)
+    with open(f"{out}/usr2.{gen}.{rank}", "a") as f:
+        f.write("1")
+signal.signal(signal.SIGUSR2, on_usr2)
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else
               (lambda *_: sys.exit(143)))
 if mode == "allreduce":
@@ -196,8 +200,12 @@ def test_agent_follows_assignments_and_forwards_events(tmp_path: Path) -> None:
             await _until(lambda: len(daemon.heartbeats) >= n + 5, 10, "more heartbeats")
             assert usr1.read_text() == "1"
             daemon.assignments[node].checkpoint_now = False
+            # The request ended with no new generation: SIGUSR2, once.
+            usr2 = tmp_path / "usr2.1.0"
+            await _until(usr2.exists, 10, "SIGUSR2 at the request's end")
             n = len(daemon.heartbeats)
             await _until(lambda: len(daemon.heartbeats) >= n + 2, 10, "more heartbeats")
+            assert usr2.read_text() == "1"
             daemon.assignments[node].checkpoint_now = True
             await _until(lambda: usr1.read_text() == "2", 10, "a second SIGUSR1")
 

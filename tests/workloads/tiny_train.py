@@ -125,18 +125,24 @@ def main() -> None:
         idx = torch.as_tensor(ids)
         return nn.functional.mse_loss(model(x[idx]), y[idx])
 
+    if args.loss_log:
+        # In end_step, before the step can be saved: a process stopped there (a SIGTERM, the
+        # hold after a requested checkpoint) has logged the step its checkpoint holds, which
+        # the next generation will not run again.
+        def log_loss(step: int, loss: float) -> None:
+            with open(args.loss_log, "a") as f:
+                f.write(f"{step} {loss!r} {rt.generation}\n")
+
+        rt.add_step_listener(log_loss)
     first = True
     while rt.step < args.steps:
-        loss = rt.train_step(sampler, loss_of)
+        rt.train_step(sampler, loss_of)
         if first and rt.rank == 0:
             mark(args.timeline, "first_step", step=rt.step, world_size=rt.world_size,
                  generation=rt.generation)
         first = False
         if tracker is not None:  # it records the loss itself; anything else goes here
             tracker.log({"lr": scheduler.get_last_lr()[0]})
-        if args.loss_log and rt.rank == 0:
-            with open(args.loss_log, "a") as f:
-                f.write(f"{rt.step} {loss!r} {rt.generation}\n")
         if args.step_sleep and not (args.slow_until and os.path.exists(args.slow_until)):
             time.sleep(args.step_sleep)
         if args.die_at is not None and rt.step == args.die_at and args.die_rank in (None, rt.rank):
