@@ -30,21 +30,15 @@ def _later(seconds: float, fn) -> threading.Timer:
     return t
 
 
-def test_a_stop_during_the_hold_ends_it_with_stop(group: None) -> None:
+@pytest.mark.parametrize(("signalled", "stops"), [("stop", True), ("resume", False)])
+def test_a_signal_during_the_hold_ends_it(group: None, signalled: str, stops: bool) -> None:
+    """SIGTERM's flag stops; SIGUSR2's resumes, and is used up (the next hold waits again)."""
     flags = Flags()
-    _later(0.3, lambda: setattr(flags, "stop", True))
+    _later(0.3, lambda: setattr(flags, signalled, True))
     t0 = time.monotonic()
-    assert hold(flags, rank=0, committed=True, timeout_s=30) is True
+    assert hold(flags, rank=0, committed=True, timeout_s=30) is stops
     assert 0.25 <= time.monotonic() - t0 < 5
-
-
-def test_the_end_of_the_request_resumes_and_is_used_up(group: None) -> None:
-    flags = Flags()
-    _later(0.3, lambda: setattr(flags, "resume", True))
-    t0 = time.monotonic()
-    assert hold(flags, rank=0, committed=True, timeout_s=30) is False
-    assert 0.25 <= time.monotonic() - t0 < 5
-    assert not flags.resume  # the next hold waits again
+    assert flags.resume is False
 
 
 def test_the_hold_gives_up_after_its_timeout(group: None) -> None:
