@@ -22,6 +22,7 @@ CONTRACT_VARS = {
     "OMP_NUM_THREADS", "SPOTWISE_JOB_ID", "SPOTWISE_GENERATION", "SPOTWISE_CHECKPOINT_URI",
     "SPOTWISE_CHECKPOINT_EVERY", "SPOTWISE_CHECKPOINT_KEEP", "SPOTWISE_GLOBAL_BATCH_SIZE",
     "SPOTWISE_RESTORE_STEP", "SPOTWISE_EVENTS_FILE", "SPOTWISE_JOB_FACTS_FILE",
+    "SPOTWISE_REQUEST_HOLD_S",
 }
 
 
@@ -78,6 +79,7 @@ def test_env_is_exactly_the_contract(tmp_path: Path) -> None:
         assert added - {"LC_CTYPE"} == CONTRACT_VARS
         assert env["KEEP_ME"] == "1" and env["USER_VAR"] == "x"
         assert env["RANK"] == env["ROLE_RANK"] == str(rank)  # the spec cannot clobber it
+        assert float(env["SPOTWISE_REQUEST_HOLD_S"]) > 0  # under an agent, requests hold
         assert env["LOCAL_RANK"] == str(local_rank)
         assert (env["WORLD_SIZE"], env["ROLE_WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("4", "4", "2")
         assert (env["GROUP_RANK"], env["GROUP_WORLD_SIZE"]) == ("1", "2")
