@@ -352,11 +352,8 @@ class Supervisor:
         self.checkpoint_requested = False
         self.poll()
         for p in self.processes:
-            if p.checkpoint_signalled and p.running:
-                try:
-                    os.kill(p.pid, signal.SIGUSR2)
-                except ProcessLookupError:
-                    pass  # exited between poll and kill
+            if p.checkpoint_signalled:
+                _send(p, signal.SIGUSR2)
             p.checkpoint_signalled = False
 
     def not_ready(self) -> list[int]:
@@ -364,12 +361,8 @@ class Supervisor:
         return [p.rank for p in self.processes if p.running and not p.ready]
 
     def _signal_checkpoint(self, p: ManagedProcess) -> bool:
-        if not (p.running and p.ready) or p.checkpoint_signalled:
+        if not p.ready or p.checkpoint_signalled or not _send(p, signal.SIGUSR1):
             return False
-        try:
-            os.kill(p.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            return False  # exited between poll and kill; the next poll records it
         p.checkpoint_signalled = True
         log.info("job %s g%d: checkpoint request, SIGUSR1 to rank %d pid %d", self.spec.job_id,
                  self.spec.generation, p.rank, p.pid)
@@ -405,15 +398,7 @@ class Supervisor:
     def signal(self, sig: int) -> int:
         """Send `sig` to each running process (not its group); returns how many got it."""
         self.poll()
-        sent = 0
-        for p in self.processes:
-            if p.running:
-                try:
-                    os.kill(p.pid, sig)
-                    sent += 1
-                except ProcessLookupError:
-                    pass  # exited between poll and kill; the next poll records it
-        return sent
+        return sum(_send(p, sig) for p in self.processes)
 
     def kill(self) -> None:
         """SIGKILL every process group of the generation at once (no grace)."""
@@ -450,6 +435,17 @@ class Supervisor:
     def stop_blocking(self, grace_s: float) -> None:
         """`stop` for callers without an event loop (shutdown paths, tests)."""
         asyncio.run(self.stop(grace_s))
+
+
+def _send(p: ManagedProcess, sig: int) -> bool:
+    """`sig` to `p` (not its group) if it runs; whether it was sent."""
+    if not p.running:
+        return False
+    try:
+        os.kill(p.pid, sig)
+    except ProcessLookupError:
+        return False  # exited between poll and kill; the next poll records it
+    return True
 
 
 def _killpg(pgid: int) -> None:
