@@ -4,33 +4,35 @@ read once into a RuntimeConfig (what the node agent sets; standalone torchrun wo
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from spotwise.worker.runtime.checkpoint import CheckpointConfig
 
+T = TypeVar("T")
+D = TypeVar("D")
 
-def env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+
+def _env(env: Mapping[str, str], name: str, parse: Callable[[str], T], what: str,
+         default: D) -> T | D:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}={raw!r} is not {what}") from None
+
+
+def env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    return _env(env, name, int, "an integer", default)
 
 
 def env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+    value = _env(env, name, float, "a number", default)
     if not value >= 0:  # also refuses NaN
-        raise ValueError(f"environment variable {name}={raw!r} must be a number >= 0")
+        raise ValueError(f"environment variable {name}={env[name]!r} must be a number >= 0")
     return value
 
 
