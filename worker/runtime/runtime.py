@@ -359,11 +359,9 @@ class Runtime:
             elif every and self.step % every == 0:
                 self._save(blocking=False)
         self._maybe_progress(force=want_hold)
-        if want_hold and hold(self._flags, rank=self.rank, committed=committed,
-                              timeout_s=self.config.request_hold_s):
-            log.info("rank %d: stopped while holding at committed step %d", self.rank, self.step)
-            self._shutdown()
-            sys.exit(EXIT_STOPPED)
+        # A stop during the hold exits below: the step is committed already.
+        want_stop = want_stop or (want_hold and hold(
+            self._flags, rank=self.rank, committed=committed, timeout_s=self.config.request_hold_s))
         if want_stop:
             log.info("rank %d: stop requested, exiting after step %d", self.rank, self.step)
             self._shutdown()
