@@ -170,11 +170,35 @@ def _shape(row: tuple[str, tuple[str, ...], dict[str, Any]]) -> tuple[str, tuple
     return row[0], row[1], tuple(row[2])
 
 
-@functools.lru_cache(maxsize=64)
-def _upsert_sql(table: str, key: tuple[str, ...], cols: tuple[str, ...]) -> str:
-    return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+@functools.lru_cache(maxsize=256)
+def _upsert_sql(table: str, key: tuple[str, ...], cols: tuple[str, ...], rows: int = 1) -> str:
+    """An upsert of `rows` rows in one statement."""
+    one = f"({', '.join('?' for _ in cols)})"
+    return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * rows)} "
             f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
             + ", ".join(f"{c}=excluded.{c}" for c in cols if c not in key))
+
+
+MAX_STATEMENT_VARIABLES = 32766
+"""Bound values in one statement: SQLite's default limit since 3.32 (older builds: 999, read
+from the connection where Python can)."""
+
+
+def _upsert_run(conn: sqlite3.Connection, table: str, key: tuple[str, ...],
+                cols: tuple[str, ...], values: list[list[Any]]) -> None:
+    """Upsert rows of one shape with as few statements as the variable limit allows.
+
+    Not executemany: that steps SQLite once per row and releases the GIL around each step, and
+    the writer thread then waits for the event loop's thread to hand it back (up to the switch
+    interval, 5 ms) for every row: 4,000 node rows took 0.5 s under 4,000 agents' beats instead
+    of 0.03 s. A multi-row statement is a handful of steps."""
+    limit = 999
+    if hasattr(conn, "getlimit"):  # Python 3.11+
+        limit = min(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), MAX_STATEMENT_VARIABLES)
+    per = max(1, limit // len(cols))
+    for i in range(0, len(values), per):
+        chunk = values[i:i + per]
+        conn.execute(_upsert_sql(table, key, cols, len(chunk)), [v for row in chunk for v in row])
 
 
 @dataclass
@@ -318,7 +342,7 @@ class Store:
         with self.transaction() as conn:
             # A run of rows of one table is one statement (a generation of 4,000 nodes).
             for (table, key, cols), run in itertools.groupby(batch.rows, key=_shape):
-                conn.executemany(_upsert_sql(table, key, cols), [list(r[2].values()) for r in run])
+                _upsert_run(conn, table, key, cols, [list(r[2].values()) for r in run])
             for row in batch.checkpoints:
                 self.add_checkpoint(row, conn)
             for row in batch.events:

@@ -15,7 +15,9 @@ from spotwise.daemon.store import (
     JobRow,
     NodeRow,
     Store,
+    StoredBatch,
     StoreError,
+    row_values,
 )
 
 
@@ -130,3 +132,25 @@ def test_everything_written_is_there_after_a_reopen(tmp_path: Path) -> None:
     assert [e.message for e in again.events("j1", after_id=first)] == ["step 60"]
     assert again.checkpoints("j1")[0].cursor == 400
     again.close()
+
+
+def test_a_batch_of_many_rows_is_written_in_statements_under_the_variable_limit(
+        tmp_path: Path) -> None:
+    """A generation of thousands of nodes is a few multi-row statements; a run longer than the
+    connection's bound-variable limit is split, rows of one key keep the last value, and every
+    value (floats, NULLs, bytes) comes back as written."""
+    store = Store(tmp_path / "db")
+    store._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)  # 4 node rows a statement
+    nodes = [NodeRow(id=f"n{i:03d}", state="ASSIGNED", joined_at=1.0 + i / 3, registered_at=0.1,
+                     job_id="j1", node_rank=i, drain_since=None if i % 2 else 2.5)
+             for i in range(23)]
+    again = NodeRow(id="n007", state="DRAINING", joined_at=9.0, registered_at=0.1)
+    job = JobRow(id="j1", spec=b"\x00\xffspec", state="RUNNING", created_at=1, updated_at=1)
+    store.write_batch(StoredBatch(rows=[row_values(n) for n in nodes]
+                                  + [row_values(job), row_values(again)]))
+    by_id = {n.id: n for n in store.nodes()}
+    assert len(by_id) == 23
+    assert by_id["n007"] == again
+    assert [by_id[n.id] for n in nodes if n.id != "n007"] == [n for n in nodes if n.id != "n007"]
+    assert store.jobs() == [job]
+    store.close()
