@@ -2,10 +2,10 @@
 transaction off the event loop, then publish it.
 
 Handlers wake the loop (`wake`); it also ticks every `tick_s` for the rules that depend on the
-clock (leases, settle windows, drain deadlines). Ticks are at least `min_gap_s` apart, so a
-burst of facts (2,000 agents reporting a new generation) is planned in a few ticks, not in
-thousands. Callers whose answer must follow their write (Submit, Cancel, Register) `await
-flush()`: it resolves once the tick holding their change is committed.
+clock (settle windows, drain deadlines), and at the end of the next lease still running. Ticks
+are at least `min_gap_s` apart, so a burst of facts (2,000 agents reporting a new generation) is
+planned in a few ticks, not in thousands. Callers whose answer must follow their write (Submit,
+Cancel, Register) `await flush()`: it resolves once the tick holding their change is committed.
 """
 
 from __future__ import annotations
@@ -70,17 +70,30 @@ class ControlLoop:
                 await asyncio.sleep(gap)
             if self._wake.is_set() or stop.is_set():
                 continue
+            timeout = self._timeout()
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
             waited = time.monotonic()
             try:
-                done, _ = await asyncio.wait({waiter, stopper}, timeout=self.tick_s,
+                done, _ = await asyncio.wait({waiter, stopper}, timeout=timeout,
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
                 stopper.cancel()
             if not done:  # a timed wait: how much later than asked it ended is the loop's lag
-                self._note_lag(time.monotonic() - waited - self.tick_s)
+                self._note_lag(time.monotonic() - waited - timeout)
+
+    LEASE_END_MARGIN_S = 0.002
+    """A lease ends when the silence exceeds it: the loop wakes this much after its end."""
+
+    def _timeout(self) -> float:
+        """Until the next tick: `tick_s`, or sooner when a lease ends before it (a lost node is
+        found at its lease's end, not up to a tick later)."""
+        now = self.clock()
+        end = self.coordinator.state.next_lease_end(now, self.lag_s)
+        if end is None:
+            return self.tick_s
+        return min(self.tick_s, end - now + self.LEASE_END_MARGIN_S)
 
     LAG_WINDOW_S = 5.0
     """The lag that counts is the largest seen over this window."""

@@ -246,6 +246,14 @@ class State:
         rec.last_seen = now
         self.heard[rec.row.id] = now
 
+    def next_lease_end(self, now: float, lag_s: float = 0.0) -> float | None:
+        """When the next lease still running ends, from the beats heard (None: no lease runs).
+        The control loop wakes then rather than up to a tick later; a node given longer (a
+        first beat's allowance) only costs a tick that finds nothing."""
+        limit = self.policy.lease_s + lag_s
+        return min((seen + limit for seen in self.heard.values() if seen + limit > now),
+                   default=None)
+
     def snapshot(self, lag_s: float = 0.0) -> ClusterState:
         """The controller's view of every live job (oldest first) and every node (their
         beats since in `heard`, which the snapshot shares rather than copies)."""

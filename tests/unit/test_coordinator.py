@@ -229,3 +229,20 @@ def test_a_beat_with_nothing_new_renews_the_lease_without_rebuilding_the_nodes_v
     clock.now += 1.5  # 3 s after the view's last_seen, 1.5 s after the beat: not lost
     coord.tick()
     assert coord.nodes[n].state is not NodeState.LOST
+
+
+def test_the_control_loop_wakes_when_a_lease_ends_rather_than_a_tick_later(
+        tmp_path: Path) -> None:
+    from spotwise.daemon.loop import ControlLoop
+
+    clock = Clock()
+    coord = make(tmp_path, clock)  # lease 2 s
+    loop = ControlLoop(coord, tick_s=5.0, clock=clock)
+    assert loop._timeout() == 5.0  # no node: nothing ends before the tick
+    node = join(coord, "10.0.0.1:1")  # beaten at 1000.0
+    clock.now = 1001.5
+    assert loop._timeout() == pytest.approx(0.5 + loop.LEASE_END_MARGIN_S)
+    clock.now = 1002.0 + loop.LEASE_END_MARGIN_S
+    coord.tick()
+    assert coord.nodes[node].row.state == NodeState.LOST.value
+    assert loop._timeout() == 5.0  # the one lease has ended: back to the tick
