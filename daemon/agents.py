@@ -41,6 +41,12 @@ class NodeCredentialError(PermissionError):
     """A call named a node id without that node's credential."""
 
 
+class MachineClaimed(Exception):
+    """A Register named the cloud instance or provider node of another live node. Retryable:
+    the machine's old node (an agent restarted without its credential) is lost at its lease's
+    end, and then a node on that machine may register."""
+
+
 class HeartbeatConnection(Protocol):
     """A node's open heartbeat connection, on either transport."""
 
@@ -102,6 +108,9 @@ class AgentProtocol:
 
         Raises NodeCredentialError when req.node_id is a known node and req.node_secret is not
         its credential: the enrollment token alone cannot take over, redirect or reset a node.
+        Raises MachineClaimed when the request names the instance or provider node of another
+        live node (nothing changes): the enrollment token cannot steal a machine's notices,
+        bill or termination either.
         """
         node_id = req.node_id or f"node-{uuid.uuid4().hex[:10]}"
         rec = self.state.nodes.get(node_id)
@@ -110,6 +119,14 @@ class AgentProtocol:
             raise NodeCredentialError(
                 f"node {node_id[:64]!r} exists and this call does not hold its credential; "
                 "register without a node id to join as a new node")
+        claimed = self.state.machine_holder(req.instance_id, req.provider_node,
+                                            other_than=node_id)
+        if claimed is not None:
+            holder, handle = claimed
+            raise MachineClaimed(
+                f"machine {handle[:128]!r} runs live node {holder.row.id}; another node can "
+                f"register on it once that node is lost (lease {self.lease_s:g}s), or as "
+                "that node with its credential")
         if req.price_per_hour and not self.agent_prices:
             log.info("node=%s: ignoring the agent's price_per_hour %.4f (agent_prices is off: "
                      "the price book prices nodes)", node_id, req.price_per_hour)

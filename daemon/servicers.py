@@ -28,7 +28,7 @@ import grpc
 
 from spotwise.common.uri import check_checkpoint_uri
 from spotwise.daemon import auth
-from spotwise.daemon.agents import NodeCredentialError
+from spotwise.daemon.agents import MachineClaimed, NodeCredentialError
 from spotwise.daemon.coordinator import Coordinator, UnknownJob, Unpriced
 from spotwise.daemon.events import WatcherLagged
 from spotwise.daemon.loop import ControlLoop
@@ -266,6 +266,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             response = self._c.agents.register(request, self._c.clock())
         except NodeCredentialError as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except MachineClaimed as exc:
+            # ABORTED: the agent retries (the machine's old node is lost at its lease's end).
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         if self._loop is not None:
             await self._loop.flush()
         else:

@@ -188,6 +188,8 @@ class State:
         """Node id -> its last beat (ClusterState.heard): a beat renews the lease here."""
         self.by_instance: dict[str, str] = {}
         """Cloud instance id -> node id (the newest registration), for queue-borne notices."""
+        self.by_provider_node: dict[str, str] = {}
+        """Provider node id -> node id (the newest registration)."""
 
     def load(self) -> None:
         """(Re)load jobs and nodes from the store.
@@ -218,9 +220,9 @@ class State:
         self._stale = set(self.nodes)
         self.heard = {}
         self.by_instance = {}
+        self.by_provider_node = {}
         for rec in sorted(self.nodes.values(), key=lambda r: r.row.registered_at):
-            if rec.row.instance_id:
-                self.by_instance[rec.row.instance_id] = rec.row.id
+            self._index_machine(rec)
         log.info("loaded %d job(s) and %d node(s) from %s", len(self.jobs), len(self.nodes),
                  self.store.path)
 
@@ -238,8 +240,27 @@ class State:
         """The node's row or soft facts changed: its view is rebuilt at the next snapshot."""
         rec._view = None
         self._stale.add(rec.row.id)
+        self._index_machine(rec)
+
+    def _index_machine(self, rec: NodeRecord) -> None:
         if rec.row.instance_id:
             self.by_instance[rec.row.instance_id] = rec.row.id
+        if rec.row.provider_node:
+            self.by_provider_node[rec.row.provider_node] = rec.row.id
+
+    def machine_holder(self, instance_id: str, provider_node: str, *, other_than: str
+                       ) -> tuple[NodeRecord, str] | None:
+        """A live node other than `other_than` that holds this cloud instance or provider node,
+        with the handle it holds (one machine runs one node: the fleet terminates, bills and
+        drains machines through these handles)."""
+        for handle, index, column in ((instance_id, self.by_instance, "instance_id"),
+                                      (provider_node, self.by_provider_node, "provider_node")):
+            holder = self.nodes.get(index.get(handle, "")) if handle else None
+            if (holder is not None and holder.row.id != other_than
+                    and holder.state is not NodeState.LOST
+                    and getattr(holder.row, column) == handle):
+                return holder, handle
+        return None
 
     def heard_from(self, rec: NodeRecord, now: float) -> None:
         """A beat of the node: its lease is renewed, its view stays as it is."""

@@ -183,6 +183,56 @@ def test_an_agent_token_cannot_act_as_another_node(daemon: DaemonThread) -> None
             stream.close()
 
 
+def test_an_agent_token_cannot_claim_a_live_nodes_machine(daemon: DaemonThread) -> None:
+    """The fleet drains, bills and terminates machines through the instance id and provider
+    node a node registered with: another registration may not name them while that node
+    lives (ABORTED, which agents retry), and nothing changes; once it is lost, a node on that
+    machine (an agent restarted without its credential) registers."""
+    coordinator = daemon.daemon.coordinator
+    with grpc.insecure_channel(daemon.address) as ch:
+        agents = agent_pb2_grpc.AgentServiceStub(ch)
+        victim = register(agents, "10.0.0.1", instance_id="i-victim", provider_node="local-1")
+        intruder = register(agents, "10.0.0.9", instance_id="i-intruder")
+        stream = Stream(agents)
+        stream.beat(agent_pb2.HeartbeatRequest(node_id=victim.node_id,
+                                               node_secret=victim.node_secret))
+        before = daemon.call(lambda: (sorted(coordinator.nodes),
+                                      coordinator.nodes[intruder.node_id].row.instance_id,
+                                      dict(coordinator.state.by_instance),
+                                      dict(coordinator.state.by_provider_node)))
+
+        def aborted(**kw: object) -> str:
+            with pytest.raises(grpc.RpcError) as info:
+                register(agents, "10.6.6.6", **kw)
+            assert info.value.code() is grpc.StatusCode.ABORTED, info.value.details()
+            return info.value.details()
+
+        assert victim.node_id in aborted(instance_id="i-victim")
+        assert victim.node_id in aborted(provider_node="local-1")
+        # A node of its own, with its credential, may not move onto the victim's machine.
+        aborted(node_id=intruder.node_id, node_secret=intruder.node_secret,
+                instance_id="i-victim")
+        after = daemon.call(lambda: (sorted(coordinator.nodes),
+                                     coordinator.nodes[intruder.node_id].row.instance_id,
+                                     dict(coordinator.state.by_instance),
+                                     dict(coordinator.state.by_provider_node)))
+        assert after == before
+        assert before[2]["i-victim"] == victim.node_id
+        # The cloud's notice for the victim's instance still reaches the victim.
+        assert daemon.call(lambda: coordinator.agents.cloud_notice(
+            "i-victim", "terminate", coordinator.clock() + 120, coordinator.clock()))
+        assert daemon.call(lambda: coordinator.nodes[victim.node_id].row.drain_deadline)
+
+        stream.close()  # the victim falls silent: lost at its lease's end
+        until(lambda: daemon.call(lambda: coordinator.nodes[victim.node_id].row.state)
+              == "LOST", 15, "the victim lost")
+        again = register(agents, "10.0.0.2", instance_id="i-victim", provider_node="local-1")
+        assert again.node_id != victim.node_id
+        assert daemon.call(lambda: (coordinator.state.by_instance["i-victim"],
+                                    coordinator.state.by_provider_node["local-1"])) \
+            == (again.node_id, again.node_id)
+
+
 def test_a_node_credential_survives_a_daemon_restart(tmp_path: Path) -> None:
     config = DaemonConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state",
                           heartbeat_interval_s=0.1, lease_s=3.0, tick_s=0.05)
