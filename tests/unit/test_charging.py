@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from spotwise.cloud.provider import ProviderNode
+from spotwise.daemon.agents import MachineClaimed
 from spotwise.daemon.coordinator import Coordinator, Unpriced
 from spotwise.daemon.model import JobState, Policy
 from spotwise.daemon.store import Store
@@ -116,14 +117,18 @@ def test_a_machine_registered_twice_is_charged_once_and_a_lost_one_until_it_is_g
     coord.provider_seen([ProviderNode(handle="i-1", job_id=job.row.id)])
     first = register(coord, "10.0.0.1", provider_node="i-1")
     coord.tick()
-    register(coord, "10.0.0.2", provider_node="i-1")  # its agent restarted with a new identity
+    with pytest.raises(MachineClaimed):  # another identity, while the first lives
+        register(coord, "10.0.0.2", provider_node="i-1")
+    coord.nodes[first.node_id].row.state = "LOST"
+    # Its agent restarted with a new identity: two node records of one machine.
+    second = register(coord, "10.0.0.2", provider_node="i-1")
     clock.now += 10
     coord.account(clock.now)
     assert coord.cost_report(job).rate_usd_per_hour == pytest.approx(3600.0)
     assert spent(coord, job.row.id) == pytest.approx(10)
-    # The daemon declares a member LOST: a partitioned machine still runs, and costs, until
-    # its provider says it is gone.
-    coord.nodes[first.node_id].row.state = "LOST"
+    # The daemon declares it LOST too: a partitioned machine still runs, and costs, until its
+    # provider says it is gone.
+    coord.nodes[second.node_id].row.state = "LOST"
     clock.now += 10
     coord.account(clock.now)
     assert spent(coord, job.row.id) == pytest.approx(20)
