@@ -33,6 +33,7 @@ quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -281,10 +282,25 @@ def main() -> int:
     p.add_argument("--skip-spotwise", action="store_true",
                    help="only the Ray Train baselines (the spotwise keys are then null)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ray_recovery.json")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (ledger, loss log, checkpoints, the agents' "
+                        "logs) and write the daemon's log there (daemon.log)")
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    with tempfile.TemporaryDirectory(prefix="spotwise-bench-ray-") as tmp:
+    prefix = "spotwise-bench-ray-"
+    work = (contextlib.nullcontext(tempfile.mkdtemp(prefix=prefix)) if args.keep
+            else tempfile.TemporaryDirectory(prefix=prefix))
+    with work as tmp:
+        if args.keep:
+            import logging
+
+            handler = logging.FileHandler(Path(tmp) / "daemon.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s"))
+            logging.getLogger("spotwise").addHandler(handler)
+            logging.getLogger("spotwise").setLevel(logging.INFO)
+            print(f"work directory kept: {tmp}", flush=True)
         sw = None
         if not args.skip_spotwise:
             print("spotwise on Ray", flush=True)

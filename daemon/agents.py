@@ -345,6 +345,8 @@ class AgentProtocol:
             job.row.last_checkpoint_step = c.step
             job.row.last_checkpoint_path = c.path
         job.row.last_checkpoint_at = now
+        if c.requested:
+            job.requested_commit_at = now
         job.row.failures = 0
         job.row.checkpoint_failures = 0
         job.row.step = max(job.row.step, c.step)

@@ -333,11 +333,11 @@ def _start(
 
 
 def _committed_since(job: JobView, since: float) -> bool:
-    """Whether a checkpoint asked for at `since` is committed: a commit recorded since then, of
-    a step at least as far as the job has reported. (An asynchronous periodic checkpoint begun
-    before the request can commit after it; restoring it would replay the steps in between.)"""
-    return (job.last_checkpoint_at >= since and job.last_checkpoint_step >= 0
-            and job.last_checkpoint_step >= job.step)
+    """Whether a checkpoint asked for at `since` is committed: a commit that its ranks saved on
+    the request, recorded since then. They hold at its step, so the next generation replays
+    nothing. Any other commit may be behind them: an asynchronous periodic save begun before
+    the request can commit after it, and after steps the daemon has not heard of yet."""
+    return job.requested_commit_at is not None and job.requested_commit_at >= since
 
 
 def _drain_done(now: float, job: JobView, node: NodeView, policy: Policy) -> bool:

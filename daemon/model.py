@@ -109,6 +109,9 @@ class JobView:
     """When a rank of the current generation first exited non-zero."""
     checkpoint_requested_at: float | None = None
     """When the controller asked the members to checkpoint before growing (None: not asked)."""
+    requested_commit_at: float | None = None
+    """When the daemon recorded the last commit its ranks saved on a checkpoint request (they
+    hold at that step); None: none in this daemon's life."""
     budget_max_nodes: int | None = None
     """Most nodes the budget lets the job grow to (None: no cap); it never shrinks a job."""
     starting: bool = False

@@ -59,6 +59,8 @@ class JobRecord:
     exit_codes: dict[int, int] = field(default_factory=dict)
     failed_at: float | None = None
     checkpoint_requested_at: float | None = None
+    requested_commit_at: float | None = None
+    """When a commit saved on a checkpoint request was recorded (JobView.requested_commit_at)."""
     # Money (soft state, rebuilt after a restart by the next accounting tick and progress).
     budget_cap: int | None = None
     """Most nodes the budget lets the job grow to; None: not capped."""
@@ -119,6 +121,7 @@ class JobRecord:
             exit_codes=dict(self.exit_codes),
             failed_at=self.failed_at,
             checkpoint_requested_at=self.checkpoint_requested_at,
+            requested_commit_at=self.requested_commit_at,
             budget_max_nodes=self.budget_cap,
             starting=self.starting,
         )

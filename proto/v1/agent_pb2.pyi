@@ -160,16 +160,18 @@ class ProcessExited(_message.Message):
     def __init__(self, local_rank: _Optional[int] = ..., rank: _Optional[int] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class CheckpointCommitted(_message.Message):
-    __slots__ = ("step", "path", "bytes", "cursor")
+    __slots__ = ("step", "path", "bytes", "cursor", "requested")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
     step: int
     path: str
     bytes: int
     cursor: int
-    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., cursor: _Optional[int] = ...) -> None: ...
+    requested: bool
+    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., cursor: _Optional[int] = ..., requested: _Optional[bool] = ...) -> None: ...
 
 class InterruptionNotice(_message.Message):
     __slots__ = ("action", "deadline")

@@ -54,6 +54,9 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits_143(tmp
         assert codes == [143, 143], (tmp_path / "rank0.log").read_text()[-3000:]
         final = _committed(read)[-1]
         assert final > step
+        # The SIGUSR1 save says it answers a request (a drain may end on it); the stop's does not.
+        assert [e["requested"] for e in read() if e["event"] == "checkpoint_committed"] \
+            == [True, False]
         (path,) = (tmp_path / "ckpt" / "manifests").glob(f"step-{final:010d}-g*.json")
         manifest = json.loads(path.read_text())
         assert manifest["world_size"] == 2 and manifest["cursor"] == final * 24
@@ -98,5 +101,6 @@ def test_under_an_agent_a_requested_checkpoint_holds_until_its_end_or_the_stop(t
         codes = [p.wait(timeout=120) for p in procs]
         assert codes == [143, 143], (tmp_path / "rank0.log").read_text()[-3000:]
         assert _committed(read) == [step, held] and _last_progress(read) == held
+        assert all(e["requested"] for e in read() if e["event"] == "checkpoint_committed")
     finally:
         kill_all(procs)

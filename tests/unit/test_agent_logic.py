@@ -22,6 +22,10 @@ def test_restores_progress_and_commits_of_rank0_become_reports() -> None:
                       "step": 10, "path": "/ck/10", "bytes": 99, "cursor": 240}, rank=0)
     assert (c.checkpoint_committed.step, c.checkpoint_committed.path,
             c.checkpoint_committed.bytes, c.checkpoint_committed.cursor) == (10, "/ck/10", 99, 240)
+    assert not c.checkpoint_committed.requested  # a periodic save
+    held = event_report({"event": "checkpoint_committed", "time": 6.0, "generation": 2,
+                         "step": 11, "path": "/ck/11", "requested": True}, rank=0)
+    assert held.checkpoint_committed.requested
 
 
     r = event_report({"event": "restored", "time": 4.0, "generation": 2, "step": 10,

@@ -244,7 +244,8 @@ def test_a_draining_member_stays_until_its_checkpoint_commits_and_blocks_growth(
     j, nodes = _draining_cluster(drain_deadline=T + 115)
     assert not plan(T, cluster([j], nodes), POLICY)  # spare is not added meanwhile
     assert checkpoint_now(j, {n.id: n for n in nodes})  # every member is asked to checkpoint
-    committed = replace(j, last_checkpoint_step=30, last_checkpoint_at=T - 1)
+    committed = replace(j, last_checkpoint_step=30, last_checkpoint_at=T - 1,
+                        requested_commit_at=T - 1)
     start = only(plan(T, cluster([committed], nodes), POLICY), StartGeneration)
     assert start.members == ("a", "spare") and start.restore_step == 30
     assert "drained b" in start.reason
@@ -295,7 +296,7 @@ def test_a_running_job_grows_up_to_max_right_after_a_checkpoint() -> None:
     asked = replace(j, checkpoint_requested_at=T)
     assert checkpoint_now(asked, {n.id: n for n in nodes})  # the members are asked
     assert not plan(T, cluster([asked], nodes), POLICY)  # the old commit does not count
-    committed = replace(asked, last_checkpoint_step=9, last_checkpoint_at=T)
+    committed = replace(asked, last_checkpoint_step=9, last_checkpoint_at=T, requested_commit_at=T)
     start = only(plan(T, cluster([committed], nodes), POLICY), StartGeneration)
     assert start.members == ("a", "x", "y") and start.generation == 3
     assert start.world_size == 6 and start.restore_step == 9

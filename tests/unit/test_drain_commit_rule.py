@@ -1,6 +1,7 @@
-"""A drain (or a growth) waits for a commit that covers the job's progress, not just any commit
-recorded after the request: an asynchronous periodic checkpoint begun before the notice can
-commit after it, and restoring that older step would replay the steps in between."""
+"""A drain (or a growth) waits for the commit its ranks saved on the request (they hold at that
+step), not just any commit recorded after the request: an asynchronous periodic checkpoint
+begun before the notice can commit after it, and restoring that older step would replay the
+steps in between, even one the daemon has not heard of yet."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_a_periodic_commit_behind_the_progress_does_not_end_a_drain() -> None:
     behind = _job(step=43, last_checkpoint_step=40, last_checkpoint_at=T - 1)
     assert plan(T, _cluster(behind, nodes), POLICY) == []
     # The drain checkpoint at step 44 commits: b leaves, nothing is replayed.
-    caught_up = _job(step=44, last_checkpoint_step=44, last_checkpoint_at=T - 0.5)
+    caught_up = _job(step=44, last_checkpoint_step=44, last_checkpoint_at=T - 0.5,
+                     requested_commit_at=T - 0.5)
     (start,) = plan(T, _cluster(caught_up, nodes), POLICY)
     assert isinstance(start, StartGeneration)
     assert start.members == ("a",) and start.restore_step == 44
@@ -56,7 +58,26 @@ def test_a_periodic_commit_behind_the_progress_does_not_start_a_growth() -> None
     behind = _job(step=43, last_checkpoint_step=40, last_checkpoint_at=T - 1, **one)
     assert not [d for d in plan(T, _cluster(behind, nodes), POLICY)
                 if isinstance(d, (StartGeneration, RequestCheckpoint))]
-    caught_up = _job(step=44, last_checkpoint_step=44, last_checkpoint_at=T - 0.5, **one)
+    caught_up = _job(step=44, last_checkpoint_step=44, last_checkpoint_at=T - 0.5,
+                     requested_commit_at=T - 0.5, **one)
     starts = [d for d in plan(T, _cluster(caught_up, nodes), POLICY)
               if isinstance(d, StartGeneration)]
     assert [s.members for s in starts] == [("a", "new")] and starts[0].restore_step == 44
+
+
+def test_a_periodic_commit_at_the_reported_step_does_not_end_a_drain() -> None:
+    """The race the progress check alone left open: the ranks reported step 44, step 44's
+    periodic save commits after the notice, and meanwhile they took step 45 (not reported
+    yet). Only the save made on the request, after which they hold, ends the drain."""
+    nodes = [_node("a", NodeState.ASSIGNED),
+             _node("b", NodeState.DRAINING, drain_since=T - 2, drain_deadline=T + 60)]
+    periodic = _job(step=44, last_checkpoint_step=44, last_checkpoint_at=T - 1)
+    assert plan(T, _cluster(periodic, nodes), POLICY) == []
+    # A requested commit of an earlier request (before this drain began) does not count either.
+    earlier = _job(step=44, last_checkpoint_step=44, last_checkpoint_at=T - 1,
+                   requested_commit_at=T - 30)
+    assert plan(T, _cluster(earlier, nodes), POLICY) == []
+    held = _job(step=45, last_checkpoint_step=45, last_checkpoint_at=T - 0.5,
+                requested_commit_at=T - 0.5)
+    (start,) = plan(T, _cluster(held, nodes), POLICY)
+    assert isinstance(start, StartGeneration) and start.restore_step == 45

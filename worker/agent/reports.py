@@ -44,7 +44,8 @@ def event_report(event: dict[str, Any], *, rank: int) -> agent_pb2.ReportEventRe
     if kind == "checkpoint_committed" and rank == 0:
         return agent_pb2.ReportEventRequest(time=t, checkpoint_committed=agent_pb2.CheckpointCommitted(
             step=int(event["step"]), path=str(event.get("path", "")),
-            bytes=int(event.get("bytes", 0)), cursor=int(event.get("cursor", 0))))
+            bytes=int(event.get("bytes", 0)), cursor=int(event.get("cursor", 0)),
+            requested=event.get("requested") is True))
     return None
 
 

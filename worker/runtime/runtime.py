@@ -80,6 +80,8 @@ class Runtime:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self._flags = Flags()
+        self._requested_step = -1
+        """The step saved on request (SIGUSR1): its commit says so (`requested`)."""
         self._last_progress = (time.monotonic(), 0)
         self._loss_sum = 0.0
         self._loss_n = 0
@@ -341,6 +343,8 @@ class Runtime:
         )
         dist.all_reduce(flags)
         want_checkpoint, want_stop = bool(flags[0] > 0), bool(flags[1] > 0)
+        if flags[3] > 0:
+            self._requested_step = self.step
         want_hold = bool(flags[3] > 0) and not want_stop and self.config.request_hold_s > 0
         self._flags.checkpoint = self._flags.requested = False
         if loss is not None:
@@ -393,6 +397,7 @@ class Runtime:
             path=f"{self.checkpointer.loc.uri.rstrip('/')}/{manifest.data}",
             bytes=manifest.bytes,
             cursor=manifest.cursor,
+            requested=manifest.step == self._requested_step,
         )
         if self.ledger:
             self.ledger.committed(generation=self.generation, step=manifest.step)
