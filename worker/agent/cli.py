@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-disconnect-s", type=float, default=600.0,
                         help="give up (stop processes, exit 1) after the daemon is unreachable "
                              "this long (default 600)")
-    parser.add_argument("--switch-grace-s", type=float, default=3.0,
+    parser.add_argument("--switch-grace-s", type=float, default=0.5,
                         help="grace when a newer generation of the same job replaces the "
-                             "running one: its checkpoints are fenced anyway (default 3)")
+                             "running one: its checkpoints are fenced anyway (default 0.5)")
 
 
 _FLAG_FIELDS = ("daemon", "slots", "address", "log_dir", "state_dir", "node_id", "provider_node",

@@ -79,10 +79,13 @@ class Agent(Generations):
     """One node agent. `run()` until `request_stop()` or a fatal error."""
 
     def __init__(self, config: AgentConfig, *, max_disconnect_s: float = 600.0,
-                 switch_grace_s: float = 3.0, poll_interval_s: float = 0.1,
+                 switch_grace_s: float = 0.5, poll_interval_s: float = 0.1,
                  token: str | None = None, notifier: Notifier | None = None) -> None:
         """`switch_grace_s`: the grace (at most config.grace_s) when a newer generation of the
-        same job replaces the running one and its fence marker is written. `token`: the bearer
+        same job replaces the running one and its fence marker is written: its processes can
+        commit nothing more, a holding one exits at once, and one hung in a collective with a
+        lost peer would hold the recovery for as long as it waits (3 s of an 11.5 s recovery
+        on Ray, bench/ray_recovery.py, when this was 3 s). `token`: the bearer
         token (default: config.token_file's content, else $SPOTWISE_AGENT_TOKEN or
         $SPOTWISE_TOKEN); TLS from config.tls_*; OSError/ValueError if a file cannot be read.
         `notifier`: systemd's notify socket (READY=1 once registered, WATCHDOG=1, STOPPING=1);
