@@ -12,9 +12,11 @@ data) elastic between 1 and 3 nodes, once per system:
   checks (`health_check_period_ms` 1000, `health_check_timeout_ms` 1000,
   `health_check_failure_threshold` 2) and `elastic_resize_monitor_interval_s` 5.
 
-Each repeat, once the run trains at world size 3 with a commit: the raylet of the node running
-rank 2 is killed (`cluster.remove_node`, no notice), and the time to the first step at world
-size 2 is measured; a raylet is added back and, at world 3 again, the node running rank 2 is
+Each repeat, once the run trains at world size 3 and that generation has committed a
+checkpoint (for both systems: a fault never lands in a generation's first save): the raylet of
+the node running rank 2 is killed (`cluster.remove_node`, no notice), and the time to the first
+step at world size 2 is measured; a raylet is added back and, at world 3 again, the node running
+rank 2 is
 drained through the GCS (reason PREEMPTION, a 30 s deadline; the bench removes it at the
 deadline if it is still there, as the cloud would), and the time to the first step after the
 drain at world 2 is measured. Lost steps: steps done before the fault and replayed after it.
@@ -119,8 +121,9 @@ def remove(cluster, node_id: str) -> None:
 
 def fault(watch: StepWatch, act: Callable[[], None], *, timeout_s: float,
           after: Callable[[float], None] | None = None) -> Fault:
-    """Wait for world 3 with a commit, `act`, and time the first step at world 2 after it."""
-    until(lambda: watch.world_now() == 3 and watch.commits > 0, timeout_s, "world 3")
+    """Wait for world 3 with a commit of that generation, `act`, and time the first step at
+    world 2 after it."""
+    until(lambda: watch.settled_at(3), timeout_s, "world 3 with a commit")
     t0 = time.monotonic()
     act()
     rec = None

@@ -32,6 +32,8 @@ class StepWatch:
     restored: dict[int, int] = field(default_factory=dict)
     """generation -> step it restored from."""
     commits: int = 0
+    committed_in: set[int] = field(default_factory=set)
+    """Generations that committed a checkpoint."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _offsets: dict[Path, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -68,6 +70,7 @@ class StepWatch:
                         self.restored[r["generation"]] = r["step"]
                     elif r["kind"] == "committed":
                         self.commits += 1
+                        self.committed_in.add(r["generation"])
             time.sleep(0.01)
 
     def last(self) -> tuple[float, int, int] | None:
@@ -77,6 +80,13 @@ class StepWatch:
     def world_now(self) -> int:
         last = self.last()
         return self.world_of.get(last[2], 0) if last else 0
+
+    def settled_at(self, world: int) -> bool:
+        """The newest step's generation runs at `world` and has committed a checkpoint (its
+        first save, which starts the checkpoint writer, is behind it)."""
+        last = self.last()
+        return (last is not None and self.world_of.get(last[2]) == world
+                and last[2] in self.committed_in)
 
     def first_at_world_after(self, t: float, world: int) -> tuple[float, int, int] | None:
         with self._lock:
