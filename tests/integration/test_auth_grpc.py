@@ -174,10 +174,19 @@ async def call(channel: aio.Channel, method: Method, metadata: tuple = ()) -> gr
             await stream.read()
             stream.cancel()
         else:
-            stream = channel.stream_stream(method.path, ser, de)(
-                metadata=metadata, timeout=TIMEOUT_S
-            )
-            await stream.write(method.request)
+            for attempt in range(1, 4):
+                stream = channel.stream_stream(method.path, ser, de)(
+                    metadata=metadata, timeout=TIMEOUT_S
+                )
+                try:
+                    await stream.write(method.request)
+                    break
+                except aio.AioRpcError as e:
+                    # The server ended the call (a denial) while this write was in flight:
+                    # grpc's client then reports its own INTERNAL ("Internal error from Core")
+                    # instead of the server's status. Call again to read the server's.
+                    if e.code() is not grpc.StatusCode.INTERNAL or attempt == 3:
+                        raise
             await stream.read()
             stream.cancel()
     except aio.AioRpcError as e:
