@@ -37,9 +37,14 @@ def _cluster(job: JobView, nodes: list[NodeView]) -> ClusterState:
     return ClusterState(jobs=(job,), nodes={n.id: n for n in nodes})
 
 
+def _b_draining() -> list[NodeView]:
+    """a stays; b got its notice 2 s ago, with a minute to go."""
+    return [_node("a", NodeState.ASSIGNED),
+            _node("b", NodeState.DRAINING, drain_since=T - 2, drain_deadline=T + 60)]
+
+
 def test_a_periodic_commit_behind_the_progress_does_not_end_a_drain() -> None:
-    nodes = [_node("a", NodeState.ASSIGNED),
-             _node("b", NodeState.DRAINING, drain_since=T - 2, drain_deadline=T + 60)]
+    nodes = _b_draining()
     # Step 40's periodic checkpoint committed after the notice, but the job is at step 43.
     behind = _job(step=43, last_checkpoint_step=40, last_checkpoint_at=T - 1)
     assert plan(T, _cluster(behind, nodes), POLICY) == []
@@ -69,8 +74,7 @@ def test_a_periodic_commit_at_the_reported_step_does_not_end_a_drain() -> None:
     """The race the progress check alone left open: the ranks reported step 44, step 44's
     periodic save commits after the notice, and meanwhile they took step 45 (not reported
     yet). Only the save made on the request, after which they hold, ends the drain."""
-    nodes = [_node("a", NodeState.ASSIGNED),
-             _node("b", NodeState.DRAINING, drain_since=T - 2, drain_deadline=T + 60)]
+    nodes = _b_draining()
     periodic = _job(step=44, last_checkpoint_step=44, last_checkpoint_at=T - 1)
     assert plan(T, _cluster(periodic, nodes), POLICY) == []
     # A requested commit of an earlier request (before this drain began) does not count either.
