@@ -304,11 +304,11 @@ class AgentProtocol:
     def cloud_notice(self, instance_id: str, action: str, deadline: float, now: float) -> bool:
         """A notice the cloud sent about an instance (read from a queue, not from its agent).
         Drains the node running on it; False if no live node has this instance id."""
-        node_id = self.state.by_instance.get(instance_id) if instance_id else None
-        rec = self.state.nodes.get(node_id) if node_id else None
-        if rec is None or rec.state is NodeState.LOST:
+        held = self.state.machine_holder(instance_id)
+        if held is None:
             log.info("instance=%s: interruption notice %s for no known node", instance_id, action)
             return False
+        rec = held[0]
         job = self.state.jobs.get(rec.row.job_id) if rec.row.job_id else None
         if job is not None and (job.node_rank(rec.row.id) is None or job.state.terminal):
             job = None

@@ -251,7 +251,7 @@ class State:
         if rec.row.provider_node:
             self.by_provider_node[rec.row.provider_node] = rec.row.id
 
-    def machine_holder(self, instance_id: str, provider_node: str, *, other_than: str
+    def machine_holder(self, instance_id: str, provider_node: str = "", *, other_than: str = ""
                        ) -> tuple[NodeRecord, str] | None:
         """A live node other than `other_than` that holds this cloud instance or provider node,
         with the handle it holds (one machine runs one node: the fleet terminates, bills and

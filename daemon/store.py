@@ -340,7 +340,7 @@ class Store:
     def write_batch(self, batch: StoredBatch) -> None:
         """Write one tick's changes in one transaction (all or nothing); sets each event's id."""
         with self.transaction() as conn:
-            # A run of rows of one table is one statement (a generation of 4,000 nodes).
+            # A run of rows of one table is a few statements (a generation of 4,000 nodes).
             for (table, key, cols), run in itertools.groupby(batch.rows, key=_shape):
                 _upsert_run(conn, table, key, cols, [list(r[2].values()) for r in run])
             for row in batch.checkpoints:
