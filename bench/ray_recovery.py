@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import statistics
 import sys
@@ -296,8 +297,6 @@ def main() -> int:
             else tempfile.TemporaryDirectory(prefix=prefix))
     with work as tmp:
         if args.keep:
-            import logging
-
             handler = logging.FileHandler(Path(tmp) / "daemon.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s"))

@@ -110,7 +110,7 @@ class GoneWatch:
 def kill_and_wait(watch: StepWatch, kill, survivor_workers, args) -> tuple[float, GoneWatch, int]:
     """Wait for world 2 with a commit and warm steps, kill, wait for the first step at world 1.
     Returns (kill time, the watch on the survivor's old workers, lost steps)."""
-    until(lambda: watch.world_now() == 2 and watch.commits > 0
+    until(lambda: watch.world_now() == 2 and bool(watch.committed_in)
           and (watch.last() or (0, 0, 0))[1] >= args.warm_steps, args.timeout_s, "training at world 2")
     old = survivor_workers()
     if not old:

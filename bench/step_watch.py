@@ -31,7 +31,6 @@ class StepWatch:
     """generation -> world size."""
     restored: dict[int, int] = field(default_factory=dict)
     """generation -> step it restored from."""
-    commits: int = 0
     committed_in: set[int] = field(default_factory=set)
     """Generations that committed a checkpoint."""
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -69,7 +68,6 @@ class StepWatch:
                     elif r["kind"] == "restored":
                         self.restored[r["generation"]] = r["step"]
                     elif r["kind"] == "committed":
-                        self.commits += 1
                         self.committed_in.add(r["generation"])
             time.sleep(0.01)
 

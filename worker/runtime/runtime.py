@@ -343,9 +343,10 @@ class Runtime:
         )
         dist.all_reduce(flags)
         want_checkpoint, want_stop = bool(flags[0] > 0), bool(flags[1] > 0)
-        if flags[3] > 0:
+        requested = bool(flags[3] > 0)
+        if requested:
             self._requested_step = self.step
-        want_hold = bool(flags[3] > 0) and not want_stop and self.config.request_hold_s > 0
+        want_hold = requested and not want_stop and self.config.request_hold_s > 0
         self._flags.checkpoint = self._flags.requested = False
         if loss is not None:
             self.last_loss = float(flags[2]) / self.world_size
