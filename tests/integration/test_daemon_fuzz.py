@@ -7,7 +7,8 @@ often from the jobs, nodes and generations the daemon really knows so that the c
 code behind the lookups. Properties:
 
 - every call is answered within a timeout (no hang), with OK or a code that means bad input:
-  INVALID_ARGUMENT, NOT_FOUND or FAILED_PRECONDITION; never UNKNOWN or INTERNAL (an exception
+  INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (or PERMISSION_DENIED, ABORTED for a node's
+  identity); never UNKNOWN or INTERNAL (an exception
   escaping a servicer) nor anything else;
 - the daemon stays healthy: health says SERVING, ListJobs answers, and nothing was logged at
   ERROR (a failed control-loop tick, a failed transaction, an exception in a handler);
@@ -41,8 +42,10 @@ from spotwise.spec import JobSpec, SpecError, validate_spec_proto
 REPO = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT_S = 10.0
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED}
-"""PERMISSION_DENIED: a call naming a known node without its credential."""
+           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
+           grpc.StatusCode.ABORTED}
+"""PERMISSION_DENIED: a call naming a known node without its credential. ABORTED: a Register
+naming the instance or provider node of another live node (agents retry it)."""
 
 
 def allowed(request: Message | bytes) -> set[grpc.StatusCode]:
