@@ -67,6 +67,7 @@ SERVICE_NAMES = (
 
 STOP_GRACE_S = 2.0
 """How long in-flight RPCs (e.g. WatchJob streams) get to finish when the daemon stops."""
+LOOP_STOP_TIMEOUT_S = 10.0  # how long the control loop gets to finish its tick at a stop
 
 
 def policy_of(config: DaemonConfig) -> Policy:
@@ -347,6 +348,8 @@ class Daemon:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+        if self._tasks:  # the control loop ends after its tick: a batch it writes commits
+            await asyncio.wait(self._tasks[:1], timeout=LOOP_STOP_TIMEOUT_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

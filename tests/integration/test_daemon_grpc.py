@@ -583,3 +583,31 @@ def test_metrics_are_exported_when_configured(tmp_path: Path) -> None:
                 return 'spotwise_jobs{state="PENDING"} 1.0' in resp.read().decode()
 
         wait_for("the PENDING gauge", pending_gauge)
+
+
+def test_a_stop_during_a_ticks_write_still_commits_it(tmp_path: Path) -> None:
+    """The control loop finishes the tick it is writing before the daemon stops: an accepted
+    report in that batch is not cut off by the stop (the final commit no longer holds it)."""
+    cfg = config(tmp_path / "state")
+    with DaemonThread(cfg) as d, grpc.insecure_channel(d.address) as ch:
+        jobs = jobs_pb2_grpc.JobServiceStub(ch)
+        job_id = submit(jobs, nodes={"min": 1, "max": 1}, nproc_per_node=1)
+        agent = Agent(ch, "10.0.0.1", 5001)
+        agent.register()
+        agent.start()
+        wait_for("generation 1", lambda: agent.assignment.generation == 1)
+        agent.stop()
+        store = d.daemon.store
+        write, writing = store.write_batch, threading.Event()
+
+        def slow_write(batch):  # type: ignore[no-untyped-def]
+            writing.set()
+            time.sleep(1.0)
+            write(batch)
+
+        store.write_batch = slow_write  # type: ignore[method-assign]
+        assert agent.report(checkpoint_committed=agent_pb2.CheckpointCommitted(step=9, path=""))\
+            .accepted
+        assert writing.wait(10)  # the tick holding the commit is being written: stop now
+    with DaemonThread(cfg) as second, grpc.insecure_channel(second.address) as ch:
+        assert get(jobs_pb2_grpc.JobServiceStub(ch), job_id).last_checkpoint_step == 9
