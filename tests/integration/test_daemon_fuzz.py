@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from spotwise.config import DaemonConfig
 from spotwise.daemon.server import MAX_REQUEST_BYTES, DaemonThread
+from spotwise.daemon.validation import MAX_SPEC_BYTES
 from spotwise.proto.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from spotwise.spec import JobSpec, SpecError, validate_spec_proto
 
@@ -527,7 +528,7 @@ def test_proto_specs_are_accepted_or_invalid_argument(fuzzed: Fuzzed) -> None:
     def run(spec: jobs_pb2.JobSpec) -> None:
         try:
             validate_spec_proto(spec)
-            valid = True
+            valid = spec.ByteSize() <= MAX_SPEC_BYTES  # the daemon's bound on a spec's size
         except (SpecError, ValueError):
             valid = False
         code = _call(fuzzed, "JobService", "SubmitJob", jobs_pb2.SubmitJobRequest(spec=spec))
